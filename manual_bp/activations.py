@@ -44,10 +44,19 @@ def stable_softplus(z: np.ndarray) -> np.ndarray:
     return np.maximum(z, 0) + np.log1p(_exp_neg_abs(z))
 
 
-def logsumexp(z: np.ndarray, axis: int = -1) -> np.ndarray:
-    r""":math:`\log \sum_j e^{z_j} = m + \log \sum_j e^{z_j - m}` with m = max_j z_j, keepdims."""
-    m = np.max(z, axis=axis, keepdims=True)
-    return m + np.log(np.sum(np.exp(z - m), axis=axis, keepdims=True))
+def log_softmax(z: np.ndarray) -> np.ndarray:
+    r""":math:`z_j - \log\sum_k e^{z_k}`, as :math:`(z_j - m) - \log\sum_k e^{z_k - m}` with m = max_k z_k.
+
+    Subtracting m first keeps the result accurate when the log-sum-exp is large (no m + log(...) rounding).
+    """
+    shifted = z - np.max(z, axis=-1, keepdims=True)
+    return shifted - np.log(np.sum(np.exp(shifted), axis=-1, keepdims=True))
+
+
+def softmax(z: np.ndarray) -> np.ndarray:
+    r""":math:`e^{z_j - m} / \sum_k e^{z_k - m}`: the largest term is exactly 1, so p near 1 stays accurate."""
+    e = np.exp(z - np.max(z, axis=-1, keepdims=True))
+    return e / np.sum(e, axis=-1, keepdims=True)
 
 
 _erf = np.vectorize(math.erf, otypes=[np.float64])
@@ -89,9 +98,16 @@ class Activation:
         r""":math:`\delta = \nabla_a C \odot g'(z)`."""
         return grad_a * self.derivative(z, a)
 
+    def kink_points(self) -> tuple[float, ...]:
+        """The values of z where g is not differentiable (none by default)."""
+        return ()
+
     def kinks(self, z: np.ndarray) -> np.ndarray:
-        """Boolean mask of the elements of z where g is not differentiable (none by default)."""
-        return np.zeros(np.shape(z), dtype=bool)
+        """Boolean mask of the elements of z that lie exactly on a kink."""
+        mask = np.zeros(np.shape(z), dtype=bool)
+        for k in self.kink_points():
+            mask |= z == k
+        return mask
 
     #: the derivative at a kink on the other side from PyTorch's convention (for the oracle).
     def other_side_slope(self) -> float | None:
@@ -168,8 +184,8 @@ class ReLU(Activation):
     def derivative(self, z, a):
         return (z > 0).astype(z.dtype)
 
-    def kinks(self, z):
-        return z == 0
+    def kink_points(self):
+        return (0.0,)
 
     def other_side_slope(self):
         return 1.0
@@ -187,8 +203,8 @@ class LeakyReLU(Activation):
     def derivative(self, z, a):
         return np.where(z > 0, 1.0, self.negative_slope).astype(z.dtype)
 
-    def kinks(self, z):
-        return z == 0
+    def kink_points(self):
+        return (0.0,)
 
     def other_side_slope(self):
         return 1.0
@@ -206,8 +222,8 @@ class ELU(Activation):
     def derivative(self, z, a):
         return np.where(z > 0, 1.0, self.alpha * np.exp(np.minimum(z, 0))).astype(z.dtype, copy=False)
 
-    def kinks(self, z):
-        return (z == 0) if self.alpha != 1.0 else super().kinks(z)
+    def kink_points(self):
+        return (0.0,) if self.alpha != 1.0 else ()
 
     def other_side_slope(self):
         return 1.0
@@ -228,8 +244,8 @@ class SELU(Activation):
         neg = self.alpha * np.exp(np.minimum(z, 0))
         return (self.scale * np.where(z > 0, 1.0, neg)).astype(z.dtype, copy=False)
 
-    def kinks(self, z):
-        return z == 0
+    def kink_points(self):
+        return (0.0,)
 
     def other_side_slope(self):
         return self.scale
@@ -349,8 +365,8 @@ class Hardtanh(Activation):
     def derivative(self, z, a):
         return ((z > self.min_val) & (z < self.max_val)).astype(z.dtype)
 
-    def kinks(self, z):
-        return (z == self.min_val) | (z == self.max_val)
+    def kink_points(self):
+        return (self.min_val, self.max_val)
 
     def other_side_slope(self):
         return 1.0
@@ -366,7 +382,7 @@ class Softmax(Activation):
     output_only = True
 
     def value(self, z):
-        return np.exp(z - logsumexp(z))
+        return softmax(z)
 
     def derivative(self, z, a):
         raise TypeError("softmax has no elementwise derivative; use vjp(z, a, grad_a)")
@@ -385,7 +401,7 @@ class LogSoftmax(Activation):
     output_only = True
 
     def value(self, z):
-        return z - logsumexp(z)
+        return log_softmax(z)
 
     def derivative(self, z, a):
         raise TypeError("log_softmax has no elementwise derivative; use vjp(z, a, grad_a)")

@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from .activations import Activation, logsumexp, stable_sigmoid
+from .activations import Activation, log_softmax, softmax, stable_sigmoid
 from .errors import SpecError
 
 
@@ -255,11 +255,10 @@ class CrossEntropy(_ClassLoss):
         return super().check_output(activation, units)
 
     def value(self, a, y):
-        picked = a[np.arange(a.shape[0]), y]
-        return _scalar(np.mean(logsumexp(a)[:, 0] - picked), a)
+        return _scalar(-np.mean(log_softmax(a)[np.arange(a.shape[0]), y]), a)
 
     def grad(self, a, y):
-        return (np.exp(a - logsumexp(a)) - self.one_hot(y, a)) / a.shape[0]
+        return (softmax(a) - self.one_hot(y, a)) / a.shape[0]
 
 
 class NLL(_ClassLoss):

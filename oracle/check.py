@@ -1,0 +1,349 @@
+"""One oracle check: run a candidate backward and torch.autograd on the same network, compare, explain.
+
+Order of work:
+
+1. validate spec, params and data (``SpecError`` naming the field);
+2. call the candidate ``grads_fn(spec, params, x, y)`` on copies of the inputs, and validate what it
+   returns (``CandidateError``: wrong keys, shapes or dtypes, or it raised);
+3. run the torch twin in float64 (the truth) and, in float32 mode, also in float32 (torch's own
+   rounding, to tell rounding from a bug);
+4. compare the loss first (a forward mismatch is reported as such), then every gradient, δ and ∂C/∂x;
+5. localize the first divergent layer walking back from the loss, and classify the result:
+   ``match``, ``rounding`` (float32, within torch's own error), ``kink`` (a convention at a
+   non-differentiable point, never a failure), ``forward`` or ``bug``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping
+
+import numpy as np
+
+import manual_bp
+from manual_bp import Spec, SpecError
+from manual_bp.data import check_params, check_x, check_y, dtype_of
+
+from .compare import TOLERANCES, TensorComparison, Tolerance, compare_tensor
+from .twin import near_kink_masks, run_twin
+
+GradsFn = Callable[[Spec, dict, np.ndarray, np.ndarray], Any]
+
+
+class CandidateError(SpecError):
+    """The gradient function under test could not be run, or returned something unusable."""
+
+    def __init__(self, problem: str, fix: str):
+        super().__init__("impl", problem, fix)
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """What a gradient function returned, normalised."""
+
+    loss: float
+    grads: dict
+    deltas: dict | None = None
+    grad_input: np.ndarray | None = None
+
+
+@dataclass
+class CheckResult:
+    """The verdict of one check, with everything a report needs."""
+
+    spec: Spec
+    dtype: str
+    passed: bool
+    classification: str              # match | rounding | kink | forward | bug
+    tolerance: Tolerance
+    scale: float                     # S, the largest reference gradient element
+    loss: TensorComparison
+    tensors: list                    # TensorComparison for grads, δ, ∂C/∂x in layer order
+    first_divergent_layer: int | None
+    localization: str
+    notes: list = field(default_factory=list)
+    arrays: dict = field(default_factory=dict, repr=False)  # name -> (candidate, reference) for plots
+
+    @property
+    def failed_tensors(self) -> list:
+        return [t for t in self.tensors if not t.passed]
+
+    def summary(self) -> str:
+        head = {
+            "match": "gradients match torch.autograd",
+            "rounding": "gradients match torch.autograd within float32 rounding",
+            "kink": "gradients match torch.autograd up to a convention at kinks",
+            "forward": "FORWARD MISMATCH: the loss differs from torch's",
+            "bug": "GRADIENT MISMATCH: the backward pass is wrong",
+        }[self.classification]
+        name = self.spec.name or "spec"
+        return f"{head} ({name}: {self.spec.describe()}, {self.dtype})"
+
+    def message(self) -> str:
+        """The full explanation: verdict, where, and torch.testing-style lines per failing tensor."""
+        lines = [self.summary()]
+        if self.localization:
+            lines.append(f"Where: {self.localization}")
+        lines.extend(self.notes)
+        bad = ([self.loss] if not self.loss.passed else []) + self.failed_tensors
+        lines.extend(t.message() for t in bad)
+        lines.append(f"Criterion: {self.tolerance.describe()}, S = {self.scale:.3g}")
+        return "\n".join(lines)
+
+
+def _as_candidate(result: Any) -> Candidate:
+    if isinstance(result, tuple) and len(result) in (2, 3):
+        return Candidate(result[0], result[1], result[2] if len(result) == 3 else None)
+    if hasattr(result, "loss") and hasattr(result, "grads"):
+        return Candidate(result.loss, result.grads, getattr(result, "deltas", None), getattr(result, "grad_input", None))
+    raise CandidateError(
+        f"returned a {type(result).__name__}",
+        "return (loss, grads) or (loss, grads, deltas), grads a dict of arrays keyed like layers.0.weight",
+    )
+
+
+def _validated(c: Candidate, spec: Spec, m: int, dtype: np.dtype) -> Candidate:
+    loss = np.asarray(c.loss)
+    if loss.size != 1 or loss.dtype.kind not in "fiu":
+        raise CandidateError(f"returned loss {c.loss!r}", "return the reduced loss as one number")
+    if not isinstance(c.grads, Mapping):
+        raise CandidateError(f"returned grads as a {type(c.grads).__name__}", "return a dict {name: array}")
+    expected = spec.param_shapes()
+    missing, extra = [k for k in expected if k not in c.grads], [k for k in c.grads if k not in expected]
+    if missing or extra:
+        problem = f"returned no gradient for {missing[0]!r}" if missing else f"returned an unknown key {extra[0]!r}"
+        raise CandidateError(problem, f"return exactly these keys: {', '.join(expected)}")
+
+    def arr(name, value, shape):
+        if not isinstance(value, np.ndarray):
+            raise CandidateError(f"returned {name} as a {type(value).__name__}", "return NumPy arrays")
+        if value.shape != tuple(shape):
+            raise CandidateError(f"returned {name} with shape {value.shape}", f"its shape must be {tuple(shape)}")
+        if value.dtype != dtype:
+            raise CandidateError(f"returned {name} as {value.dtype} for {dtype} inputs", f"compute and return {dtype}")
+        return value
+
+    grads = {k: arr(k, c.grads[k], s) for k, s in expected.items()}
+    deltas = None
+    if c.deltas is not None:
+        if not isinstance(c.deltas, Mapping):
+            raise CandidateError(f"returned deltas as a {type(c.deltas).__name__}", "return a dict {'layers.i': δ_i} or None")
+        deltas = {}
+        for i, layer in enumerate(spec.layers):
+            key = f"layers.{i}"
+            if key in c.deltas:
+                deltas[key] = arr(f"delta {key}", c.deltas[key], (m, layer.units))
+    grad_input = None
+    if c.grad_input is not None:
+        grad_input = arr("grad_input", c.grad_input, (m, spec.input_size))
+    return Candidate(float(loss.reshape(())), grads, deltas or None, grad_input)
+
+
+def run_candidate(grads_fn: GradsFn, spec: Spec, params: dict, x: np.ndarray, y: np.ndarray) -> Candidate:
+    """Call ``grads_fn`` on copies (so it cannot change our inputs) and validate its answer."""
+    try:
+        result = grads_fn(spec, {k: v.copy() for k, v in params.items()}, x.copy(), y.copy())
+    except Exception as err:  # the candidate is user code: any failure is reported, never re-raised
+        raise CandidateError(f"raised {type(err).__name__}: {err}", "fix the gradient function so it runs on this input") from err
+    return _validated(_as_candidate(result), spec, x.shape[0], x.dtype)
+
+
+FLOAT32_ENSEMBLE = 4  # float32 torch runs whose largest error is torch's own rounding error
+
+
+class _Ensemble:
+    """Several float32 references seen as one: attribute lookups give lists, one entry per run."""
+
+    def __init__(self, refs):
+        self.refs = refs
+        self.loss = [np.float64(r.loss) for r in refs]
+        self.grads = {k: [r.grads[k] for r in refs] for k in refs[0].grads}
+        self.deltas = {k: [r.deltas[k] for r in refs] for k in refs[0].deltas}
+        self.grad_input = [r.grad_input for r in refs]
+
+
+def _float32_ensemble(spec, params, x, y) -> _Ensemble:
+    """torch float32 on the given values, and on copies with every nonzero value nudged by ±1 ulp."""
+    rng = np.random.default_rng(0)
+    runs = [run_twin(spec, params, x, y, np.float32)]
+
+    def nudge(a):
+        direction = np.where(rng.random(a.shape) < 0.5, -np.inf, np.inf).astype(a.dtype)
+        return np.where(a != 0, np.nextafter(a, direction), a)
+
+    for _ in range(FLOAT32_ENSEMBLE - 1):
+        runs.append(run_twin(spec, {k: nudge(v) for k, v in params.items()}, nudge(x), y, np.float32))
+    return _Ensemble(runs)
+
+
+def _scale(ref) -> float:
+    tensors = list(ref.grads.values()) + list(ref.deltas.values()) + [ref.grad_input]
+    return max(float(np.max(np.abs(t))) if t.size else 0.0 for t in tensors) or np.finfo(np.float64).tiny
+
+
+def _compare_all(spec, cand: Candidate, ref, t32, tol: Tolerance, scale: float, arrays: dict) -> list:
+    out = []
+    for i, _ in reversed(list(enumerate(spec.layers))):
+        key = f"layers.{i}"
+        if cand.deltas and key in cand.deltas:
+            out.append(compare_tensor(f"{key}.delta", cand.deltas[key], ref.deltas[key], tol, scale,
+                                      None if t32 is None else t32.deltas[key], layer=i))
+            arrays[f"{key}.delta"] = (cand.deltas[key], ref.deltas[key])
+        for name in spec.param_shapes():
+            if name.startswith(key + "."):
+                out.append(compare_tensor(name, cand.grads[name], ref.grads[name], tol, scale,
+                                          None if t32 is None else t32.grads[name], layer=i))
+                arrays[name] = (cand.grads[name], ref.grads[name])
+    if cand.grad_input is not None:
+        out.append(compare_tensor("input.grad", cand.grad_input, ref.grad_input, tol, scale,
+                                  None if t32 is None else t32.grad_input))
+        arrays["input.grad"] = (cand.grad_input, ref.grad_input)
+    return out
+
+
+def localize(spec: Spec, tensors: list) -> tuple[int | None, str]:
+    """Walk back from the loss: the first layer whose δ (or, without δ, parameter gradient) diverges."""
+    by_layer: dict = {}
+    for t in tensors:
+        by_layer.setdefault(t.layer, []).append(t)
+    has_deltas = any(t.name.endswith(".delta") for t in tensors)
+    L = len(spec.layers)
+    for i in reversed(range(L)):
+        act = spec.layers[i].activation.name
+        group = by_layer.get(i, [])
+        delta = next((t for t in group if t.name.endswith(".delta")), None)
+        params_bad = [t.name for t in group if not t.name.endswith(".delta") and not t.passed]
+        if delta is not None and not delta.passed:
+            if i == L - 1:
+                return i, (f"the output δ (layer {i}) diverges: ∇_a C of the loss ({spec.loss.name}) "
+                           f"or the output activation's derivative ({act}) is wrong")
+            return i, (f"δ of layer {i + 1} matches, δ of layer {i} diverges: the backward step through "
+                       f"layer {i} ({act}) is wrong: (δ_{i + 1} θ_{i + 1}) ⊙ g'(z_{i})")
+        if params_bad:
+            if has_deltas:
+                return i, (f"δ of layer {i} matches but {', '.join(params_bad)} does not: the parameter-gradient "
+                           f"step of layer {i} (∂C/∂θ = δᵀa, ∂C/∂b = Σ δ) is wrong")
+            later = "" if i == L - 1 else (f"layer {L - 1} matches; " if i == L - 2 else f"layers {i + 1}..{L - 1} match; ")
+            where = (f"the output layer: check ∇_a C of {spec.loss.name} and the derivative of {act}"
+                     if i == L - 1 else f"the backward step through layer {i} ({act}) or its parameter gradients")
+            return i, f"{later}layer {i} is the first to diverge ({', '.join(params_bad)}): {where}"
+    bad_input = [t for t in tensors if t.layer is None and not t.passed]
+    if bad_input:
+        return None, "every parameter gradient matches, ∂C/∂x does not: the last step δ_0 θ_0 is wrong"
+    return None, ""
+
+
+def check(
+    spec: Spec,
+    params: Mapping[str, np.ndarray],
+    x: np.ndarray,
+    y: np.ndarray,
+    grads_fn: GradsFn | None = None,
+    *,
+    dtype: str | None = None,
+    tolerance: Tolerance | None = None,
+) -> CheckResult:
+    """Check ``grads_fn`` (default: manual_bp) against torch.autograd on one network and batch.
+
+    ``dtype`` ("float64" or "float32") casts params and data first; by default the params' dtype
+    is used. In float32 mode the reference is torch in float64 on the same float32 values.
+    """
+    grads_fn = grads_fn or manual_bp.gradients
+    if dtype is not None:
+        dt = dtype_of(dtype)
+        check_params(spec, params)
+        params = {k: v.astype(dt) for k, v in params.items()}
+        x = np.asarray(x).astype(dt)
+        if spec.loss.targets == "values":
+            y = np.asarray(y).astype(dt)
+    dt = check_params(spec, params)
+    x, single = check_x(spec, x, dt)
+    y = check_y(spec, y, x.shape[0], single, dt)
+    tol = tolerance or TOLERANCES[dt.name]
+
+    cand = run_candidate(grads_fn, spec, dict(params), x, y)
+    params64 = {k: v.astype(np.float64) for k, v in params.items()}
+    x64 = x.astype(np.float64)
+    y64 = y if spec.loss.targets == "classes" else y.astype(np.float64)
+    ref = run_twin(spec, params64, x64, y64, np.float64)
+    t32 = _float32_ensemble(spec, params, x, y) if dt == np.float32 else None
+
+    scale = _scale(ref)
+    loss_cmp = compare_tensor("loss", np.float64(cand.loss), np.float64(ref.loss), tol, abs(ref.loss) or 1.0,
+                              None if t32 is None else t32.loss)
+    arrays: dict = {}
+    tensors = _compare_all(spec, cand, ref, t32, tol, scale, arrays)
+    notes: list = []
+    if not np.isfinite(cand.loss) or any(not np.all(np.isfinite(g)) for g in cand.grads.values()):
+        notes.append("The candidate returned NaN or Inf values.")
+
+    if not loss_cmp.passed:
+        return CheckResult(spec, dt.name, False, "forward", tol, scale, loss_cmp, tensors, None,
+                           "the loss differs before any gradient: the forward pass or the loss value is wrong",
+                           notes, arrays)
+    layer, where = localize(spec, tensors)
+    failed = [t for t in tensors if not t.passed]
+    if not failed:
+        kind = "rounding" if any(t.verdict == "rounding" for t in tensors + [loss_cmp]) else "match"
+        return CheckResult(spec, dt.name, True, kind, tol, scale, loss_cmp, tensors, None, "", notes, arrays)
+
+    kink = _kink_classification(spec, params64, x64, y64, cand, ref, t32, tensors, tol, scale, layer, dt)
+    if kink:
+        notes.append(kink)
+        return CheckResult(spec, dt.name, True, "kink", tol, scale, loss_cmp, tensors, layer, where, notes, arrays)
+    return CheckResult(spec, dt.name, False, "bug", tol, scale, loss_cmp, tensors, layer, where, notes, arrays)
+
+
+def _kink_classification(spec, params64, x64, y64, cand, ref, t32, tensors, tol, scale, layer, dt) -> str | None:
+    """A note when every disagreement is explained by a convention at non-differentiable points."""
+    masks = near_kink_masks(spec, params64, x64, ref.z, float(np.finfo(dt).eps))
+    loss_kinks = spec.loss.kinks(ref.output, y64) if spec.loss.targets == "values" else None
+    if cand.deltas and layer is not None and f"layers.{layer}" in cand.deltas:
+        # With δ: the first divergent δ may differ from torch's only at elements on a kink.
+        key = f"layers.{layer}"
+        first = next(t for t in tensors if t.layer == layer)
+        if first.name != f"{key}.delta" or first.passed:
+            return None
+        mask = masks[layer].copy()
+        if layer == len(spec.layers) - 1 and loss_kinks is not None:
+            mask |= loss_kinks
+        if not mask.any():
+            return None
+        diff = np.abs(cand.deltas[key].astype(np.float64) - ref.deltas[key])
+        allowed = tol.atol * scale + tol.rtol * np.abs(ref.deltas[key])
+        if t32 is not None:
+            noise = np.maximum.reduce([np.abs(t - ref.deltas[key]) for t in t32.deltas[key]])
+            allowed = allowed + (tol.rounding_factor or 0) * noise
+        off_kink = (diff > allowed) & ~mask
+        if off_kink.any():
+            return None
+        n = int(((diff > allowed) & mask).sum())
+        return (f"Kink convention: δ of layer {layer} differs from torch's only at {n} element(s) whose z lies on "
+                f"(or within rounding of) a non-differentiable point of {spec.layers[layer].activation.name}; "
+                f"torch's convention there is one valid choice, not the only one. Layers below are not judged.")
+    if ref.exact_kinks == 0:
+        return None
+    # Without δ: recompute torch with the other one-sided derivative at every exact kink.
+    flipped = run_twin(spec, params64, x64, y64, np.float64, flip_kinks=True)
+    again = _compare_all(spec, cand, flipped, t32, tol, scale, {})
+    if all(t.passed for t in again):
+        return (f"Kink convention: the gradients equal torch's once the other one-sided derivative is used at "
+                f"the {ref.exact_kinks} element(s) lying exactly on a kink; that is a convention, not a bug.")
+    return None
+
+
+def assert_gradients_match(
+    spec: Spec,
+    params: Mapping[str, np.ndarray],
+    x: np.ndarray,
+    y: np.ndarray,
+    grads_fn: GradsFn | None = None,
+    *,
+    dtype: str | None = None,
+    tolerance: Tolerance | None = None,
+) -> CheckResult:
+    """pytest-friendly: raise AssertionError with a torch.testing-style message unless the check passes."""
+    result = check(spec, params, x, y, grads_fn, dtype=dtype, tolerance=tolerance)
+    if not result.passed:
+        raise AssertionError(result.message())
+    return result

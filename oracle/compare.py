@@ -1,0 +1,166 @@
+r"""Tensor-by-tensor comparison against torch.autograd, with one tolerance table keyed by dtype.
+
+The verdict on a tensor is **normwise**:
+
+.. math::  \|g - \hat g\|_2 \;\le\; \mathrm{rtol}\,\|\hat g\|_2 + \mathrm{atol}\cdot S\sqrt{n}
+
+ĝ is the reference, n the tensor's size and S the *gradient scale of the whole check*: the largest
+|element| of any reference gradient or δ. Why this form:
+
+* Normwise, so a tiny element beside large ones may carry a large *relative* rounding error (it
+  does, in any implementation) without a false alarm; an error of the size of the gradient itself,
+  which every real backprop bug makes, is still millions of ulps past the bound.
+* atol is relative to S, so the verdict does not change when the loss is rescaled (sum vs mean,
+  m = 1 or 512), and a tensor that is tiny only because its units saturate is judged on the scale
+  of the gradients around it.
+* float64: rtol = 1e-7 as ``torch.testing.assert_close``'s float64 default, atol = 1e-9·S, 100×
+  stricter than its absolute 1e-7 for an O(1) gradient. Each element within assert_close's
+  elementwise bound implies the normwise bound, so no correct answer that assert_close accepts is
+  refused here for the reasons that bound exists.
+* float32: the candidate is judged against **float64 truth** (torch in float64 on the same float32
+  values). A float32 backward has its own rounding error that grows with depth and width, so it passes
+  when its error is within rtol = 1e-5, atol = 1e-6·S of the truth, **or** within ``rounding_factor``
+  (10×) of torch's own float32 error on the same problem. Rounding errors are random: one float32
+  run can be lucky exactly where a gradient is most sensitive (a saturated unit, a cancelling sum),
+  so torch's float32 error is the largest over an ensemble of runs: the given values and three copies
+  nudged by one ulp each (``oracle.check.FLOAT32_ENSEMBLE``). Beyond that, the error is not rounding.
+
+Elementwise numbers (mismatched share, greatest differences and their index) are reported to help
+the reader; the elementwise bound is :math:`|g_i - \hat g_i| \le \mathrm{atol}\cdot S + \mathrm{rtol}|\hat g_i|`
+(plus 10× torch's float32 error at that element, in float32 mode).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    rtol: float
+    atol: float  # in units of the check's gradient scale S
+    rounding_factor: float | None = None  # float32 only: allowed multiple of torch's own float32 error
+
+    def describe(self) -> str:
+        text = f"‖g − ĝ‖ ≤ {self.rtol:g}·‖ĝ‖ + {self.atol:g}·S·√n"
+        if self.rounding_factor:
+            text += f", or ≤ {self.rounding_factor:g}× torch float32's own error (ĝ = float64 truth)"
+        return text
+
+
+TOLERANCES: dict[str, Tolerance] = {
+    "float64": Tolerance(rtol=1e-7, atol=1e-9),
+    "float32": Tolerance(rtol=1e-5, atol=1e-6, rounding_factor=10.0),
+}
+
+
+@dataclass(frozen=True)
+class TensorComparison:
+    """How one candidate tensor compares with the reference."""
+
+    name: str                 # "layers.1.weight", "layers.1.delta", "input.grad", "loss"
+    layer: int | None
+    shape: tuple
+    passed: bool
+    verdict: str              # "match", "rounding" (float32, within torch's own error), "mismatch"
+    max_abs_err: float
+    max_rel_err: float
+    normwise_rel_err: float   # ‖g − ĝ‖ / ‖ĝ‖ (inf when ĝ = 0 and g ≠ 0)
+    allowed_normwise: float   # the bound on ‖g − ĝ‖
+    normwise_err: float       # ‖g − ĝ‖
+    torch_float32_err: float | None  # ‖t32 − ĝ‖, float32 mode
+    mismatched: int
+    size: int
+    worst_index: tuple
+    worst_candidate: float
+    worst_reference: float
+    worst_allowed: float
+    rel_index: tuple
+
+    @property
+    def mismatched_share(self) -> float:
+        return self.mismatched / self.size if self.size else 0.0
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["shape"] = list(self.shape)
+        d["worst_index"] = list(self.worst_index)
+        d["rel_index"] = list(self.rel_index)
+        d["mismatched_share"] = self.mismatched_share
+        return d
+
+    def message(self) -> str:
+        """torch.testing-style lines: mismatched elements, greatest differences with index and bound."""
+        where = f" (layer {self.layer})" if self.layer is not None else ""
+        share = f"{self.mismatched} / {self.size} ({100 * self.mismatched_share:.1f}%)"
+        lines = [
+            f"{self.name}{where}: {self.verdict}",
+            f"  Mismatched elements: {share}",
+            f"  Greatest absolute difference: {self.max_abs_err:.3g} at index {self.worst_index} "
+            f"(candidate {self.worst_candidate:.6g}, torch {self.worst_reference:.6g}; up to {self.worst_allowed:.3g} allowed)",
+            f"  Greatest relative difference: {self.max_rel_err:.3g} at index {self.rel_index}",
+            f"  Normwise ‖g − ĝ‖ = {self.normwise_err:.3g} (relative {self.normwise_rel_err:.3g}; up to {self.allowed_normwise:.3g} allowed)",
+        ]
+        if self.torch_float32_err is not None:
+            lines.append(f"  torch float32's own error ‖t − ĝ‖ = {self.torch_float32_err:.3g}")
+        return "\n".join(lines)
+
+
+def _index(flat: int, shape: tuple) -> tuple:
+    return tuple(int(i) for i in np.unravel_index(flat, shape)) if shape else ()
+
+
+def compare_tensor(
+    name: str,
+    got: np.ndarray,
+    ref: np.ndarray,
+    tol: Tolerance,
+    scale: float,
+    torch32: np.ndarray | None = None,
+    layer: int | None = None,
+) -> TensorComparison:
+    """Compare ``got`` with ``ref`` (float64 reference values) under ``tol``; see the module docstring."""
+    g = np.asarray(got, dtype=np.float64)
+    r = np.asarray(ref, dtype=np.float64)
+    diff = np.abs(g - r)
+    diff = np.where(np.isnan(diff), np.inf, diff)  # a NaN is never a match
+    elem_allowed = tol.atol * scale + tol.rtol * np.abs(r)
+    err = float(np.sqrt(np.sum(np.square(diff)))) if np.all(np.isfinite(diff)) else float("inf")
+    ref_norm = float(np.linalg.norm(r))
+    allowed = tol.rtol * ref_norm + tol.atol * scale * np.sqrt(max(r.size, 1))
+    t32_err = None
+    verdict = "match" if err <= allowed else "mismatch"
+    if torch32 is not None:  # one array, or an ensemble of float32 runs: take the largest error seen
+        runs = torch32 if isinstance(torch32, (list, tuple)) else [torch32]
+        diffs = [np.abs(np.asarray(t, dtype=np.float64) - r) for t in runs]
+        t32_diff = np.maximum.reduce(diffs)
+        t32_err = max(float(np.linalg.norm(d)) for d in diffs)
+        elem_allowed = elem_allowed + tol.rounding_factor * t32_diff
+        if verdict == "mismatch" and err <= tol.rounding_factor * t32_err:
+            verdict = "rounding"
+    with np.errstate(divide="ignore", invalid="ignore"):
+        rel = np.where(diff == 0, 0.0, diff / np.abs(r))
+    worst = int(np.argmax(diff)) if diff.size else 0
+    worst_rel = int(np.argmax(rel)) if rel.size else 0
+    return TensorComparison(
+        name=name,
+        layer=layer,
+        shape=tuple(r.shape),
+        passed=verdict != "mismatch",
+        verdict=verdict,
+        max_abs_err=float(diff.flat[worst]) if diff.size else 0.0,
+        max_rel_err=float(rel.flat[worst_rel]) if rel.size else 0.0,
+        normwise_rel_err=(err / ref_norm) if ref_norm > 0 else (0.0 if err == 0 else float("inf")),
+        allowed_normwise=float(allowed),
+        normwise_err=err,
+        torch_float32_err=t32_err,
+        mismatched=int(np.sum(diff > elem_allowed)),
+        size=int(r.size),
+        worst_index=_index(worst, r.shape),
+        worst_candidate=float(g.flat[worst]) if g.size else 0.0,
+        worst_reference=float(r.flat[worst]) if r.size else 0.0,
+        worst_allowed=float(np.broadcast_to(elem_allowed, r.shape).flat[worst]) if r.size else 0.0,
+        rel_index=_index(worst_rel, r.shape),
+    )

@@ -1,0 +1,179 @@
+"""Hypothesis strategies for random networks, weights and data (public API).
+
+Architectures are drawn by Hypothesis itself, so a failure shrinks toward the smallest network
+(fewer layers, fewer units, simpler activations). Weights and data are drawn by NumPy from a seed
+that Hypothesis chooses, in one of four named regimes, so large tensors stay cheap to generate:
+
+* ``well_conditioned``: PyTorch's default init U(±1/√fan_in) and N(0, 1) inputs;
+* ``saturated``: large weights and inputs, so |z| reaches tens and sigmoid/tanh/softplus saturate;
+* ``near_zero``: weights and inputs around 1e-3, where every activation is nearly linear;
+* ``near_kinks``: weights and inputs on a coarse grid of halves, so pre-activations hit relu's 0,
+  hardtanh's ±1 and l1's zero residual *exactly*.
+
+Targets are random (not ones), so the upstream gradient is a random direction: a sum would hide a
+transposed or permuted gradient.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from hypothesis import strategies as st
+
+from manual_bp import ACTIVATIONS, LOSSES, Spec
+
+REGIMES = ("well_conditioned", "saturated", "near_zero", "near_kinks")
+ELEMENTWISE = tuple(name for name, cls in ACTIVATIONS.items() if not cls.output_only)
+VALUE_LOSSES = ("half_sse", "sse", "half_mse", "mse", "l1", "huber", "smooth_l1")
+
+
+def _activation(name: str):
+    """An activation in spec form, with its parameters drawn where it has any."""
+    if name == "leaky_relu":
+        return st.builds(lambda s: {"name": name, "negative_slope": s}, st.sampled_from([0.01, 0.1, 0.2, 0.5]))
+    if name == "elu":
+        return st.builds(lambda a: {"name": name, "alpha": a}, st.sampled_from([1.0, 0.5, 1.5]))
+    if name == "softplus":
+        return st.builds(lambda b, t: {"name": name, "beta": b, "threshold": t},
+                         st.sampled_from([1.0, 0.5, 2.0]), st.sampled_from([20.0, 5.0]))
+    if name == "hardtanh":
+        return st.builds(lambda lo, hi: {"name": name, "min_val": lo, "max_val": hi},
+                         st.sampled_from([-1.0, -0.5, -2.0]), st.sampled_from([1.0, 0.5, 2.0]))
+    return st.just(name)
+
+
+def _loss_and_output(loss: str):
+    """(loss spec, output activation strategy, least output units) for a loss that fits."""
+    if loss == "huber":
+        loss_spec = st.builds(lambda d: {"name": loss, "delta": d}, st.sampled_from([1.0, 0.5, 2.0]))
+    elif loss == "smooth_l1":
+        loss_spec = st.builds(lambda b: {"name": loss, "beta": b}, st.sampled_from([1.0, 0.5, 2.0]))
+    else:
+        loss_spec = st.just(loss)
+    if loss == "bce":
+        out = st.sampled_from(["sigmoid", "softmax"])
+    elif loss == "nll":
+        out = st.just("log_softmax")
+    elif loss in ("cross_entropy", "bce_with_logits"):
+        out = st.sampled_from(("identity",) + ELEMENTWISE).flatmap(_activation)
+    else:
+        out = st.sampled_from(("identity",) + ELEMENTWISE + ("softmax",)).flatmap(_activation)
+    return loss_spec, out, 2 if loss in ("cross_entropy", "nll") else 1
+
+
+@st.composite
+def specs(
+    draw,
+    *,
+    min_depth: int = 1,
+    max_depth: int = 6,
+    max_width: int = 32,
+    max_input: int = 32,
+    activations=ELEMENTWISE,
+    losses=tuple(LOSSES),
+    bias=None,
+) -> Spec:
+    """Random valid specs.
+
+    * ``min_depth``/``max_depth``: number of dense layers (1–6 by default);
+    * ``max_width``/``max_input``: largest hidden/output layer and input size;
+    * ``activations``: names allowed on hidden layers;
+    * ``losses``: names of losses to draw from (the output activation is drawn to fit the loss);
+    * ``bias``: True/False to force, None to draw per layer.
+    """
+    depth = draw(st.integers(min_depth, max_depth))
+    loss = draw(st.sampled_from(list(losses)))
+    loss_spec, out_act, least_units = _loss_and_output(loss)
+    layers = []
+    for _ in range(depth - 1):
+        act = draw(st.sampled_from(list(activations)).flatmap(_activation))
+        layers.append({"type": "dense", "units": draw(st.integers(1, max_width)), "activation": act,
+                       "bias": draw(st.booleans()) if bias is None else bias})
+    layers.append({"type": "dense", "units": draw(st.integers(least_units, max(least_units, min(max_width, 10)))),
+                   "activation": draw(out_act), "bias": draw(st.booleans()) if bias is None else bias})
+    return Spec.from_dict({"format_version": 1, "input_size": draw(st.integers(1, max_input)),
+                           "layers": layers, "loss": draw(loss_spec)})
+
+
+def draw_params(spec: Spec, rng: np.random.Generator, regime: str, dtype="float64") -> dict:
+    """Weights for ``spec`` in a named regime (see the module docstring)."""
+    params = {}
+    n_in = spec.input_size
+    for i, layer in enumerate(spec.layers):
+        shape = (layer.units, n_in)
+        if regime == "well_conditioned":
+            k = 1 / np.sqrt(n_in)
+            w, b = rng.uniform(-k, k, shape), rng.uniform(-k, k, layer.units)
+        elif regime == "saturated":
+            w, b = rng.normal(0, 6 / np.sqrt(n_in), shape), rng.normal(0, 3, layer.units)
+        elif regime == "near_zero":
+            w, b = rng.normal(0, 1e-3, shape), rng.normal(0, 1e-3, layer.units)
+        elif regime == "near_kinks":
+            w, b = rng.integers(-2, 3, shape) / 2, rng.integers(-2, 3, layer.units) / 2
+        else:
+            raise ValueError(f"unknown regime {regime!r}; choose one of {REGIMES}")
+        params[f"layers.{i}.weight"] = w.astype(dtype)
+        if layer.bias:
+            params[f"layers.{i}.bias"] = b.astype(dtype)
+        n_in = layer.units
+    return params
+
+
+def draw_data(spec: Spec, rng: np.random.Generator, regime: str, batch: int, dtype="float64"):
+    """(x, y) for ``spec`` in a named regime; y fits the loss (values, probabilities or class indices)."""
+    shape = (batch, spec.input_size)
+    if regime == "saturated":
+        x = rng.normal(0, 5, shape)
+    elif regime == "near_zero":
+        x = rng.normal(0, 1e-3, shape)
+    elif regime == "near_kinks":
+        x = rng.integers(-2, 3, shape) / 2
+    else:
+        x = rng.normal(0, 1, shape)
+    n_out = spec.output_size
+    if spec.loss.targets == "classes":
+        y = rng.integers(0, n_out, batch)
+    elif spec.loss.name in ("bce", "bce_with_logits"):
+        y = rng.uniform(0, 1, (batch, n_out)).astype(dtype)
+    elif regime == "near_kinks":
+        y = (rng.integers(-2, 3, (batch, n_out)) / 2).astype(dtype)
+    else:
+        y = rng.normal(0, 1, (batch, n_out)).astype(dtype)
+    return x.astype(dtype), y
+
+
+@dataclass(frozen=True)
+class Case:
+    """One generated check: a spec, its weights and data, how they were drawn."""
+
+    spec: Spec
+    params: dict
+    x: np.ndarray
+    y: np.ndarray
+    dtype: str
+    regime: str
+    seed: int
+
+    def __repr__(self) -> str:  # what Hypothesis prints for a falsifying example
+        return f"Case({self.spec.describe()}, batch={self.x.shape[0]}, {self.dtype}, {self.regime}, seed={self.seed})"
+
+
+@st.composite
+def cases(draw, *, specs_strategy=None, regimes=REGIMES, dtypes=("float64", "float32"), max_batch: int = 8) -> Case:
+    """A full check case.
+
+    * ``specs_strategy``: where specs come from (default ``specs()``);
+    * ``regimes``: names of weight/data regimes to draw from;
+    * ``dtypes``: "float64" and/or "float32";
+    * ``max_batch``: largest batch size (≥ 1).
+    """
+    spec = draw(specs_strategy if specs_strategy is not None else specs())
+    regime = draw(st.sampled_from(list(regimes)))
+    dtype = draw(st.sampled_from(list(dtypes)))
+    batch = draw(st.integers(1, max_batch))
+    seed = draw(st.integers(0, 2**32 - 1))
+    rng = np.random.default_rng(seed)
+    params = draw_params(spec, rng, regime, dtype)
+    x, y = draw_data(spec, rng, regime, batch, dtype)
+    return Case(spec, params, x, y, dtype, regime, seed)
