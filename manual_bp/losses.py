@@ -191,10 +191,14 @@ def _clamped_log(p: np.ndarray) -> np.ndarray:
     return np.where(positive, np.maximum(np.log(np.where(positive, p, 1)), -100), -100).astype(p.dtype, copy=False)
 
 
+#: torch's guard against 0/0 in the BCE gradient: 1e-12 stored as a float32 constant (≈ 9.9999998e-13).
+_BCE_GUARD = float(np.float32(1e-12))
+
+
 class BCE(Loss):
     r""":math:`C = -\tfrac1N \sum y \log ỹ + (1 - y)\log(1 - ỹ)`, each log clamped at −100 (as torch).
 
-    :math:`\nabla_a C = (ỹ - y) / \max(ỹ(1 - ỹ), 10^{-12}) / N` (torch's guard against 0/0).
+    :math:`\nabla_a C = (ỹ - y) / \max(ỹ(1 - ỹ), 10^{-12}) / N` (torch's guard against 0/0, a float32 1e-12).
     """
 
     name = "bce"
@@ -208,7 +212,7 @@ class BCE(Loss):
         return _scalar(-np.mean(y * _clamped_log(a) + (1 - y) * _clamped_log(1 - a)), a)
 
     def grad(self, a, y):
-        return (a - y) / np.maximum(a * (1 - a), 1e-12) / a.size
+        return (a - y) / np.maximum(a * (1 - a), _BCE_GUARD) / a.size
 
 
 class BCEWithLogits(Loss):

@@ -56,6 +56,9 @@ class Spec:
             n_in = layer.units
         object.__setattr__(self, "_shapes", shapes)
 
+    def __repr__(self) -> str:  # paste-able, e.g. into a Hypothesis falsifying example
+        return f"Spec.from_json({json.dumps(self.to_dict(), ensure_ascii=False)!r})"
+
     @property
     def output_size(self) -> int:
         return self.layers[-1].units

@@ -5,11 +5,12 @@ Order of work:
 1. validate spec, params and data (``SpecError`` naming the field);
 2. call the candidate ``grads_fn(spec, params, x, y)`` on copies of the inputs, and validate what it
    returns (``CandidateError``: wrong keys, shapes or dtypes, or it raised);
-3. run the torch twin in float64 (the truth) and, in float32 mode, also in float32 (torch's own
-   rounding, to tell rounding from a bug);
+3. run the torch twin in float64 (the truth) and compare under the strict bound; only where a tensor
+   misses it, measure torch's own rounding noise on this problem (``noise_ensemble``) to tell
+   rounding from a bug;
 4. compare the loss first (a forward mismatch is reported as such), then every gradient, δ and ∂C/∂x;
 5. localize the first divergent layer walking back from the loss, and classify the result:
-   ``match``, ``rounding`` (float32, within torch's own error), ``kink`` (a convention at a
+   ``match``, ``rounding`` (within torch's own rounding noise), ``kink`` (a convention at a
    non-differentiable point, never a failure), ``forward`` or ``bug``.
 """
 
@@ -71,7 +72,7 @@ class CheckResult:
     def summary(self) -> str:
         head = {
             "match": "gradients match torch.autograd",
-            "rounding": "gradients match torch.autograd within float32 rounding",
+            "rounding": "gradients match torch.autograd within rounding (ill-conditioned in places)",
             "kink": "gradients match torch.autograd up to a convention at kinks",
             "forward": "FORWARD MISMATCH: the loss differs from torch's",
             "bug": "GRADIENT MISMATCH: the backward pass is wrong",
@@ -148,31 +149,36 @@ def run_candidate(grads_fn: GradsFn, spec: Spec, params: dict, x: np.ndarray, y:
     return _validated(_as_candidate(result), spec, x.shape[0], x.dtype)
 
 
-FLOAT32_ENSEMBLE = 4  # float32 torch runs whose largest error is torch's own rounding error
+ENSEMBLE = 5  # torch runs (in the candidate's dtype) whose largest error is torch's own rounding noise
 
 
 class _Ensemble:
-    """Several float32 references seen as one: attribute lookups give lists, one entry per run."""
+    """Several torch runs seen as one: each attribute is a list with one entry per run."""
 
     def __init__(self, refs):
-        self.refs = refs
         self.loss = [np.float64(r.loss) for r in refs]
         self.grads = {k: [r.grads[k] for r in refs] for k in refs[0].grads}
         self.deltas = {k: [r.deltas[k] for r in refs] for k in refs[0].deltas}
         self.grad_input = [r.grad_input for r in refs]
 
 
-def _float32_ensemble(spec, params, x, y) -> _Ensemble:
-    """torch float32 on the given values, and on copies with every nonzero value nudged by ±1 ulp."""
+def noise_ensemble(spec, params, x, y, first=None) -> _Ensemble:
+    """torch in the params' dtype on the given values, and on copies with each nonzero input nudged ±1 ulp,
+    half of them also with g'(z) jittered by its own rounding error (see ``twin.run_twin``).
+
+    ``first`` is a run on the given values already made (the float64 reference in float64 mode).
+    """
     rng = np.random.default_rng(0)
-    runs = [run_twin(spec, params, x, y, np.float32)]
+    dtype = next(iter(params.values())).dtype
+    runs = [first if first is not None else run_twin(spec, params, x, y, dtype)]
 
     def nudge(a):
         direction = np.where(rng.random(a.shape) < 0.5, -np.inf, np.inf).astype(a.dtype)
         return np.where(a != 0, np.nextafter(a, direction), a)
 
-    for _ in range(FLOAT32_ENSEMBLE - 1):
-        runs.append(run_twin(spec, {k: nudge(v) for k, v in params.items()}, nudge(x), y, np.float32))
+    for k in range(ENSEMBLE - 1):
+        jitter = rng if k % 2 else None  # alternate: inputs nudged; inputs nudged and g' jittered
+        runs.append(run_twin(spec, {k: nudge(v) for k, v in params.items()}, nudge(x), y, dtype, jitter=jitter))
     return _Ensemble(runs)
 
 
@@ -181,22 +187,23 @@ def _scale(ref) -> float:
     return max(float(np.max(np.abs(t))) if t.size else 0.0 for t in tensors) or np.finfo(np.float64).tiny
 
 
-def _compare_all(spec, cand: Candidate, ref, t32, tol: Tolerance, scale: float, arrays: dict) -> list:
+def _compare_all(spec, cand: Candidate, ref, noise, tol: Tolerance, scale: float, arrays: dict) -> list:
+    """Every tensor the candidate gave, in layer order from the loss back; ``noise`` an ensemble or None."""
     out = []
     for i, _ in reversed(list(enumerate(spec.layers))):
         key = f"layers.{i}"
         if cand.deltas and key in cand.deltas:
             out.append(compare_tensor(f"{key}.delta", cand.deltas[key], ref.deltas[key], tol, scale,
-                                      None if t32 is None else t32.deltas[key], layer=i))
+                                      None if noise is None else noise.deltas[key], layer=i))
             arrays[f"{key}.delta"] = (cand.deltas[key], ref.deltas[key])
         for name in spec.param_shapes():
             if name.startswith(key + "."):
                 out.append(compare_tensor(name, cand.grads[name], ref.grads[name], tol, scale,
-                                          None if t32 is None else t32.grads[name], layer=i))
+                                          None if noise is None else noise.grads[name], layer=i))
                 arrays[name] = (cand.grads[name], ref.grads[name])
     if cand.grad_input is not None:
         out.append(compare_tensor("input.grad", cand.grad_input, ref.grad_input, tol, scale,
-                                  None if t32 is None else t32.grad_input))
+                                  None if noise is None else noise.grad_input))
         arrays["input.grad"] = (cand.grad_input, ref.grad_input)
     return out
 
@@ -266,35 +273,43 @@ def check(
     x64 = x.astype(np.float64)
     y64 = y if spec.loss.targets == "classes" else y.astype(np.float64)
     ref = run_twin(spec, params64, x64, y64, np.float64)
-    t32 = _float32_ensemble(spec, params, x, y) if dt == np.float32 else None
 
     scale = _scale(ref)
-    loss_cmp = compare_tensor("loss", np.float64(cand.loss), np.float64(ref.loss), tol, abs(ref.loss) or 1.0,
-                              None if t32 is None else t32.loss)
     arrays: dict = {}
-    tensors = _compare_all(spec, cand, ref, t32, tol, scale, arrays)
+
+    def compare_everything(noise):
+        loss = compare_tensor("loss", np.float64(cand.loss), np.float64(ref.loss), tol, abs(ref.loss) or 1.0,
+                              None if noise is None else noise.loss)
+        return loss, _compare_all(spec, cand, ref, noise, tol, scale, arrays)
+
+    loss_cmp, tensors = compare_everything(None)
     notes: list = []
     if not np.isfinite(cand.loss) or any(not np.all(np.isfinite(g)) for g in cand.grads.values()):
         notes.append("The candidate returned NaN or Inf values.")
 
+    def result(passed, kind, layer=None, where=""):
+        return CheckResult(spec, dt.name, passed, kind, tol, scale, loss_cmp, tensors, layer, where, notes, arrays)
+
+    if loss_cmp.passed and all(t.passed for t in tensors):
+        return result(True, "match")
+    if loss_cmp.passed:  # a convention at kinks is judged before any rounding allowance widens the bounds
+        layer, where = localize(spec, tensors)
+        kink = _kink_classification(spec, params64, x64, y64, cand, ref, tensors, tol, scale, layer, dt)
+        if kink:
+            notes.append(kink)
+            return result(True, "kink", layer, where)
+    # Only now is torch's own rounding noise on this problem worth measuring.
+    noise = noise_ensemble(spec, dict(params), x, y, first=ref if dt == np.float64 else None)
+    loss_cmp, tensors = compare_everything(noise)
     if not loss_cmp.passed:
-        return CheckResult(spec, dt.name, False, "forward", tol, scale, loss_cmp, tensors, None,
-                           "the loss differs before any gradient: the forward pass or the loss value is wrong",
-                           notes, arrays)
+        return result(False, "forward", None, "the loss differs before any gradient: the forward pass or the loss value is wrong")
+    if all(t.passed for t in tensors):
+        return result(True, "rounding")
     layer, where = localize(spec, tensors)
-    failed = [t for t in tensors if not t.passed]
-    if not failed:
-        kind = "rounding" if any(t.verdict == "rounding" for t in tensors + [loss_cmp]) else "match"
-        return CheckResult(spec, dt.name, True, kind, tol, scale, loss_cmp, tensors, None, "", notes, arrays)
-
-    kink = _kink_classification(spec, params64, x64, y64, cand, ref, t32, tensors, tol, scale, layer, dt)
-    if kink:
-        notes.append(kink)
-        return CheckResult(spec, dt.name, True, "kink", tol, scale, loss_cmp, tensors, layer, where, notes, arrays)
-    return CheckResult(spec, dt.name, False, "bug", tol, scale, loss_cmp, tensors, layer, where, notes, arrays)
+    return result(False, "bug", layer, where)
 
 
-def _kink_classification(spec, params64, x64, y64, cand, ref, t32, tensors, tol, scale, layer, dt) -> str | None:
+def _kink_classification(spec, params64, x64, y64, cand, ref, tensors, tol, scale, layer, dt) -> str | None:
     """A note when every disagreement is explained by a convention at non-differentiable points."""
     masks = near_kink_masks(spec, params64, x64, ref.z, float(np.finfo(dt).eps))
     loss_kinks = spec.loss.kinks(ref.output, y64) if spec.loss.targets == "values" else None
@@ -311,9 +326,6 @@ def _kink_classification(spec, params64, x64, y64, cand, ref, t32, tensors, tol,
             return None
         diff = np.abs(cand.deltas[key].astype(np.float64) - ref.deltas[key])
         allowed = tol.atol * scale + tol.rtol * np.abs(ref.deltas[key])
-        if t32 is not None:
-            noise = np.maximum.reduce([np.abs(t - ref.deltas[key]) for t in t32.deltas[key]])
-            allowed = allowed + (tol.rounding_factor or 0) * noise
         off_kink = (diff > allowed) & ~mask
         if off_kink.any():
             return None
@@ -325,7 +337,7 @@ def _kink_classification(spec, params64, x64, y64, cand, ref, t32, tensors, tol,
         return None
     # Without δ: recompute torch with the other one-sided derivative at every exact kink.
     flipped = run_twin(spec, params64, x64, y64, np.float64, flip_kinks=True)
-    again = _compare_all(spec, cand, flipped, t32, tol, scale, {})
+    again = _compare_all(spec, cand, flipped, None, tol, scale, {})
     if all(t.passed for t in again):
         return (f"Kink convention: the gradients equal torch's once the other one-sided derivative is used at "
                 f"the {ref.exact_kinks} element(s) lying exactly on a kink; that is a convention, not a bug.")

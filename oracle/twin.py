@@ -5,6 +5,11 @@ formulas, so it is an independent reference. It copies the given weights and dat
 (θ is (out, in) on both sides), runs ``loss.backward()``, and returns every parameter gradient,
 ∂C/∂x, and δ_i = ∂C/∂z_i for every layer (through ``retain_grad`` on each pre-activation).
 
+``jitter=rng`` perturbs every a = g(z) by a factor (1 ± ε) and every δ of an elementwise activation
+by ±ε·|∂C/∂a| (ε the dtype's machine epsilon): the rounding errors any implementation makes when it
+evaluates g(z) and g'(z). Nudging the inputs alone does not reproduce them where a result is a
+difference of nearly equal numbers (1 − tanh², or 1 − p in BCE with p near 1).
+
 ``flip_kinks=True`` recomputes the reference with the *other* one-sided derivative at every element
 that lies exactly on a kink (relu'(0) = 1 instead of 0, sign(0) = +1 in l1, ...): a candidate that
 matches this reference differs from torch only by a convention at non-differentiable points.
@@ -74,12 +79,21 @@ class Twin(torch.nn.Module):
         )
         self.activations = [activation_fn(layer.activation) for layer in spec.layers]
 
-    def forward(self, x):
-        """Returns (ỹ, [z_0, ..., z_{L-1}], [a_1, ..., a_L])."""
+    def forward(self, x, jitter: np.random.Generator | None = None):
+        """Returns (ỹ, [z_0, ..., z_{L-1}], [a_1, ..., a_L]).
+
+        With ``jitter``, each a = g(z) is multiplied by (1 ± ε): the rounding error of evaluating g.
+        """
         zs, acts, a = [], [], x
+        eps = torch.finfo(x.dtype).eps
         for linear, g in zip(self.layers, self.activations):
             z = linear(a)
             a = g(z)
+            if jitter is not None:
+                signs = torch.from_numpy(jitter.choice([-1.0, 1.0], size=tuple(z.shape))).to(z.dtype)
+                a = a * (1 + eps * signs)
+                if self.spec.loss.name == "bce" and len(zs) == len(self.layers) - 1:
+                    a = a.clamp(0, 1)  # probabilities stay probabilities
             zs.append(z)
             acts.append(a)
         return a, zs, acts
@@ -118,7 +132,8 @@ def near_kink_masks(spec: Spec, params: dict, x: np.ndarray, zs, eps: float) -> 
     return masks
 
 
-def run_twin(spec: Spec, params: dict, x: np.ndarray, y: np.ndarray, dtype, flip_kinks: bool = False) -> Reference:
+def run_twin(spec: Spec, params: dict, x: np.ndarray, y: np.ndarray, dtype, flip_kinks: bool = False,
+             jitter: np.random.Generator | None = None) -> Reference:
     """Build the twin in ``dtype`` (float32/float64), copy params and data, and backprop with autograd.
 
     ``x`` are rows (m, input_size); ``y`` the loss's targets (m, n_out) or (m,) class indices.
@@ -130,13 +145,15 @@ def run_twin(spec: Spec, params: dict, x: np.ndarray, y: np.ndarray, dtype, flip
             tensor.copy_(torch.from_numpy(np.asarray(params[name])))
     xt = torch.tensor(x, dtype=tdt, requires_grad=True)
     yt = torch.from_numpy(np.asarray(y)) if spec.loss.targets == "classes" else torch.tensor(y, dtype=tdt)
-    out, zs, acts = model(xt)
+    out, zs, acts = model(xt, jitter)
     for z in zs:
         z.retain_grad()
     masks = [layer.activation.kinks(z.detach().numpy()) for layer, z in zip(spec.layers, zs)]
     loss_mask = spec.loss.kinks(out.detach().numpy(), np.asarray(y)) if spec.loss.targets == "values" else None
     if flip_kinks:
         _install_flips(spec, zs, acts, out, masks, loss_mask)
+    if jitter is not None:
+        _install_jitter(spec, zs, acts, float(torch.finfo(tdt).eps), jitter)
     loss = loss_fn(spec.loss)(out, yt)
     loss.backward()
     kinks = int(sum(m.sum() for m in masks) + (0 if loss_mask is None else loss_mask.sum()))
@@ -164,3 +181,20 @@ def _install_flips(spec, zs, acts, out, masks, loss_mask):
         m = torch.from_numpy(mask)
         a.register_hook(lambda g, upstream=upstream: upstream.__setitem__("g", g))
         z.register_hook(lambda g, upstream=upstream, m=m, slope=slope: torch.where(m, upstream["g"] * slope, g))
+
+
+def _install_jitter(spec, zs, acts, eps, rng):
+    """Hooks that add the rounding error of evaluating g'(z) in this dtype to every δ: ±ε·|∂C/∂a|."""
+    for layer, z, a in zip(spec.layers, zs, acts):
+        if a is z:
+            continue
+        upstream = {}
+        signs = torch.from_numpy(rng.choice([-1.0, 1.0], size=tuple(z.shape)).astype(np.float64)).to(z.dtype)
+        a.register_hook(lambda g, upstream=upstream: upstream.__setitem__("g", g))
+        if layer.activation.output_only:
+            # softmax-like: δ = p ⊙ (g − Σ g p) cancels where p ≈ 1; its rounding is ε·p ⊙ (|g| + Σ|g| p)
+            p = torch.softmax(z.detach(), dim=-1)
+            z.register_hook(lambda g, upstream=upstream, signs=signs, p=p: g + eps * signs * p * (
+                upstream["g"].abs() + (upstream["g"].abs() * p).sum(-1, keepdim=True)))
+        else:
+            z.register_hook(lambda g, upstream=upstream, signs=signs: g + eps * signs * upstream["g"].abs())
