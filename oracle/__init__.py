@@ -11,7 +11,7 @@ for δ_i = ∂C/∂z_i (m, units). ``manual_bp.gradients`` is the default candid
 
 __all__ = ["check", "assert_gradients_match", "CheckResult", "CandidateError", "TOLERANCES", "Tolerance", "TensorComparison"]
 
-_HOME = {"check": "check", "assert_gradients_match": "check", "CheckResult": "check", "CandidateError": "check",
+_HOME = {"check": "checker", "assert_gradients_match": "checker", "CheckResult": "checker", "CandidateError": "checker",
          "TOLERANCES": "compare", "Tolerance": "compare", "TensorComparison": "compare"}
 
 

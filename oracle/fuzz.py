@@ -14,7 +14,7 @@ import numpy as np
 from hypothesis import HealthCheck, Phase, given, settings
 from tqdm import tqdm
 
-from .check import check
+from .checker import check
 from .strategies import cases
 
 
