@@ -110,7 +110,8 @@ def plots(result) -> dict:
     tensors = [result.loss] + list(result.tensors)
     fig, ax = plt.subplots(figsize=(8, 0.35 * len(tensors) + 1.2))
     names = [t.name for t in tensors]
-    tiny = 1e-300
+    positive = [v for t in tensors for v in (t.normwise_err, t.allowed_normwise, t.normwise_rel_err) if 0 < v < np.inf]
+    tiny = min(positive) / 10 if positive else 1e-20  # where zero errors are drawn on a log axis
     ax.barh(names, [max(t.normwise_err, tiny) for t in tensors],
             color=["tab:green" if t.passed else "tab:red" for t in tensors], label="‖g − ĝ‖")
     ax.scatter([max(t.allowed_normwise, tiny) for t in tensors], names, color="black", marker="|", s=200, label="allowed")
@@ -141,7 +142,7 @@ def plots(result) -> dict:
         err = np.abs(np.asarray(cand, dtype=np.float64) - ref)
         err = np.atleast_2d(err)
         fig, ax = plt.subplots(figsize=(6, 4))
-        im = ax.imshow(np.log10(err + tiny), aspect="auto", cmap="magma")
+        im = ax.imshow(np.log10(np.maximum(err, tiny)), aspect="auto", cmap="magma")
         fig.colorbar(im, ax=ax, label="log10 |g − ĝ|")
         ax.set_title(f"Element errors of {worst.name}")
         out["heatmap"] = _png(fig)
@@ -152,7 +153,7 @@ HTML_TEMPLATE = """<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>bp-oracle: {{ r.summary }}</title>
 <style>body{font-family:system-ui,sans-serif;max-width:60rem;margin:2rem auto;padding:0 1rem}
 .pass{color:#176b2c}.fail{color:#b00020}table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:.2rem .5rem}
-code{background:#f4f4f4}</style></head><body>
+code{background:#f4f4f4}pre{white-space:pre-wrap}</style></head><body>
 <h1 class="{{ 'pass' if r.passed else 'fail' }}">{{ 'PASS' if r.passed else 'FAIL' }}: {{ r.summary }}</h1>
 {% if r.localization %}<p><b>Where:</b> {{ r.localization }}</p>{% endif %}
 {% for n in r.notes %}<p><i>{{ n }}</i></p>{% endfor %}
@@ -161,7 +162,7 @@ classification <b>{{ r.classification }}</b>; dtype {{ r.dtype }}; implementatio
 <table><tr><th>tensor</th><th>shape</th><th>verdict</th><th>max abs</th><th>max rel</th><th>normwise rel</th><th>mismatched</th><th>worst index</th></tr>
 {% for t in [r.loss] + r.tensors %}<tr class="{{ 'pass' if t.passed else 'fail' }}"><td>{{ t.name }}</td><td>{{ t.shape }}</td>
 <td>{{ t.verdict }}</td><td>{{ '%.3g' % t.max_abs_err }}</td><td>{{ '%.3g' % t.max_rel_err }}</td>
-<td>{{ t.normwise_rel_err }}</td><td>{{ t.mismatched }}/{{ t.size }}</td><td>{{ t.worst_index }}</td></tr>{% endfor %}
+<td>{{ t.normwise_rel_err if t.normwise_rel_err is string else '%.3g' % t.normwise_rel_err }}</td><td>{{ t.mismatched }}/{{ t.size }}</td><td>{{ t.worst_index }}</td></tr>{% endfor %}
 </table>
 {% for key, title in [('errors', 'Errors against tolerance'), ('deltas', 'δ per layer'), ('heatmap', 'Worst tensor, element by element')] %}
 {% if key in figs %}<h2>{{ title }}</h2><img alt="{{ title }}" src="{{ figs[key] }}">{% endif %}{% endfor %}
