@@ -64,6 +64,7 @@ class CheckResult:
     localization: str
     notes: list = field(default_factory=list)
     arrays: dict = field(default_factory=dict, repr=False)  # name -> (candidate, reference) for plots
+    hints: dict = field(default_factory=dict)  # failing tensor name -> diagnosis hints (oracle.diagnose)
 
     @property
     def failed_tensors(self) -> list:
@@ -87,7 +88,9 @@ class CheckResult:
             lines.append(f"Where: {self.localization}")
         lines.extend(self.notes)
         bad = ([self.loss] if not self.loss.passed else []) + self.failed_tensors
-        lines.extend(t.message() for t in bad)
+        for t in bad:
+            lines.append(t.message())
+            lines.extend(f"  Hint: {h}" for h in self.hints.get(t.name, []))
         lines.append(f"Criterion: {self.tolerance.describe()}, S = {self.scale:.3g}")
         return "\n".join(lines)
 
@@ -306,7 +309,26 @@ def check(
     if all(t.passed for t in tensors):
         return result(True, "rounding")
     layer, where = localize(spec, tensors)
-    return result(False, "bug", layer, where)
+    failed = result(False, "bug", layer, where)
+    failed.hints = _hints(spec, failed, ref, params64, x64, dt)
+    return failed
+
+
+def _hints(spec, result, ref, params64, x64, dt) -> dict:
+    """Diagnosis hints for every failing tensor."""
+    from .diagnose import hints
+
+    others = {**ref.grads, **{f"{k}.delta": v for k, v in ref.deltas.items()}}
+    masks = near_kink_masks(spec, params64, x64, ref.z, float(np.finfo(dt).eps))
+    out = {}
+    for t in result.failed_tensors:
+        cand, reference = result.arrays[t.name]
+        kink = masks[t.layer] if t.name.endswith(".delta") and t.layer is not None else None
+        allowed = result.tolerance.atol * result.scale + result.tolerance.rtol * np.abs(reference)
+        found = hints(t.name, cand, reference, batch=x64.shape[0], others=others, kink_mask=kink, allowed=allowed)
+        if found:
+            out[t.name] = found
+    return out
 
 
 def _kink_classification(spec, params64, x64, y64, cand, ref, tensors, tol, scale, layer, dt) -> str | None:

@@ -166,6 +166,33 @@ def cmd_fuzz(args) -> int:
                     impl_name=args.impl or "manual_bp", report_dir=None if args.no_report else args.report)
 
 
+def cmd_mutants(args) -> int:
+    from .mutants import CATALOGUE, markdown_table, run_catalogue
+    from tqdm import tqdm
+
+    bar = tqdm(total=len(CATALOGUE) + 1, unit="mutant", desc="mutants", disable=args.json, dynamic_ncols=True)
+
+    def step(row):
+        bar.set_postfix_str(f"{row.mutant}: {'killed' if row.killed else 'alive'}")
+        bar.update(1)
+
+    summary = run_catalogue(args.examples, args.seed, progress=step)
+    bar.close()
+    table = markdown_table(summary)
+    if args.json:
+        print(json.dumps(summary, indent=2))
+    else:
+        print(table)
+    if args.report:
+        from .report import write_atomically
+
+        write_atomically(Path(args.report) / "mutants", {"mutants.md": table, "mutants.json": json.dumps(summary, indent=2) + "\n"})
+        if not args.json:
+            print(f"Written to {Path(args.report) / 'mutants'}/mutants.md")
+    ok = summary["killed"] == summary["total"] and not summary["correct_flagged"] and summary["kink_mutants_classified_as_kink"]
+    return 0 if ok else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="bp-oracle", description="Check hand-written backprop against torch.autograd and say where it goes wrong.",
                                 epilog="Exit codes: 0 match, 1 discrepancy found, 2 bad input.")
@@ -195,6 +222,13 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--no-report", action="store_true")
     f.set_defaults(func=cmd_fuzz)
 
+    m = sub.add_parser("mutants", help="run the fault catalogue: every known-wrong backprop must be caught")
+    m.add_argument("--examples", type=int, default=200, help="examples per mutant at most (default 200)")
+    m.add_argument("--seed", type=int, default=0)
+    m.add_argument("--json", action="store_true", help="print the result as JSON")
+    m.add_argument("--report", default=DEFAULT_REPORTS, help="folder for mutants.md/json (default: reports/)")
+    m.set_defaults(func=cmd_mutants)
+
     r = sub.add_parser("replay", help="re-run exactly the case a report recorded")
     r.add_argument("report_json", metavar="REPORT.json")
     r.set_defaults(func=cmd_replay)
@@ -203,9 +237,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    if getattr(args, "batch", 1) < 1:
-        print("bp-oracle: error: --batch: must be at least 1", file=sys.stderr)
-        return 2
+    for name in ("batch", "examples"):
+        if getattr(args, name, 1) < 1:
+            print(f"bp-oracle: error: --{name}: must be at least 1", file=sys.stderr)
+            return 2
     try:
         return args.func(args)
     except SpecError as err:

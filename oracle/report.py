@@ -67,7 +67,7 @@ def result_dict(result, *, seed, impl: str, replay: str, source: str) -> dict:
                       "rounding_factor": result.tolerance.rounding_factor,
                       "criterion": result.tolerance.describe(), "scale_S": result.scale},
         "loss": result.loss.to_dict(),
-        "tensors": [t.to_dict() for t in result.tensors],
+        "tensors": [{**t.to_dict(), "hints": result.hints.get(t.name, [])} for t in result.tensors],
         "spec": result.spec.to_dict(),
         "versions": versions(),
     })
@@ -86,6 +86,9 @@ def markdown(report: dict) -> str:
         mark = "✅" if t["passed"] else "❌"
         lines.append(f"| `{t['name']}` | {tuple(t['shape'])} | {mark} {t['verdict']} | {t['max_abs_err']:.3g} | "
                      f"{t['max_rel_err']:.3g} | {float(t['normwise_rel_err']):.3g} | {t['mismatched']}/{t['size']} |")
+    hinted = [(t["name"], h) for t in report["tensors"] for h in t.get("hints", [])]
+    if hinted:
+        lines += ["", "Diagnosis:"] + [f"- `{name}`: {h}" for name, h in hinted]
     lines += ["", f"Replay: `{report['replay']}`", ""]
     return "\n".join(lines)
 
@@ -166,6 +169,8 @@ classification <b>{{ r.classification }}</b>; dtype {{ r.dtype }}; implementatio
 </table>
 {% for key, title in [('errors', 'Errors against tolerance'), ('deltas', 'δ per layer'), ('heatmap', 'Worst tensor, element by element')] %}
 {% if key in figs %}<h2>{{ title }}</h2><img alt="{{ title }}" src="{{ figs[key] }}">{% endif %}{% endfor %}
+{% set hinted = r.tensors | selectattr('hints') | list %}{% if hinted %}<h2>Diagnosis</h2><ul>
+{% for t in hinted %}{% for h in t.hints %}<li><code>{{ t.name }}</code>: {{ h }}</li>{% endfor %}{% endfor %}</ul>{% endif %}
 <h2>Spec</h2><pre>{{ spec_json }}</pre>
 <p>Replay: <code>{{ r.replay }}</code></p>
 <p>Python {{ r.versions.python }}, NumPy {{ r.versions.numpy }}, torch {{ r.versions.torch }}</p>

@@ -73,6 +73,8 @@ def specs(
     activations=ELEMENTWISE,
     losses=tuple(LOSSES),
     bias=None,
+    output_activations=None,
+    square: bool = False,
 ) -> Spec:
     """Random valid specs.
 
@@ -80,19 +82,25 @@ def specs(
     * ``max_width``/``max_input``: largest hidden/output layer and input size;
     * ``activations``: names allowed on hidden layers;
     * ``losses``: names of losses to draw from (the output activation is drawn to fit the loss);
-    * ``bias``: True/False to force, None to draw per layer.
+    * ``bias``: True/False to force, None to draw per layer;
+    * ``output_activations``: names allowed on the output layer (among those that fit the loss);
+    * ``square``: every layer has as many units as the input has features (square weights).
     """
     depth = draw(st.integers(min_depth, max_depth))
     loss = draw(st.sampled_from(list(losses)))
     loss_spec, out_act, least_units = _loss_and_output(loss)
+    if output_activations is not None:
+        out_act = st.sampled_from(list(output_activations)).flatmap(_activation)
+    width = draw(st.integers(max(least_units, 1), max(least_units, max_width))) if square else None
     layers = []
     for _ in range(depth - 1):
         act = draw(st.sampled_from(list(activations)).flatmap(_activation))
-        layers.append({"type": "dense", "units": draw(st.integers(1, max_width)), "activation": act,
+        layers.append({"type": "dense", "units": width or draw(st.integers(1, max_width)), "activation": act,
                        "bias": draw(st.booleans()) if bias is None else bias})
-    layers.append({"type": "dense", "units": draw(st.integers(least_units, max(least_units, min(max_width, 10)))),
-                   "activation": draw(out_act), "bias": draw(st.booleans()) if bias is None else bias})
-    return Spec.from_dict({"format_version": 1, "input_size": draw(st.integers(1, max_input)),
+    out_units = width or draw(st.integers(least_units, max(least_units, min(max_width, 10))))
+    layers.append({"type": "dense", "units": out_units, "activation": draw(out_act),
+                   "bias": draw(st.booleans()) if bias is None else bias})
+    return Spec.from_dict({"format_version": 1, "input_size": width or draw(st.integers(1, max_input)),
                            "layers": layers, "loss": draw(loss_spec)})
 
 

@@ -1,0 +1,87 @@
+"""Diagnosis hints: what a wrong gradient looks like next to torch's, in words.
+
+Each hint is computed from the two arrays alone (plus the batch size and torch's other tensors), never
+guessed from names: a constant ratio (and which usual factor it is), a match after transposing, zeros
+where torch has none, equality with a neighbouring layer's gradient, an error confined to batch rows,
+or to elements lying on a kink.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+#: ratio -> what it usually means
+FACTORS = [
+    (-1.0, "−1: the sign is flipped (y − ỹ for ỹ − y?)"),
+    (2.0, "2: a missing ½ (d/dx of ½r² is r)"),
+    (0.5, "½: a spurious ½, or a missing factor 2 (d/dx of r² is 2r)"),
+    (-2.0, "−2: a missing ½ and a flipped sign"),
+    (-0.5, "−½: a spurious ½ and a flipped sign"),
+]
+
+
+def _close(a, b, rtol=1e-6) -> bool:
+    a = np.asarray(a, dtype=np.float64)
+    b = np.asarray(b, dtype=np.float64)
+    scale = max(float(np.max(np.abs(b))) if b.size else 0.0, 1e-300)
+    return a.shape == b.shape and bool(np.all(np.abs(a - b) <= rtol * scale))
+
+
+def constant_ratio(cand, ref, batch: int | None) -> str | None:
+    cand = np.asarray(cand, dtype=np.float64)
+    ref = np.asarray(ref, dtype=np.float64)
+    big = np.abs(ref) > 1e-3 * np.max(np.abs(ref)) if ref.size and np.any(ref) else None
+    if big is None or big.sum() < 1:
+        return None
+    r = cand[big] / ref[big]
+    k = float(np.median(r))
+    if k == 0 or not np.all(np.abs(r - k) <= 1e-6 * abs(k)) or abs(k - 1) < 1e-6:
+        return None
+    if not _close(cand, k * ref):
+        return None
+    named = list(FACTORS)
+    if batch and batch > 1:
+        named += [(float(batch), f"m = {batch}: a missing 1/m (sum where the mean belongs)"),
+                  (1.0 / batch, f"1/m = 1/{batch}: a spurious 1/m (mean where the sum belongs)")]
+    for factor, meaning in named:
+        if abs(k - factor) <= 1e-6 * abs(factor):
+            return f"constant ratio candidate/torch = {meaning}"
+    if big.sum() < 2:  # one element always has "a constant ratio"
+        return None
+    return f"constant ratio candidate/torch = {k:.6g}: a scale factor is wrong"
+
+
+def hints(name: str, cand, ref, *, batch: int | None, others: dict | None = None, kink_mask=None,
+          allowed=None) -> list[str]:
+    """Hints for one mismatching tensor ``name``; ``others`` maps torch's other tensors by name."""
+    cand = np.asarray(cand, dtype=np.float64)
+    ref = np.asarray(ref, dtype=np.float64)
+    out = []
+    if not np.all(np.isfinite(cand)):
+        out.append("the candidate holds NaN or Inf")
+        return out
+    if np.any(ref) and not np.any(cand):
+        out.append("the candidate is zero everywhere torch is not: a dropped term or a derivative that vanished")
+    elif np.any(ref) and np.mean((cand == 0) & (ref != 0)) > 0.25:
+        out.append("the candidate is zero at many elements where torch is not")
+    ratio = constant_ratio(cand, ref, batch)
+    if ratio:
+        out.append(ratio)
+    if cand.ndim == 2 and cand.shape[0] == cand.shape[1] and not _close(cand, ref) and _close(cand.T, ref):
+        out.append("it equals torch's gradient transposed: a missing or extra transpose")
+    for other, arr in (others or {}).items():
+        if other != name and np.shape(arr) == cand.shape and np.any(arr) and _close(cand, arr):
+            out.append(f"it equals torch's {other}: the δ or gradient of the wrong layer was used")
+    if allowed is None:
+        allowed = 1e-8 * (np.max(np.abs(ref)) if ref.size else 0)
+    bad = np.abs(cand - ref) > allowed
+    if name.endswith(".delta") or name == "input.grad":
+        rows = np.flatnonzero(bad.any(axis=1)) if bad.ndim == 2 else []
+        m = bad.shape[0] if bad.ndim == 2 else 0
+        if m > 1 and len(rows) == 1:
+            out.append(f"the error is confined to batch row {int(rows[0])}")
+        elif m > 1 and len(rows) == m - 1 and 0 not in rows:
+            out.append("only batch row 0 is right: only the first example was back-propagated?")
+    if kink_mask is not None and bad.any() and np.all(np.asarray(kink_mask)[bad]):
+        out.append("the error is confined to elements whose z lies on a kink")
+    return out

@@ -1,0 +1,307 @@
+r"""The fault catalogue: realistic wrong backprops ("mutants"), each a one-step variation of the correct one.
+
+``faulty_gradients`` is the correct δ recursion with a hook at every step where a real mistake
+happens: the loss gradient, the step through an activation, the recursion :math:`δθ`, the parameter
+gradients :math:`δ^T a` and :math:`Σδ`, and the cache backward reads. A mutant replaces one hook.
+Each declares what it corrupts first, walking back from the loss (``corrupts(spec) -> (layer, tensor)``),
+which networks expose it (a Hypothesis strategy), and whether it is a ``bug`` or merely a ``kink``
+convention (which the oracle must classify as such and never fail).
+
+``run_catalogue`` searches random networks for each mutant until the oracle kills it and records how
+many examples that took, whether the reported first divergent layer is the declared one, and the
+diagnosis hint; it also runs the correct implementation, which must never be flagged.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+import hypothesis
+from hypothesis import HealthCheck, Phase, given, settings
+from hypothesis import strategies as st
+
+import manual_bp as bp
+from manual_bp.activations import GELUTanh
+from manual_bp.data import check_y
+
+from .checker import check
+from .strategies import REGIMES, VALUE_LOSSES, draw_data, draw_params, specs
+
+
+@dataclass(frozen=True)
+class Hooks:
+    """The steps of backward a mutant may replace (defaults: the correct equations)."""
+
+    loss_grad: Callable = lambda spec, a, y: spec.loss.grad(a, y)
+    vjp: Callable = lambda c, i, act, z, a, g: act.vjp(z, a, g)
+    recurse: Callable = lambda c, i, delta, theta, a_prev: delta @ theta
+    weight_grad: Callable = lambda c, i, delta, a_prev, deltas: delta.T @ a_prev
+    bias_grad: Callable = lambda c, i, delta, deltas: delta.sum(axis=0)
+    cache_x: Callable = lambda x: x   # the input the backward's cache was computed from
+    forward_params: Callable = lambda spec, params: params
+
+
+def faulty_gradients(spec, params, x, y, hooks: Hooks):
+    """(loss, grads, deltas) by the δ recursion, with every step taken through ``hooks``."""
+    loss_cache = bp.forward(spec, hooks.forward_params(spec, params), x)
+    y = check_y(spec, y, loss_cache.output.shape[0], False, loss_cache.output.dtype)
+    loss = spec.loss.value(loss_cache.output, y)
+    cache = bp.forward(spec, params, hooks.cache_x(x))
+    grads, deltas = {}, {}
+    grad_a = hooks.loss_grad(spec, cache.output, y)
+    for i in reversed(range(len(spec.layers))):
+        layer = spec.layers[i]
+        delta = hooks.vjp(cache, i, layer.activation, cache.z[i], cache.a[i + 1], grad_a)
+        deltas[f"layers.{i}"] = delta
+        theta = params[f"layers.{i}.weight"]
+        grads[f"layers.{i}.weight"] = hooks.weight_grad(cache, i, delta, cache.a[i], deltas)
+        if layer.bias:
+            grads[f"layers.{i}.bias"] = hooks.bias_grad(cache, i, delta, deltas)
+        grad_a = hooks.recurse(cache, i, delta, theta, cache.a[i])
+    return loss, grads, deltas
+
+
+# -- helpers the catalogue uses ----------------------------------------------------------------------
+def _last(spec, names, cache=None, where=None) -> int:
+    """The layer closest to the output whose activation is one of ``names`` (and, given a ``where``
+    test on (activation, z), where that test holds for some element: only there does the mistake show)."""
+    layers = [i for i, l in enumerate(spec.layers) if l.activation.name in names
+              and (where is None or cache is None or bool(np.any(where(l.activation, cache.z[i]))))]
+    return max(layers) if layers else None
+
+
+def _out(spec) -> int:
+    return len(spec.layers) - 1
+
+
+def _vjp_with(names, derivative):
+    """A vjp whose g' is replaced by ``derivative(act, z, a)`` on layers with these activations."""
+    def vjp(c, i, act, z, a, g):
+        if act.name in names:
+            return g * derivative(act, z, a)
+        return act.vjp(z, a, g)
+    return vjp
+
+
+def _hidden(names, **kw):
+    """Specs with at least one hidden layer whose activation is in ``names``."""
+    return specs(min_depth=2, activations=tuple(names), **kw)
+
+
+@dataclass(frozen=True)
+class Mutant:
+    name: str
+    mistake: str                         # the real mistake it models, in words
+    hooks: Hooks
+    corrupts: Callable                   # (spec, forward cache) -> (layer, tensor) it corrupts first, walking back
+    specs: st.SearchStrategy = field(default_factory=lambda: specs())
+    kind: str = "bug"                    # "bug" or "kink"
+    regimes: tuple = REGIMES
+    seed_ref: str = ""                   # E1..E6 for the seed's own mistakes
+
+    def grads_fn(self, spec, params, x, y):
+        return faulty_gradients(spec, params, x, y, self.hooks)
+
+
+SQUARE = dict(square=True, max_width=8)
+CORRECT = Mutant("correct", "the correct backward (must never be flagged)", Hooks(), lambda s, c: (None, ""), kind="correct")
+
+CATALOGUE = [
+    # -- the seed notes' own mistakes (SEED-NOTES E1–E6) ------------------------------------------
+    Mutant("E1_sigmoid_prime_twice", "σ'(z)(1 − σ(z)) used as the sigmoid derivative: (1 − σ) applied twice",
+           Hooks(vjp=_vjp_with({"sigmoid"}, lambda act, z, a: a * (1 - a) * (1 - a))),
+           lambda s, c: (_last(s, {"sigmoid"}), "delta"), _hidden(["sigmoid"]), seed_ref="E1"),
+    Mutant("E2_activation_for_theta", "∂J/∂θ(2) = (ỹ − y) a(3) σ'(θ(2)a(2)) a(2): the activation a(3) used where θ(3) belongs",
+           Hooks(recurse=lambda c, i, d, th, a: d.sum(axis=1, keepdims=True) * a if i == _out(c.spec) else d @ th),
+           lambda s, c: (_out(s) - 1, "delta"), specs(min_depth=2, output_activations=("identity",), losses=VALUE_LOSSES),
+           seed_ref="E2"),
+    Mutant("E3_recursion_without_transpose", "δ(L) = (w(L+1) · δ(L+1)) ⊙ σ'(z(L)) without the transpose (square layers)",
+           Hooks(recurse=lambda c, i, d, th, a: d @ th.T if i == _out(c.spec) else d @ th),
+           lambda s, c: (_out(s) - 1, "delta"), specs(min_depth=2, **SQUARE), seed_ref="E3"),
+    Mutant("E4_cost_factor_dropped", "∂J/∂θ(2) = θ(3) σ'(z(3)) a(2): the factor s(3) = ỹ − y dropped",
+           Hooks(loss_grad=lambda spec, a, y: np.ones_like(a)),
+           lambda s, c: (_out(s), "delta"), specs(losses=VALUE_LOSSES), seed_ref="E4"),
+    Mutant("E5_output_derivative_dropped", "∂J/∂θ(3) = (ỹ − y) a(3) with f ≠ identity: f'(z(4)) dropped",
+           Hooks(vjp=lambda c, i, act, z, a, g: g if i == _out(c.spec) else act.vjp(z, a, g)),
+           lambda s, c: (_out(s), "delta"),
+           specs(losses=("half_sse", "mse"), output_activations=("sigmoid", "tanh", "softplus", "elu")), seed_ref="E5"),
+    Mutant("E6_derivative_one_layer_off", "the chain taken through σ'(z(2)) where σ'(z(3)) belongs (square layers)",
+           Hooks(vjp=lambda c, i, act, z, a, g: g * act.derivative(c.z[i - 1], c.a[i])
+                 if 0 < i < _out(c.spec) else act.vjp(z, a, g)),
+           lambda s, c: (_out(s) - 1, "delta"), specs(min_depth=3, activations=("sigmoid", "tanh"), **SQUARE), seed_ref="E6"),
+    # -- classic mistakes ----------------------------------------------------------------------------
+    Mutant("missing_transpose_everywhere", "δθᵀ instead of δθ at every step of the recursion (square layers)",
+           Hooks(recurse=lambda c, i, d, th, a: d @ th.T),
+           lambda s, c: (_out(s) - 1, "delta"), specs(min_depth=2, **SQUARE)),
+    Mutant("bias_not_summed", "bias gradient averaged over the batch instead of summed",
+           Hooks(bias_grad=lambda c, i, d, ds: d.mean(axis=0)),
+           lambda s, c: (max(i for i, l in enumerate(s.layers) if l.bias), "bias"), specs(bias=True)),
+    Mutant("missing_one_over_m", "the 1/m of a mean loss forgotten in its gradient",
+           Hooks(loss_grad=lambda spec, a, y: spec.loss.grad(a, y) * a.shape[0]),
+           lambda s, c: (_out(s), "delta"), specs(losses=("half_mse", "cross_entropy", "nll"))),
+    Mutant("missing_half", "the ½ of ½(ỹ − y)² not cancelled: gradient 2(ỹ − y)",
+           Hooks(loss_grad=lambda spec, a, y: 2 * spec.loss.grad(a, y)),
+           lambda s, c: (_out(s), "delta"), specs(losses=("half_sse", "half_mse"))),
+    Mutant("sign_flip", "y − ỹ where ỹ − y belongs",
+           Hooks(loss_grad=lambda spec, a, y: -spec.loss.grad(a, y)),
+           lambda s, c: (_out(s), "delta")),
+    Mutant("derivative_at_a", "g'(a) instead of g'(z): the derivative evaluated at the activation",
+           Hooks(vjp=_vjp_with({"sigmoid", "tanh"}, lambda act, z, a: act.derivative(a, act.value(a)))),
+           lambda s, c: (_last(s, {"sigmoid", "tanh"}), "delta"), _hidden(["sigmoid", "tanh"])),
+    Mutant("softmax_jvp_dropped", "the softmax output's Jacobian dropped: δ = ∇_a C",
+           Hooks(vjp=lambda c, i, act, z, a, g: g if act.name == "softmax" else act.vjp(z, a, g)),
+           lambda s, c: (_out(s), "delta"), specs(losses=("mse", "half_sse"), output_activations=("softmax",))),
+    Mutant("cross_entropy_without_onehot", "softmax-cross-entropy gradient without subtracting the one-hot",
+           Hooks(loss_grad=lambda spec, a, y: bp.activations.softmax(a) / a.shape[0]),
+           lambda s, c: (_out(s), "delta"), specs(losses=("cross_entropy",))),
+    Mutant("leaky_slope_ignored", "leaky_relu's negative side treated as relu's (slope 0)",
+           Hooks(vjp=_vjp_with({"leaky_relu"}, lambda act, z, a: (z > 0).astype(z.dtype))),
+           lambda s, c: (_last(s, {"leaky_relu"}, c, lambda g, z: z < 0), "delta"), _hidden(["leaky_relu"])),
+    Mutant("gelu_tanh_derivative_for_exact", "the tanh-approximate GELU derivative used for exact GELU",
+           Hooks(vjp=_vjp_with({"gelu"}, lambda act, z, a: GELUTanh().derivative(z, None))),
+           lambda s, c: (_last(s, {"gelu"}), "delta"), _hidden(["gelu"])),
+    Mutant("weight_grad_transposed", "∂C/∂θ = aᵀδ (transposed) for square layers",
+           Hooks(weight_grad=lambda c, i, d, a, ds: a.T @ d),
+           lambda s, c: (_out(s), "weight"), specs(**SQUARE)),
+    Mutant("delta_of_wrong_layer", "the weight gradient built from the δ of the layer above",
+           Hooks(weight_grad=lambda c, i, d, a, ds: (ds.get(f"layers.{i + 1}", d)).T @ a),
+           lambda s, c: (_out(s) - 1, "weight"), specs(min_depth=2, **SQUARE)),
+    Mutant("stale_cache", "backward reads the cache of the previous batch",
+           Hooks(cache_x=lambda x: np.roll(x, 1, axis=0)),
+           lambda s, c: (_out(s), "delta"), specs()),
+    Mutant("first_example_only", "only the first example of the batch is back-propagated",
+           Hooks(loss_grad=lambda spec, a, y: np.where(np.arange(a.shape[0])[:, None] == 0, spec.loss.grad(a, y), 0)),
+           lambda s, c: (_out(s), "delta"), specs()),
+    Mutant("float32_inside_float64", "a float32 cast inside a float64 backward (precision bug)",
+           Hooks(vjp=lambda c, i, act, z, a, g: act.vjp(z, a, g).astype(np.float32).astype(z.dtype)),
+           lambda s, c: (_out(s), "delta"), specs(), regimes=("well_conditioned",)),
+    Mutant("tanh_prime_one_minus_tanh", "tanh' written as 1 − tanh instead of 1 − tanh²",
+           Hooks(vjp=_vjp_with({"tanh"}, lambda act, z, a: 1 - a)),
+           lambda s, c: (_last(s, {"tanh"}), "delta"), _hidden(["tanh"])),
+    Mutant("softplus_beta_dropped", "softplus' = σ(z) where σ(βz) belongs",
+           Hooks(vjp=_vjp_with({"softplus"}, lambda act, z, a: bp.activations.stable_sigmoid(z))),
+           lambda s, c: (_last(s, {"softplus"}), "delta"), _hidden(["softplus"])),
+    Mutant("elu_alpha_dropped", "elu' = e^z on the negative side, without α",
+           Hooks(vjp=_vjp_with({"elu"}, lambda act, z, a: np.where(z > 0, 1.0, np.exp(np.minimum(z, 0))))),
+           lambda s, c: (_last(s, {"elu"}, c, lambda g, z: (z < 0) & (g.alpha != 1)), "delta"), _hidden(["elu"])),
+    Mutant("weights_averaged", "∂C/∂θ divided by the batch size (mean of per-example gradients)",
+           Hooks(weight_grad=lambda c, i, d, a, ds: d.T @ a / a.shape[0]),
+           lambda s, c: (_out(s), "weight"), specs()),
+    Mutant("hardtanh_passes_everything", "hardtanh' = 1 everywhere (the clipping forgotten)",
+           Hooks(vjp=_vjp_with({"hardtanh"}, lambda act, z, a: np.ones_like(z))),
+           lambda s, c: (_last(s, {"hardtanh"}, c, lambda g, z: (z <= g.min_val) | (z >= g.max_val)), "delta"),
+           _hidden(["hardtanh"])),
+    Mutant("bias_missing_in_forward", "the bias left out of the forward pass (a forward bug)",
+           Hooks(forward_params=lambda spec, p: {k: (np.zeros_like(v) if k.endswith("bias") else v) for k, v in p.items()}),
+           lambda s, c: (None, "loss"), specs(bias=True)),
+    Mutant("relu_prime_at_zero_is_one", "relu'(0) = 1 instead of torch's 0 — a kink convention, not a bug",
+           Hooks(vjp=_vjp_with({"relu"}, lambda act, z, a: (z >= 0).astype(z.dtype))),
+           lambda s, c: (_last(s, {"relu"}, c, lambda g, z: z == 0), "delta"), _hidden(["relu"], bias=False),
+           kind="kink", regimes=("near_kinks",)),
+]
+
+@dataclass
+class Row:
+    mutant: str
+    kind: str
+    seed_ref: str
+    killed: bool
+    examples: int
+    classification: str
+    declared_layer: int | None
+    reported_layer: int | None
+    localization_correct: bool | None
+    diagnosis: str
+    seconds: float
+
+    def to_dict(self):
+        return dict(self.__dict__)
+
+
+def hunt(mutant: Mutant, examples: int, seed: int = 0) -> Row:
+    """Search networks for one that shows the mutant; stop at the first (no shrinking: we count examples)."""
+    seen = {"n": 0, "result": None, "spec": None}
+    start = time.perf_counter()
+    regimes = st.sampled_from(list(mutant.regimes))
+    target = {"bug": ("bug", "forward"), "kink": ("kink",), "correct": ("bug", "forward", "kink")}[mutant.kind]
+
+    @hypothesis.seed(seed)
+    @settings(max_examples=examples, deadline=None, database=None, phases=[Phase.generate],
+              suppress_health_check=list(HealthCheck))
+    @given(mutant.specs, regimes, st.integers(1, 6), st.integers(0, 2**32 - 1))
+    def search(spec, regime, batch, data_seed):
+        rng = np.random.default_rng(data_seed)
+        params = draw_params(spec, rng, regime)
+        x, y = draw_data(spec, rng, regime, batch)
+        result = check(spec, params, x, y, mutant.grads_fn)
+        seen["n"] += 1
+        if result.classification in target or result.classification == "bug":  # a kink mutant called a bug: stop too
+            seen["result"], seen["spec"], seen["cache"] = result, spec, bp.forward(spec, params, x)
+            raise _Found()
+
+    try:
+        search()
+    except _Found:
+        pass
+    result, spec = seen["result"], seen["spec"]
+    seconds = time.perf_counter() - start
+    if result is None:
+        return Row(mutant.name, mutant.kind, mutant.seed_ref, False, seen["n"], "", None, None, None, "", seconds)
+    declared, _tensor = mutant.corrupts(spec, seen["cache"])
+    reported = result.first_divergent_layer
+    hint = next(iter(h for hs in result.hints.values() for h in hs), "")
+    return Row(mutant.name, mutant.kind, mutant.seed_ref, result.classification in target, seen["n"],
+               result.classification, declared, reported,
+               (reported == declared) if mutant.kind == "bug" else None, hint or result.localization, seconds)
+
+
+class _Found(Exception):
+    pass
+
+
+def markdown_table(summary: dict) -> str:
+    """The catalogue as a Markdown table, verdict line first."""
+    ok = summary["killed"] == summary["total"] and not summary["correct_flagged"] and summary["kink_mutants_classified_as_kink"]
+    lines = [
+        f"## Fault catalogue: {summary['killed']}/{summary['total']} bug mutants killed, "
+        f"localization correct for {summary['localization_correct']}/{summary['total']}, "
+        f"kink mutant {'classified as kink' if summary['kink_mutants_classified_as_kink'] else 'MISCLASSIFIED'}, "
+        f"correct implementation {'FLAGGED' if summary['correct_flagged'] else 'never flagged'} "
+        f"in {summary['correct_examples']} examples — {'PASS' if ok else 'FAIL'}",
+        "",
+        f"Budget: {summary['examples_budget']} examples per mutant, seed {summary['seed']}.",
+        "",
+        "| mutant | seed | kind | killed | examples | verdict | declared layer | reported layer | localization | diagnosis |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in summary["rows"]:
+        loc = {True: "✅", False: "❌", None: "—"}[r["localization_correct"]]
+        lines.append(f"| `{r['mutant']}` | {r['seed_ref']} | {r['kind']} | {'yes' if r['killed'] else 'no'} | {r['examples']} | "
+                     f"{r['classification'] or '—'} | {r['declared_layer']} | {r['reported_layer']} | {loc} | "
+                     f"{r['diagnosis'].replace('|', '/')} |")
+    lines += ["", "What each mutant models:", ""]
+    lines += [f"- `{m.name}`: {m.mistake}" for m in CATALOGUE]
+    return "\n".join(lines) + "\n"
+
+
+def run_catalogue(examples: int = 200, seed: int = 0, progress=None) -> dict:
+    """Hunt every mutant and run the correct implementation; returns the table as a dict."""
+    rows = []
+    for m in CATALOGUE + [CORRECT]:
+        rows.append(hunt(m, examples, seed))
+        if progress:
+            progress(rows[-1])
+    bugs = [r for r in rows if r.kind == "bug"]
+    correct = next(r for r in rows if r.kind == "correct")
+    kinks = [r for r in rows if r.kind == "kink"]
+    return {
+        "schema": "bp-oracle/mutants", "schema_version": 1, "examples_budget": examples, "seed": seed,
+        "total": len(bugs), "killed": sum(r.killed for r in bugs),
+        "localization_correct": sum(bool(r.localization_correct) for r in bugs),
+        "kink_mutants_classified_as_kink": all(r.killed for r in kinks),
+        "correct_flagged": correct.killed, "correct_examples": correct.examples,
+        "rows": [r.to_dict() for r in rows],
+    }
