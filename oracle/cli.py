@@ -193,6 +193,27 @@ def cmd_mutants(args) -> int:
     return 0 if ok else 1
 
 
+def cmd_bench(args) -> int:
+    from .bench import markdown, run
+    from .report import write_atomically
+
+    res = run(quick=args.quick, progress=(lambda line: None) if args.json else print)
+    md = markdown(res)
+    print(json.dumps(res, indent=2) if args.json else md)
+    folder = Path(args.report)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        for name, text in (("benchmarks.json", json.dumps(res, indent=2) + "\n"), ("benchmarks.md", md)):
+            tmp = folder / f".{name}.tmp"
+            tmp.write_text(text, encoding="utf-8")
+            tmp.replace(folder / name)
+    except OSError as err:
+        raise SpecError("--report", f"cannot write to {folder} ({err.strerror or err})", "choose a writable folder") from None
+    if not args.json:
+        print(f"Written to {folder}/benchmarks.md and benchmarks.json")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="bp-oracle", description="Check hand-written backprop against torch.autograd and say where it goes wrong.",
                                 epilog="Exit codes: 0 match, 1 discrepancy found, 2 bad input.")
@@ -228,6 +249,12 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--json", action="store_true", help="print the result as JSON")
     m.add_argument("--report", default=DEFAULT_REPORTS, help="folder for mutants.md/json (default: reports/)")
     m.set_defaults(func=cmd_mutants)
+
+    b = sub.add_parser("bench", help="speed and memory against torch and gradcheck, side by side")
+    b.add_argument("--quick", action="store_true", help="smaller sizes and fewer repeats (under a minute)")
+    b.add_argument("--json", action="store_true", help="print the result as JSON")
+    b.add_argument("--report", default=DEFAULT_REPORTS, help="folder for benchmarks.md/json (default: reports/)")
+    b.set_defaults(func=cmd_bench)
 
     r = sub.add_parser("replay", help="re-run exactly the case a report recorded")
     r.add_argument("report_json", metavar="REPORT.json")

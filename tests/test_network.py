@@ -159,3 +159,14 @@ def test_bad_arrays_name_the_field(change, field):
 def test_importing_manual_bp_does_not_import_torch():
     code = "import sys, manual_bp, manual_bp.regression; assert 'torch' not in sys.modules, 'torch was imported'"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_float64_targets_do_not_promote_a_float32_network():
+    """Found by mutation testing: y must be cast to the network's dtype, or float32 silently becomes float64."""
+    spec = bp.example("seed-nielsen")
+    rng = np.random.default_rng(15)
+    params = bp.init_params(spec, rng, dtype="float32")
+    x, y = bp.random_batch(spec, rng, batch=3, dtype="float32")
+    r = bp.gradients(spec, params, x, y.astype(np.float64))
+    assert r.loss.dtype == np.float32 and all(g.dtype == np.float32 for g in r.grads.values())
+    assert all(d.dtype == np.float32 for d in r.deltas.values())

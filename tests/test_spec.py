@@ -112,3 +112,21 @@ def test_unreadable_and_malformed_files(tmp_path):
     top.write_text("[1, 2]")
     with pytest.raises(SpecError, match="not an object"):
         load_spec(top)
+
+
+def test_bias_defaults_to_true_when_left_out():
+    obj = json.loads(json.dumps(GOOD))
+    del obj["layers"][0]["bias"]
+    assert Spec.from_dict(obj).layers[0].bias is True
+
+
+@pytest.mark.parametrize("value,field,words", [
+    ({"negative_slope": 0.1}, "layers[0].activation", "has no 'name'"),
+    ({"name": 3}, "layers[0].activation.name", "is not a string"),
+    (7, "layers[0].activation", "neither a name nor an object"),
+])
+def test_activation_objects_that_are_not_named_properly(value, field, words):
+    """Found by mutation testing: these branches of parse_named had no test."""
+    with pytest.raises(SpecError) as info:
+        Spec.from_dict(_with(("layers", 0, "activation"), value))
+    assert info.value.field == field and words in str(info.value) and info.value.fix

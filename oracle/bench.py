@@ -1,0 +1,296 @@
+"""``bp-oracle bench``: speed and memory of manual_bp, torch, a full oracle check and gradcheck, side by side.
+
+Everything is measured in one process (memory in fresh subprocesses), contenders interleaved
+(A B A B ...) so that a noisy neighbour slows both alike; every figure is a median over repeats
+after a warm-up, and every target is a ratio of two numbers from the same run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+SIZES = [((3, 4, 4, 1), 1), ((16, 32, 32, 4), 32), ((256, 512, 512, 10), 256), ((1024, 2048, 2048, 1000), 512)]
+
+
+def mlp_spec(widths):
+    import manual_bp as bp
+
+    layers = [{"type": "dense", "units": w, "activation": "tanh"} for w in widths[1:-1]]
+    layers.append({"type": "dense", "units": widths[-1], "activation": "identity"})
+    name = "-".join(map(str, widths))
+    return bp.Spec.from_dict({"format_version": 1, "name": name, "input_size": widths[0], "layers": layers, "loss": "mse"})
+
+
+def _case(widths, batch, dtype, seed=0):
+    import manual_bp as bp
+
+    spec = mlp_spec(widths)
+    rng = np.random.default_rng(seed)
+    params = bp.init_params(spec, rng, dtype=dtype)
+    x, y = bp.random_batch(spec, rng, batch=batch, dtype=dtype)
+    return spec, params, x, y
+
+
+def interleaved(fns: dict, repeats: int, warmup: int = 1) -> dict:
+    """Median seconds per call of each function, calling them in turn (A B C A B C ...)."""
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    times = {k: [] for k in fns}
+    for _ in range(repeats):
+        for k, fn in fns.items():
+            t = time.perf_counter()
+            fn()
+            times[k].append(time.perf_counter() - t)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def _torch_step(spec, params, x, y):
+    """A torch forward+backward on the twin, built once; returns the closure to time."""
+    import torch
+
+    from .twin import Twin, loss_fn
+
+    tdt = torch.float64 if x.dtype == np.float64 else torch.float32
+    model = Twin(spec, tdt)
+    with torch.no_grad():
+        for name, t in model.named_parameters():
+            t.copy_(torch.from_numpy(params[name]))
+    xt, yt = torch.from_numpy(x), torch.from_numpy(y)
+    loss = loss_fn(spec.loss)
+
+    def step():
+        model.zero_grad(set_to_none=True)
+        out, _, _ = model(xt)
+        loss(out, yt).backward()
+    return step
+
+
+def backward_flops(widths, batch) -> float:
+    """δᵀa and δθ per layer: 2 matmuls of 2·m·out·in flops each."""
+    return sum(4.0 * batch * a * b for a, b in zip(widths[:-1], widths[1:]))
+
+
+def matmul_gflops(widths, batch, dtype, repeats) -> float:
+    """NumPy matmul throughput on the backward's own shapes, in this run."""
+    rng = np.random.default_rng(1)
+    shapes = [(rng.standard_normal((batch, b)).astype(dtype), rng.standard_normal((b, a)).astype(dtype))
+              for a, b in zip(widths[:-1], widths[1:])]
+    t = interleaved({"mm": lambda: [d @ w for d, w in shapes]}, repeats)["mm"]
+    return sum(2.0 * batch * a * b for a, b in zip(widths[:-1], widths[1:])) / t / 1e9
+
+
+_MEM_CODE = r"""
+import sys, json, numpy as np
+sys.path.insert(0, {root!r})
+from oracle.bench import _case, _torch_step
+import manual_bp as bp, torch
+widths, batch, dtype, who = {widths!r}, {batch!r}, {dtype!r}, {who!r}
+spec, params, x, y = _case(widths, batch, dtype)
+step = (lambda: bp.gradients(spec, params, x, y)) if who == "manual_bp" else _torch_step(spec, params, x, y)
+def status(key):
+    for line in open("/proc/self/status"):
+        if line.startswith(key):
+            return int(line.split()[1]) * 1024
+import gc; gc.collect()
+with open("/proc/self/clear_refs", "w") as f:
+    f.write("5")  # reset the peak resident size (VmHWM) to the current one
+before = status("VmRSS")
+step()
+print(json.dumps(status("VmHWM") - before))
+"""
+
+
+def peak_memory(widths, batch, dtype, who) -> int:
+    """Bytes one forward+backward adds to the peak resident memory of a fresh process (Linux: VmHWM reset
+    through /proc/self/clear_refs just before the step, so import-time peaks do not hide it)."""
+    root = str(Path(__file__).resolve().parent.parent)
+    code = _MEM_CODE.format(root=root, widths=tuple(widths), batch=batch, dtype=dtype, who=who)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return int(json.loads(out.stdout.strip().splitlines()[-1]))
+
+
+def machine_facts() -> dict:
+    import torch
+
+    cpu = platform.processor()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    blas = "unknown"
+    try:
+        from threadpoolctl import threadpool_info
+
+        blas = "; ".join(f"{i.get('internal_api')} {i.get('version')} ({i.get('num_threads')} threads)" for i in threadpool_info())
+    except Exception:
+        cfg = np.show_config(mode="dicts") if hasattr(np, "show_config") else {}
+        try:
+            blas = cfg["Build Dependencies"]["blas"]["name"]
+        except Exception:
+            pass
+    return {
+        "cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(),
+        "numpy": np.__version__, "numpy_blas": blas, "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(), "torch_blas": torch.__config__.show().split("BLAS_INFO=")[-1].split(",")[0],
+        "env": {k: os.environ.get(k) for k in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "OPENBLAS_CORETYPE", "MKL_NUM_THREADS")},
+    }
+
+
+def run(quick: bool = False, progress=print) -> dict:
+    import torch
+
+    import manual_bp as bp
+
+    from .checker import check
+
+    repeats = 3 if quick else 7
+    sizes = SIZES[:3] if quick else SIZES
+    rows = []
+    for widths, batch in sizes:
+        for dtype in ("float64", "float32"):
+            spec, params, x, y = _case(widths, batch, dtype)
+            reps = repeats if widths[1] < 2048 else max(3, repeats // 2)
+            t = interleaved({"manual_bp": lambda: bp.gradients(spec, params, x, y),
+                             "torch": _torch_step(spec, params, x, y)}, reps)
+            flops = backward_flops(widths, batch)
+            mm = matmul_gflops(widths, batch, dtype, reps)
+            # backward alone: forward once, then time backward from the cache
+            cache = bp.forward(spec, params, x)
+            tb = interleaved({"bwd": lambda: bp.backward(cache, y)}, reps)["bwd"]
+            row = {"size": "-".join(map(str, widths)), "batch": batch, "dtype": dtype,
+                   "manual_s": t["manual_bp"], "torch_s": t["torch"], "time_ratio": t["manual_bp"] / t["torch"],
+                   "backward_gflops": flops / tb / 1e9, "matmul_gflops": mm,
+                   "backward_vs_matmul": flops / tb / 1e9 / mm}
+            if not quick or widths[1] >= 512:
+                mem_m, mem_t = peak_memory(widths, batch, dtype, "manual_bp"), peak_memory(widths, batch, dtype, "torch")
+                row.update({"manual_peak_bytes": mem_m, "torch_peak_bytes": mem_t,
+                            "memory_ratio": mem_m / mem_t if mem_t > 0 else None})
+            rows.append(row)
+            progress(f"  {row['size']:>22s} b{batch:<4d} {dtype}: manual/torch time {row['time_ratio']:.2f}, "
+                     f"backward {row['backward_gflops']:.1f} GFLOP/s = {100 * row['backward_vs_matmul']:.0f}% of matmul")
+
+    # a full check vs its halves alone, and vs gradcheck
+    checks = []
+    for widths, batch in SIZES[1:3] if not quick else SIZES[1:2]:
+        spec, params, x, y = _case(widths, batch, "float64")
+        halves = _torch_step(spec, params, x, y)
+        t = interleaved({"check": lambda: check(spec, params, x, y),
+                         "manual_bp": lambda: bp.gradients(spec, params, x, y),
+                         "torch": halves}, repeats)
+        row = {"size": "-".join(map(str, widths)), "batch": batch, "check_s": t["check"],
+               "halves_s": t["manual_bp"] + t["torch"], "overhead_ratio": t["check"] / (t["manual_bp"] + t["torch"])}
+        row.update(_gradcheck(spec, params, x, y, quick))
+        checks.append(row)
+        progress(f"  check {row['size']}: {row['overhead_ratio']:.2f}× its halves; gradcheck {row['gradcheck_ratio']:.0f}× "
+                 f"(fast_mode {row['gradcheck_fast_ratio']:.0f}×) a full check{' (extrapolated)' if row['extrapolated'] else ''}")
+
+    hypo = _hypothesis_rate(100 if quick else 400)
+    progress(f"  Hypothesis: {hypo:.0f} examples/s on small random nets")
+    suite = None if quick else _suite_time()
+    return {"schema": "bp-oracle/bench", "schema_version": 1, "quick": quick, "machine": machine_facts(),
+            "mlp": rows, "check": checks, "hypothesis_examples_per_s": hypo, "test_suite_s": suite,
+            "torch_threads": torch.get_num_threads()}
+
+
+def _gradcheck(spec, params, x, y, quick) -> dict:
+    """torch.autograd.gradcheck (default and fast_mode) on the same model and loss, against one full check."""
+    import torch
+
+    from .checker import check
+    from .twin import Twin, loss_fn
+
+    model = Twin(spec, torch.float64)
+    names = [n for n, _ in model.named_parameters()]
+    xt, yt = torch.from_numpy(x), torch.from_numpy(y)
+    lf = loss_fn(spec.loss)
+
+    def loss_of(*flat):
+        out = torch.func.functional_call(model, dict(zip(names, flat)), (xt,))[0]
+        return lf(out, yt)
+
+    inputs = tuple(torch.tensor(params[n], requires_grad=True) for n in names)
+    n_params = sum(p.numel() for p in inputs)
+    t_check = interleaved({"c": lambda: check(spec, params, x, y)}, 3)["c"]
+    budget = 2_000 if quick else 20_000
+    extrapolated = n_params > budget
+    if extrapolated:  # time gradcheck on the first layer's weight alone and scale by parameter count
+        sub = inputs[0]
+        rest = [p.detach() for p in inputs[1:]]
+
+        def loss_sub(w):
+            return loss_of(w, *rest)
+        args, fn, scale = (sub,), loss_sub, n_params / sub.numel()
+    else:
+        args, fn, scale = inputs, loss_of, 1.0
+    t0 = time.perf_counter()
+    torch.autograd.gradcheck(fn, args)
+    t_default = (time.perf_counter() - t0) * scale
+    t0 = time.perf_counter()
+    torch.autograd.gradcheck(fn, args, fast_mode=True)
+    t_fast = time.perf_counter() - t0  # fast_mode costs O(1) passes per input, not O(parameters)
+    return {"gradcheck_s": t_default, "gradcheck_fast_s": t_fast, "params": n_params, "extrapolated": extrapolated,
+            "gradcheck_ratio": t_default / t_check, "gradcheck_fast_ratio": t_fast / t_check}
+
+
+def _hypothesis_rate(n: int) -> float:
+    from hypothesis import HealthCheck, Phase, given, settings
+
+    from .checker import check
+    from .strategies import cases, specs
+
+    small = specs(max_depth=3, max_width=8, max_input=8)
+
+    @settings(max_examples=n, deadline=None, database=None, phases=[Phase.generate], suppress_health_check=list(HealthCheck))
+    @given(cases(specs_strategy=small, dtypes=("float64",), max_batch=4))
+    def prop(case):
+        assert check(case.spec, case.params, case.x, case.y).passed
+
+    t = time.perf_counter()
+    prop()
+    return n / (time.perf_counter() - t)
+
+
+def _suite_time() -> float:
+    root = Path(__file__).resolve().parent.parent
+    t = time.perf_counter()
+    subprocess.run([sys.executable, "-m", "pytest", "-q", "-x"], cwd=root, capture_output=True, check=False)
+    return time.perf_counter() - t
+
+
+def markdown(res: dict) -> str:
+    m = res["machine"]
+    lines = ["## bp-oracle benchmark" + (" (--quick)" if res["quick"] else ""), "",
+             f"Machine: {m['cpu']}, {m['cores']} cores; NumPy {m['numpy']} ({m['numpy_blas']}); torch {m['torch']} "
+             f"({m['torch_threads']} threads, BLAS {m['torch_blas']}); Python {m['python']}.", "",
+             "### manual_bp vs torch, forward + backward (medians, interleaved)", "",
+             "| MLP | batch | dtype | manual_bp | torch | time ratio | peak mem ratio | backward GFLOP/s | of matmul |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in res["mlp"]:
+        mem = f"{r['memory_ratio']:.2f}" if r.get("memory_ratio") else "—"
+        lines.append(f"| {r['size']} | {r['batch']} | {r['dtype']} | {1e3 * r['manual_s']:.3f} ms | {1e3 * r['torch_s']:.3f} ms | "
+                     f"**{r['time_ratio']:.2f}** | {mem} | {r['backward_gflops']:.2f} | {100 * r['backward_vs_matmul']:.0f}% |")
+    lines += ["", "### A full oracle check vs its halves and vs gradcheck (float64)", "",
+              "| MLP | batch | check | halves alone | overhead | gradcheck | gradcheck fast_mode |", "|---|---|---|---|---|---|---|"]
+    for r in res["check"]:
+        ext = " (extrapolated from one layer)" if r["extrapolated"] else ""
+        lines.append(f"| {r['size']} | {r['batch']} | {1e3 * r['check_s']:.2f} ms | {1e3 * r['halves_s']:.2f} ms | "
+                     f"**{r['overhead_ratio']:.2f}×** | {r['gradcheck_s']:.2f} s = {r['gradcheck_ratio']:.0f}×{ext} | "
+                     f"{r['gradcheck_fast_s']:.3f} s = {r['gradcheck_fast_ratio']:.1f}× |")
+    lines += ["", f"Hypothesis throughput on small random nets (depth ≤ 3, width ≤ 8, one full check each): "
+              f"**{res['hypothesis_examples_per_s']:.0f} examples/s**."]
+    if res["test_suite_s"] is not None:
+        lines.append(f"Default test suite (`python -m pytest`): {res['test_suite_s']:.0f} s wall.")
+    return "\n".join(lines) + "\n"
