@@ -127,44 +127,49 @@ def compare_tensor(
 
     ``noise`` is a list of torch runs of the same tensor; given, it enables the rounding allowance.
     """
-    g = np.asarray(got, dtype=np.float64)
+    g = np.asarray(got, dtype=np.float64).ravel()
     r = np.asarray(ref, dtype=np.float64)
+    shape, r = r.shape, r.ravel()
+    if r.size == 0:
+        return TensorComparison(name, layer, shape, True, "match", 0.0, 0.0, 0.0, 0.0, 0.0, None, 0, 0, (), 0.0, 0.0, 0.0, ())
     diff = np.abs(g - r)
-    diff = np.where(np.isnan(diff), np.inf, diff)  # a NaN is never a match
-    elem_allowed = tol.atol * scale + tol.rtol * np.abs(r)
-    err = float(np.sqrt(np.sum(np.square(diff)))) if np.all(np.isfinite(diff)) else float("inf")
-    ref_norm = float(np.linalg.norm(r))
-    allowed = tol.rtol * ref_norm + tol.atol * scale * np.sqrt(max(r.size, 1))
+    err = float(np.sqrt(diff @ diff))
+    if err != err:  # a NaN anywhere is never a match
+        diff = np.where(np.isnan(diff), np.inf, diff)
+        err = float("inf")
+    abs_r = np.abs(r)
+    ref_norm = float(np.sqrt(r @ r))
+    elem_allowed = tol.atol * scale + tol.rtol * abs_r
+    allowed = tol.rtol * ref_norm + tol.atol * scale * np.sqrt(r.size)
     noise_err = None
     verdict = "match" if err <= allowed else "mismatch"
     if noise is not None:  # an ensemble of torch runs: the largest error any of them makes
-        diffs = [np.abs(np.asarray(t, dtype=np.float64) - r) for t in noise]
-        noise_diff = np.maximum.reduce(diffs)
-        noise_err = max(float(np.linalg.norm(d)) for d in diffs)
-        elem_allowed = elem_allowed + tol.rounding_factor * noise_diff
+        diffs = [np.abs(np.asarray(t, dtype=np.float64).ravel() - r) for t in noise]
+        noise_err = max(float(np.sqrt(d @ d)) for d in diffs)
+        elem_allowed = elem_allowed + tol.rounding_factor * np.maximum.reduce(diffs)
         if verdict == "mismatch" and err <= tol.rounding_factor * noise_err:
             verdict = "rounding"
     with np.errstate(divide="ignore", invalid="ignore"):
-        rel = np.where(diff == 0, 0.0, diff / np.abs(r))
-    worst = int(np.argmax(diff)) if diff.size else 0
-    worst_rel = int(np.argmax(rel)) if rel.size else 0
+        rel = diff / abs_r
+    rel[diff == 0] = 0.0
+    worst, worst_rel = int(np.argmax(diff)), int(np.argmax(rel))
     return TensorComparison(
         name=name,
         layer=layer,
-        shape=tuple(r.shape),
+        shape=shape,
         passed=verdict != "mismatch",
         verdict=verdict,
-        max_abs_err=float(diff.flat[worst]) if diff.size else 0.0,
-        max_rel_err=float(rel.flat[worst_rel]) if rel.size else 0.0,
+        max_abs_err=float(diff[worst]),
+        max_rel_err=float(rel[worst_rel]),
         normwise_rel_err=(err / ref_norm) if ref_norm > 0 else (0.0 if err == 0 else float("inf")),
         allowed_normwise=float(allowed),
         normwise_err=err,
         torch_noise_err=noise_err,
-        mismatched=int(np.sum(diff > elem_allowed)),
+        mismatched=int(np.count_nonzero(diff > elem_allowed)),
         size=int(r.size),
-        worst_index=_index(worst, r.shape),
-        worst_candidate=float(g.flat[worst]) if g.size else 0.0,
-        worst_reference=float(r.flat[worst]) if r.size else 0.0,
-        worst_allowed=float(np.broadcast_to(elem_allowed, r.shape).flat[worst]) if r.size else 0.0,
-        rel_index=_index(worst_rel, r.shape),
+        worst_index=_index(worst, shape),
+        worst_candidate=float(g[worst]),
+        worst_reference=float(r[worst]),
+        worst_allowed=float(elem_allowed[worst]),
+        rel_index=_index(worst_rel, shape),
     )

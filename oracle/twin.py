@@ -67,8 +67,34 @@ def loss_fn(loss):
     }[loss.name]
 
 
+def twin_forward(spec: Spec, weights: dict, x, jitter: np.random.Generator | None = None):
+    """The twin's forward, z = F.linear(a, θ, b) (what ``nn.Linear`` calls) then torch's g.
+
+    Returns (ỹ, [z_0, ..., z_{L-1}], [a_1, ..., a_L]). With ``jitter``, each a = g(z) is multiplied by
+    (1 ± ε): the rounding error of evaluating g.
+    """
+    zs, acts, a = [], [], x
+    eps = torch.finfo(x.dtype).eps
+    last = len(spec.layers) - 1
+    for i, layer in enumerate(spec.layers):
+        z = F.linear(a, weights[f"layers.{i}.weight"], weights.get(f"layers.{i}.bias"))
+        a = activation_fn(layer.activation)(z)
+        if jitter is not None:
+            signs = torch.from_numpy(jitter.choice([-1.0, 1.0], size=tuple(z.shape))).to(z.dtype)
+            a = a * (1 + eps * signs)
+            if spec.loss.name == "bce" and i == last:
+                a = a.clamp(0, 1)  # probabilities stay probabilities
+        zs.append(z)
+        acts.append(a)
+    return a, zs, acts
+
+
 class Twin(torch.nn.Module):
-    """``layers`` is a ModuleList of ``nn.Linear``, so parameter names are ``layers.{i}.weight``."""
+    """The twin as an ``nn.Module``: ``layers`` is a ModuleList of ``nn.Linear`` (names ``layers.{i}.weight``).
+
+    ``run_twin`` uses the same ``twin_forward`` on plain leaf tensors (no module to build per check);
+    the benchmark uses this class, as a torch user would.
+    """
 
     def __init__(self, spec: Spec, dtype: torch.dtype):
         super().__init__()
@@ -77,26 +103,9 @@ class Twin(torch.nn.Module):
         self.layers = torch.nn.ModuleList(
             torch.nn.Linear(sizes[i], layer.units, bias=layer.bias, dtype=dtype) for i, layer in enumerate(spec.layers)
         )
-        self.activations = [activation_fn(layer.activation) for layer in spec.layers]
 
     def forward(self, x, jitter: np.random.Generator | None = None):
-        """Returns (ỹ, [z_0, ..., z_{L-1}], [a_1, ..., a_L]).
-
-        With ``jitter``, each a = g(z) is multiplied by (1 ± ε): the rounding error of evaluating g.
-        """
-        zs, acts, a = [], [], x
-        eps = torch.finfo(x.dtype).eps
-        for linear, g in zip(self.layers, self.activations):
-            z = linear(a)
-            a = g(z)
-            if jitter is not None:
-                signs = torch.from_numpy(jitter.choice([-1.0, 1.0], size=tuple(z.shape))).to(z.dtype)
-                a = a * (1 + eps * signs)
-                if self.spec.loss.name == "bce" and len(zs) == len(self.layers) - 1:
-                    a = a.clamp(0, 1)  # probabilities stay probabilities
-            zs.append(z)
-            acts.append(a)
-        return a, zs, acts
+        return twin_forward(self.spec, dict(self.named_parameters()), x, jitter)
 
 
 @dataclass(frozen=True)
@@ -134,18 +143,15 @@ def near_kink_masks(spec: Spec, params: dict, x: np.ndarray, zs, eps: float) -> 
 
 def run_twin(spec: Spec, params: dict, x: np.ndarray, y: np.ndarray, dtype, flip_kinks: bool = False,
              jitter: np.random.Generator | None = None) -> Reference:
-    """Build the twin in ``dtype`` (float32/float64), copy params and data, and backprop with autograd.
+    """Run the twin in ``dtype`` (float32/float64) on copies of params and data, and backprop with autograd.
 
     ``x`` are rows (m, input_size); ``y`` the loss's targets (m, n_out) or (m,) class indices.
     """
     tdt = {np.dtype(np.float32): torch.float32, np.dtype(np.float64): torch.float64}[np.dtype(dtype)]
-    model = Twin(spec, tdt)
-    with torch.no_grad():
-        for name, tensor in model.named_parameters():
-            tensor.copy_(torch.from_numpy(np.asarray(params[name])))
+    weights = {name: torch.tensor(params[name], dtype=tdt, requires_grad=True) for name in spec.param_shapes()}
     xt = torch.tensor(x, dtype=tdt, requires_grad=True)
     yt = torch.from_numpy(np.asarray(y)) if spec.loss.targets == "classes" else torch.tensor(y, dtype=tdt)
-    out, zs, acts = model(xt, jitter)
+    out, zs, acts = twin_forward(spec, weights, xt, jitter)
     for z in zs:
         z.retain_grad()
     masks = [layer.activation.kinks(z.detach().numpy()) for layer, z in zip(spec.layers, zs)]
@@ -159,11 +165,11 @@ def run_twin(spec: Spec, params: dict, x: np.ndarray, y: np.ndarray, dtype, flip
     kinks = int(sum(m.sum() for m in masks) + (0 if loss_mask is None else loss_mask.sum()))
     return Reference(
         loss=float(loss.item()),
-        grads={name: t.grad.numpy().copy() for name, t in model.named_parameters()},
-        deltas={f"layers.{i}": z.grad.numpy().copy() for i, z in enumerate(zs)},
-        grad_input=xt.grad.numpy().copy(),
-        z=tuple(z.detach().numpy().copy() for z in zs),
-        output=out.detach().numpy().copy(),
+        grads={name: t.grad.numpy() for name, t in weights.items()},
+        deltas={f"layers.{i}": z.grad.numpy() for i, z in enumerate(zs)},
+        grad_input=xt.grad.numpy(),
+        z=tuple(z.detach().numpy() for z in zs),
+        output=out.detach().numpy(),
         exact_kinks=kinks,
     )
 
