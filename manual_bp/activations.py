@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 
 from .errors import SpecError
+from .named import Named
 
 
 def _exp_neg_abs(z: np.ndarray) -> np.ndarray:
@@ -62,28 +63,12 @@ def softmax(z: np.ndarray) -> np.ndarray:
 _erf = np.vectorize(math.erf, otypes=[np.float64])
 
 
-class Activation:
+class Activation(Named):
     """Base class: subclasses set ``name``, ``defaults`` and write ``value`` and ``derivative``."""
 
-    name: str = ""
-    defaults: dict[str, float] = {}
+    kind = "activation"
     #: softmax-like activations couple the units of a row and may only end the network.
     output_only: bool = False
-
-    def __init__(self, **params: Any):
-        unknown = sorted(set(params) - set(self.defaults))
-        if unknown:
-            allowed = ", ".join(self.defaults) or "none"
-            raise SpecError(
-                "activation", f"{self.name} has no parameter {unknown[0]!r}", f"its parameters are: {allowed}"
-            )
-        self.params = {**self.defaults, **params}
-        for key, val in self.params.items():
-            if isinstance(val, bool) or not isinstance(val, (int, float)) or not math.isfinite(val):
-                raise SpecError(f"activation.{key}", f"{val!r} is not a finite number", "give a number")
-            self.params[key] = float(val)
-        for key, val in self.params.items():
-            setattr(self, key, val)
 
     # -- the two functions every activation defines -------------------------------------------
     def value(self, z: np.ndarray) -> np.ndarray:
@@ -112,23 +97,6 @@ class Activation:
     #: the derivative at a kink on the other side from PyTorch's convention (for the oracle).
     def other_side_slope(self) -> float | None:
         return None
-
-    # -- identity, printing, JSON ----------------------------------------------------------------
-    def to_json(self) -> str | dict[str, Any]:
-        """The spec form: a bare name, or ``{"name": ..., param: value}`` when it has parameters."""
-        if not self.params:
-            return self.name
-        return {"name": self.name, **self.params}
-
-    def __eq__(self, other: object) -> bool:
-        return type(other) is type(self) and other.params == self.params  # type: ignore[attr-defined]
-
-    def __hash__(self) -> int:
-        return hash((self.name, tuple(sorted(self.params.items()))))
-
-    def __repr__(self) -> str:
-        args = ", ".join(f"{k}={v!r}" for k, v in self.params.items())
-        return f"{self.name}({args})"
 
 
 class Identity(Activation):

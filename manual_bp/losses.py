@@ -21,34 +21,22 @@ nll            :math:`-\tfrac{1}{m}\sum_i ỹ_{i,y_i}` on log-probabilities     
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import numpy as np
 
 from .activations import Activation, log_softmax, softmax, stable_sigmoid
 from .errors import SpecError
+from .named import Named
 
 
-class Loss:
+class Loss(Named):
     """Base class: subclasses set ``name`` and write ``value(a, y)`` and ``grad(a, y)``."""
 
-    name: str = ""
-    defaults: dict[str, float] = {}
+    kind = "loss"
+    positive = True  # delta, beta: every loss parameter is a positive width
     #: "values": y has the output's shape; "classes": y is one integer class index per example.
     targets: str = "values"
-
-    def __init__(self, **params: Any):
-        unknown = sorted(set(params) - set(self.defaults))
-        if unknown:
-            allowed = ", ".join(self.defaults) or "none"
-            raise SpecError("loss", f"{self.name} has no parameter {unknown[0]!r}", f"its parameters are: {allowed}")
-        self.params = {**self.defaults, **params}
-        for key, val in self.params.items():
-            if isinstance(val, bool) or not isinstance(val, (int, float)) or not math.isfinite(val) or val <= 0:
-                raise SpecError(f"loss.{key}", f"{val!r} is not a positive number", f"give {key} > 0")
-            self.params[key] = float(val)
-            setattr(self, key, float(val))
 
     def value(self, a: np.ndarray, y: np.ndarray) -> np.floating:
         raise NotImplementedError
@@ -64,19 +52,6 @@ class Loss:
     def kinks(self, a: np.ndarray, y: np.ndarray) -> np.ndarray:
         """Elements of a where C is not differentiable (none by default)."""
         return np.zeros(np.shape(a), dtype=bool)
-
-    def to_json(self) -> str | dict[str, Any]:
-        return {"name": self.name, **self.params} if self.params else self.name
-
-    def __eq__(self, other: object) -> bool:
-        return type(other) is type(self) and other.params == self.params  # type: ignore[attr-defined]
-
-    def __hash__(self) -> int:
-        return hash((self.name, tuple(sorted(self.params.items()))))
-
-    def __repr__(self) -> str:
-        args = ", ".join(f"{k}={v!r}" for k, v in self.params.items())
-        return f"{self.name}({args})"
 
 
 def _scalar(x: np.ndarray, like: np.ndarray) -> np.floating:

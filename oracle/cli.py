@@ -195,7 +195,6 @@ def cmd_mutants(args) -> int:
 
 def cmd_bench(args) -> int:
     from .bench import markdown, run
-    from .report import write_atomically
 
     res = run(quick=args.quick, progress=(lambda line: None) if args.json else print)
     md = markdown(res)

@@ -10,7 +10,7 @@ import manual_bp as bp
 import oracle
 from manual_bp.activations import ReLU, Tanh
 from oracle import CandidateError
-from oracle.strategies import cases, draw_data, draw_params, specs
+from oracle.strategies import cases, draw_data, draw_params
 
 
 @given(cases(dtypes=("float64",)))
