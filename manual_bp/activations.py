@@ -80,8 +80,10 @@ class Activation(Named):
 
     # -- what backward calls --------------------------------------------------------------------
     def vjp(self, z: np.ndarray, a: np.ndarray, grad_a: np.ndarray) -> np.ndarray:
-        r""":math:`\delta = \nabla_a C \odot g'(z)`."""
-        return grad_a * self.derivative(z, a)
+        r""":math:`\delta = \nabla_a C \odot g'(z)`, multiplied into g''s fresh array (no extra temporary)."""
+        delta = self.derivative(z, a)
+        delta *= grad_a
+        return delta
 
     def kink_points(self) -> tuple[float, ...]:
         """The values of z where g is not differentiable (none by default)."""
@@ -126,7 +128,9 @@ class Sigmoid(Activation):
         return stable_sigmoid(z)
 
     def derivative(self, z, a):
-        return a * (1 - a)
+        d = 1 - a
+        d *= a
+        return d
 
 
 class Tanh(Activation):
@@ -138,7 +142,9 @@ class Tanh(Activation):
         return np.tanh(z)
 
     def derivative(self, z, a):
-        return 1 - a * a
+        d = a * a
+        np.subtract(1, d, out=d)
+        return d
 
 
 class ReLU(Activation):

@@ -9,6 +9,16 @@ NumPy arrays keyed ``layers.{i}.weight`` (out, in) / ``layers.{i}.bias`` (out,),
 for δ_i = ∂C/∂z_i (m, units). ``manual_bp.gradients`` is the default candidate.
 """
 
+import os
+
+# NumPy's OpenBLAS worker threads spin for ~0.1 s after each call, and torch's OpenMP workers spin
+# after each parallel region; a check alternates between the two, so on a small machine each
+# library's spinning threads steal the cores the other needs (measured: a check at 256-512-512-10
+# took 1.5x its halves run alone). Let idle workers sleep at once. These only take effect when the
+# oracle is imported before NumPy and torch (as ``bp-oracle`` does), and never override a user's choice.
+os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 __all__ = ["check", "assert_gradients_match", "CheckResult", "CandidateError", "TOLERANCES", "Tolerance", "TensorComparison"]
 
 _HOME = {"check": "checker", "assert_gradients_match": "checker", "CheckResult": "checker", "CandidateError": "checker",

@@ -149,9 +149,8 @@ def compare_tensor(
         elem_allowed = elem_allowed + tol.rounding_factor * np.maximum.reduce(diffs)
         if verdict == "mismatch" and err <= tol.rounding_factor * noise_err:
             verdict = "rounding"
-    with np.errstate(divide="ignore", invalid="ignore"):
-        rel = diff / abs_r
-    rel[diff == 0] = 0.0
+    with np.errstate(over="ignore"):
+        rel = diff / np.maximum(abs_r, np.finfo(np.float64).tiny)  # 0 where equal, huge (or inf) where ĝ is 0
     worst, worst_rel = int(np.argmax(diff)), int(np.argmax(rel))
     return TensorComparison(
         name=name,

@@ -39,13 +39,14 @@ def constant_ratio(cand, ref, batch: int | None) -> str | None:
         return None
     if not _close(cand, k * ref):
         return None
-    named = list(FACTORS)
+    named = []
     if batch and batch > 1:
-        named += [(float(batch), f"m = {batch}: a missing 1/m (sum where the mean belongs)"),
-                  (1.0 / batch, f"1/m = 1/{batch}: a spurious 1/m (mean where the sum belongs)")]
-    for factor, meaning in named:
-        if abs(k - factor) <= 1e-6 * abs(factor):
-            return f"constant ratio candidate/torch = {meaning}"
+        named += [(float(batch), f"a missing 1/m, m = {batch} (sum where the mean belongs)"),
+                  (1.0 / batch, f"a spurious 1/m, m = {batch} (mean where the sum belongs)")]
+    named += [(f, meaning.split(": ", 1)[1]) for f, meaning in FACTORS]
+    meanings = [meaning for factor, meaning in named if abs(k - factor) <= 1e-6 * abs(factor)]
+    if meanings:
+        return f"constant ratio candidate/torch = {k:.6g}: " + "; or ".join(meanings)
     if big.sum() < 2:  # one element always has "a constant ratio"
         return None
     return f"constant ratio candidate/torch = {k:.6g}: a scale factor is wrong"
@@ -60,10 +61,6 @@ def hints(name: str, cand, ref, *, batch: int | None, others: dict | None = None
     if not np.all(np.isfinite(cand)):
         out.append("the candidate holds NaN or Inf")
         return out
-    if np.any(ref) and not np.any(cand):
-        out.append("the candidate is zero everywhere torch is not: a dropped term or a derivative that vanished")
-    elif np.any(ref) and np.mean((cand == 0) & (ref != 0)) > 0.25:
-        out.append("the candidate is zero at many elements where torch is not")
     ratio = constant_ratio(cand, ref, batch)
     if ratio:
         out.append(ratio)
@@ -72,6 +69,10 @@ def hints(name: str, cand, ref, *, batch: int | None, others: dict | None = None
     for other, arr in (others or {}).items():
         if other != name and np.shape(arr) == cand.shape and np.any(arr) and _close(cand, arr):
             out.append(f"it equals torch's {other}: the δ or gradient of the wrong layer was used")
+    if np.any(ref) and not np.any(cand):
+        out.append("the candidate is zero everywhere torch is not: a dropped term or a derivative that vanished")
+    elif not out and np.any(ref) and np.mean((cand == 0) & (ref != 0)) > 0.25:
+        out.append("the candidate is zero at many elements where torch is not")
     if allowed is None:
         allowed = 1e-8 * (np.max(np.abs(ref)) if ref.size else 0)
     bad = np.abs(cand - ref) > allowed

@@ -252,7 +252,7 @@ def hunt(mutant: Mutant, examples: int, seed: int = 0) -> Row:
         return Row(mutant.name, mutant.kind, mutant.seed_ref, False, seen["n"], "", None, None, None, "", seconds)
     declared, _tensor = mutant.corrupts(spec, seen["cache"])
     reported = result.first_divergent_layer
-    hint = next(iter(h for hs in result.hints.values() for h in hs), "")
+    hint = "; ".join(next(iter(result.hints.values()), []))  # the hints on the first failing tensor
     return Row(mutant.name, mutant.kind, mutant.seed_ref, result.classification in target, seen["n"],
                result.classification, declared, reported,
                (reported == declared) if mutant.kind == "bug" else None, hint or result.localization, seconds)

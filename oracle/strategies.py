@@ -28,7 +28,7 @@ ELEMENTWISE = tuple(name for name, cls in ACTIVATIONS.items() if not cls.output_
 VALUE_LOSSES = ("half_sse", "sse", "half_mse", "mse", "l1", "huber", "smooth_l1")
 
 
-def _activation(name: str):
+def _activation_strategy(name: str):
     """An activation in spec form, with its parameters drawn where it has any."""
     if name == "leaky_relu":
         return st.builds(lambda s: {"name": name, "negative_slope": s}, st.sampled_from([0.01, 0.1, 0.2, 0.5]))
@@ -43,28 +43,33 @@ def _activation(name: str):
     return st.just(name)
 
 
-def _loss_and_output(loss: str):
-    """(loss spec, output activation strategy, least output units) for a loss that fits."""
+def _loss_strategy(loss: str):
     if loss == "huber":
-        loss_spec = st.builds(lambda d: {"name": loss, "delta": d}, st.sampled_from([1.0, 0.5, 2.0]))
-    elif loss == "smooth_l1":
-        loss_spec = st.builds(lambda b: {"name": loss, "beta": b}, st.sampled_from([1.0, 0.5, 2.0]))
-    else:
-        loss_spec = st.just(loss)
+        return st.builds(lambda d: {"name": loss, "delta": d}, st.sampled_from([1.0, 0.5, 2.0]))
+    if loss == "smooth_l1":
+        return st.builds(lambda b: {"name": loss, "beta": b}, st.sampled_from([1.0, 0.5, 2.0]))
+    return st.just(loss)
+
+
+# Built once: strategies made inside every draw cost Hypothesis more than the check they feed.
+_ACTIVATION = {name: _activation_strategy(name) for name in ACTIVATIONS}
+_LOSS = {name: _loss_strategy(name) for name in LOSSES}
+
+
+def _outputs_for(loss: str) -> tuple:
+    """Output activations that fit ``loss``, and the least number of output units."""
     if loss == "bce":
-        out = st.sampled_from(["sigmoid", "softmax"])
+        names = ("sigmoid", "softmax")
     elif loss == "nll":
-        out = st.just("log_softmax")
+        names = ("log_softmax",)
     elif loss in ("cross_entropy", "bce_with_logits"):
-        out = st.sampled_from(("identity",) + ELEMENTWISE).flatmap(_activation)
+        names = ("identity",) + ELEMENTWISE
     else:
-        out = st.sampled_from(("identity",) + ELEMENTWISE + ("softmax",)).flatmap(_activation)
-    return loss_spec, out, 2 if loss in ("cross_entropy", "nll") else 1
+        names = ("identity",) + ELEMENTWISE + ("softmax",)
+    return names, 2 if loss in ("cross_entropy", "nll") else 1
 
 
-@st.composite
 def specs(
-    draw,
     *,
     min_depth: int = 1,
     max_depth: int = 6,
@@ -75,7 +80,7 @@ def specs(
     bias=None,
     output_activations=None,
     square: bool = False,
-) -> Spec:
+) -> st.SearchStrategy:
     """Random valid specs.
 
     * ``min_depth``/``max_depth``: number of dense layers (1–6 by default);
@@ -85,23 +90,36 @@ def specs(
     * ``bias``: True/False to force, None to draw per layer;
     * ``output_activations``: names allowed on the output layer (among those that fit the loss);
     * ``square``: every layer has as many units as the input has features (square weights).
+
+    Built from flat tuples and lists (no per-draw strategy objects), so drawing is cheap and a failure
+    shrinks by dropping layers, narrowing them and moving to the first-listed activation.
     """
-    depth = draw(st.integers(min_depth, max_depth))
-    loss = draw(st.sampled_from(list(losses)))
-    loss_spec, out_act, least_units = _loss_and_output(loss)
-    if output_activations is not None:
-        out_act = st.sampled_from(list(output_activations)).flatmap(_activation)
-    width = draw(st.integers(max(least_units, 1), max(least_units, max_width))) if square else None
-    layers = []
-    for _ in range(depth - 1):
-        act = draw(st.sampled_from(list(activations)).flatmap(_activation))
-        layers.append({"type": "dense", "units": width or draw(st.integers(1, max_width)), "activation": act,
-                       "bias": draw(st.booleans()) if bias is None else bias})
-    out_units = width or draw(st.integers(least_units, max(least_units, min(max_width, 10))))
-    layers.append({"type": "dense", "units": out_units, "activation": draw(out_act),
-                   "bias": draw(st.booleans()) if bias is None else bias})
-    return Spec.from_dict({"format_version": 1, "input_size": width or draw(st.integers(1, max_input)),
-                           "layers": layers, "loss": draw(loss_spec)})
+    bias_st = st.booleans() if bias is None else st.just(bias)
+    hidden_act = st.one_of([_ACTIVATION[n] for n in activations])
+    hidden = st.lists(st.tuples(hidden_act, st.integers(1, max_width), bias_st),
+                      min_size=max(min_depth - 1, 0), max_size=max_depth - 1)
+
+    def tail(loss):  # (loss spec, output activation, output units), prebuilt per loss below
+        names, least = _outputs_for(loss)
+        names = tuple(output_activations) if output_activations is not None else names
+        return st.tuples(_LOSS[loss], st.one_of([_ACTIVATION[n] for n in names]),
+                         st.integers(least, max(least, min(max_width, 10))), bias_st, st.just(least))
+
+    tails = {loss: tail(loss) for loss in losses}
+    width = st.integers(1, max_width) if square else st.just(None)
+
+    def assemble(hidden_layers, tail_parts, input_size, square_width):
+        loss_spec, out_act, out_units, out_bias, least = tail_parts
+        if square_width is not None:
+            n = max(square_width, least)
+            hidden_layers = [(act, n, b) for act, _, b in hidden_layers]
+            out_units = input_size = n
+        layers = [{"type": "dense", "units": u, "activation": act, "bias": b} for act, u, b in hidden_layers]
+        layers.append({"type": "dense", "units": out_units, "activation": out_act, "bias": out_bias})
+        return Spec.from_dict({"format_version": 1, "input_size": input_size, "layers": layers, "loss": loss_spec})
+
+    return st.builds(assemble, hidden, st.sampled_from(list(losses)).flatmap(tails.__getitem__),
+                     st.integers(1, max_input), width)
 
 
 def draw_params(spec: Spec, rng: np.random.Generator, regime: str, dtype="float64") -> dict:
