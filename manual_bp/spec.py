@@ -63,10 +63,6 @@ class Spec:
     def output_size(self) -> int:
         return self.layers[-1].units
 
-    @property
-    def output_activation(self):
-        return self.layers[-1].activation
-
     def param_shapes(self) -> dict[str, tuple[int, ...]]:
         """Every parameter's name and shape, in layer order: ``{"layers.0.weight": (out, in), ...}``."""
         return dict(self._shapes)

@@ -9,7 +9,6 @@ import argparse
 import importlib
 import importlib.util
 import json
-import shlex
 import sys
 from pathlib import Path
 
@@ -99,10 +98,6 @@ def _case(spec, args):
     return params, x, y
 
 
-def _replay_command(args, spec_source) -> str:
-    return f"bp-oracle replay {shlex.quote('{folder}/report.json')}"
-
-
 def cmd_examples(args) -> int:
     import manual_bp as bp
 
@@ -113,7 +108,7 @@ def cmd_examples(args) -> int:
     return 0
 
 
-def run_check(spec, params, x, y, *, impl, dtype, seed, report_dir, source, quiet=False) -> int:
+def run_check(spec, params, x, y, *, impl, dtype, seed, report_dir, source) -> int:
     import oracle
 
     fn = _load_impl(impl)
