@@ -11,7 +11,7 @@ No autograd and no torch: this package is what the oracle checks against ``torch
 """
 
 from .activations import ACTIVATIONS, Activation, make_activation
-from .data import check_data, check_params, dtype_of, init_params, random_batch
+from .data import check_data, check_params, dtype_of, init_params, random_batch, random_case
 from .errors import SpecError
 from .layers import LAYER_TYPES, Dense
 from .losses import LOSSES, Loss, make_loss
@@ -23,7 +23,7 @@ __all__ = [
     "LOSSES", "Loss", "make_loss",
     "LAYER_TYPES", "Dense",
     "FORMAT_VERSION", "Spec", "load_spec", "example", "example_names",
-    "check_data", "check_params", "dtype_of", "init_params", "random_batch",
+    "check_data", "check_params", "dtype_of", "init_params", "random_batch", "random_case",
     "Cache", "Gradients", "forward", "backward", "gradients",
     "SpecError",
 ]

@@ -162,3 +162,11 @@ def random_batch(spec: Spec, rng: np.random.Generator, batch: int = 4, dtype="fl
     else:
         y = rng.standard_normal((batch, n_out)).astype(dt)
     return Batch(x, y)
+
+
+def random_case(spec: Spec, seed: int, batch: int = 4, dtype="float64", scale: float = 1.0):
+    """(params, x, y) drawn from one seeded generator: ``init_params`` first, then ``random_batch``."""
+    rng = np.random.default_rng(seed)
+    params = init_params(spec, rng, dtype=dtype, scale=scale)
+    x, y = random_batch(spec, rng, batch=batch, dtype=dtype)
+    return params, x, y

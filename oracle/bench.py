@@ -34,10 +34,7 @@ def _case(widths, batch, dtype, seed=0):
     import manual_bp as bp
 
     spec = mlp_spec(widths)
-    rng = np.random.default_rng(seed)
-    params = bp.init_params(spec, rng, dtype=dtype)
-    x, y = bp.random_batch(spec, rng, batch=batch, dtype=dtype)
-    return spec, params, x, y
+    return (spec, *bp.random_case(spec, seed, batch=batch, dtype=dtype))
 
 
 def interleaved(fns: dict, repeats: int, warmup: int = 1) -> dict:

@@ -78,9 +78,7 @@ def _case(spec, args):
     """params, x, y from --params/--data, or drawn from --seed."""
     import manual_bp as bp
 
-    rng = np.random.default_rng(args.seed)
-    params = bp.init_params(spec, rng, dtype=args.dtype)
-    x, y = bp.random_batch(spec, rng, batch=args.batch, dtype=args.dtype)
+    params, x, y = bp.random_case(spec, args.seed, batch=args.batch, dtype=args.dtype)
     if args.params:
         params = _load_npz(args.params, "--params")
         bp.check_params(spec, params)

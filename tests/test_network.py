@@ -30,9 +30,7 @@ NETWORKS = [_spec([h, "tanh"], "identity", "half_sse") for h in HIDDEN] + [
 
 @pytest.mark.parametrize("spec", NETWORKS, ids=lambda s: s.describe())
 def test_whole_network_gradients_match_finite_differences(spec):
-    rng = np.random.default_rng(7)
-    params = bp.init_params(spec, rng, scale=2.0)
-    x, y = bp.random_batch(spec, rng, batch=5)
+    params, x, y = bp.random_case(spec, 7, batch=5, scale=2.0)
     result = bp.gradients(spec, params, x, y)
     for name in params:
         def loss_at(value, name=name):
@@ -90,9 +88,7 @@ def test_seed_sse_dJ_dtheta_23_element_by_element():
 def test_seed_nielsen_output_delta():
     """SEED-NOTES system 4: δ^L = (a^L − y) ⊙ σ'(z^L)."""
     spec = bp.example("seed-nielsen")
-    rng = np.random.default_rng(10)
-    params = bp.init_params(spec, rng)
-    x, y = bp.random_batch(spec, rng, batch=3)
+    params, x, y = bp.random_case(spec, 10, batch=3)
     cache = bp.forward(spec, params, x)
     result = bp.backward(cache, y)
     aL = cache.output
@@ -102,9 +98,7 @@ def test_seed_nielsen_output_delta():
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_dtype_is_kept(dtype):
     spec = _spec(["gelu", "softplus"], "identity", "cross_entropy")
-    rng = np.random.default_rng(11)
-    params = bp.init_params(spec, rng, dtype=dtype)
-    x, y = bp.random_batch(spec, rng, batch=3, dtype=dtype)
+    params, x, y = bp.random_case(spec, 11, batch=3, dtype=dtype)
     r = bp.gradients(spec, params, x, y)
     assert r.loss.dtype == dtype and r.grad_input.dtype == dtype
     assert all(g.dtype == dtype for g in r.grads.values()) and all(d.dtype == dtype for d in r.deltas.values())
@@ -126,9 +120,7 @@ def test_column_row_and_vector_forms_agree():
 
 def test_backward_is_pure():
     spec = bp.example("seed-nielsen")
-    rng = np.random.default_rng(13)
-    params = bp.init_params(spec, rng)
-    x, y = bp.random_batch(spec, rng, batch=3)
+    params, x, y = bp.random_case(spec, 13, batch=3)
     cache = bp.forward(spec, params, x)
     first, second = bp.backward(cache, y), bp.backward(cache, y)
     assert all(np.array_equal(first.grads[k], second.grads[k]) for k in params)
@@ -148,9 +140,7 @@ def test_backward_is_pure():
 )
 def test_bad_arrays_name_the_field(change, field):
     spec = bp.example("seed-nielsen")
-    rng = np.random.default_rng(14)
-    params = bp.init_params(spec, rng)
-    x, y = bp.random_batch(spec, rng, batch=3)
+    params, x, y = bp.random_case(spec, 14, batch=3)
     with pytest.raises(bp.SpecError) as info:
         bp.gradients(spec, *change(params, x, y))
     assert info.value.field == field
@@ -164,9 +154,7 @@ def test_importing_manual_bp_does_not_import_torch():
 def test_float64_targets_do_not_promote_a_float32_network():
     """Found by mutation testing: y must be cast to the network's dtype, or float32 silently becomes float64."""
     spec = bp.example("seed-nielsen")
-    rng = np.random.default_rng(15)
-    params = bp.init_params(spec, rng, dtype="float32")
-    x, y = bp.random_batch(spec, rng, batch=3, dtype="float32")
+    params, x, y = bp.random_case(spec, 15, batch=3, dtype="float32")
     r = bp.gradients(spec, params, x, y.astype(np.float64))
     assert r.loss.dtype == np.float32 and all(g.dtype == np.float32 for g in r.grads.values())
     assert all(d.dtype == np.float32 for d in r.deltas.values())

@@ -28,8 +28,7 @@ def test_manual_bp_equals_torch_float32_judged_against_float64_truth(case):
 @pytest.mark.parametrize("dtype", ["float64", "float32"])
 def test_seed_examples_match_torch(name, dtype):
     spec = bp.example(name)
-    rng = np.random.default_rng(20)
-    result = oracle.check(spec, bp.init_params(spec, rng), *bp.random_batch(spec, rng, batch=4), dtype=dtype)
+    result = oracle.check(spec, *bp.random_case(spec, 20, batch=4), dtype=dtype)
     assert result.passed and result.classification in ("match", "rounding"), result.message()
 
 
@@ -95,9 +94,7 @@ def test_without_deltas_localization_uses_parameter_gradients():
         {"type": "dense", "units": 4, "activation": "tanh"}, {"type": "dense", "units": 4, "activation": "tanh"},
         {"type": "dense", "units": 2, "activation": "identity"}]})
     broken = _with_activation(spec, 1, OneMinusTanh())
-    rng = np.random.default_rng(23)
-    params = bp.init_params(spec, rng)
-    x, y = bp.random_batch(spec, rng, batch=5)
+    params, x, y = bp.random_case(spec, 23, batch=5)
 
     def loss_and_grads_only(s, p, xx, yy):
         r = bp.gradients(broken, p, xx, yy)
@@ -109,9 +106,7 @@ def test_without_deltas_localization_uses_parameter_gradients():
 
 def test_assertion_message_reads_like_torch_testing():
     spec = bp.example("seed-nielsen")
-    rng = np.random.default_rng(24)
-    params = bp.init_params(spec, rng)
-    x, y = bp.random_batch(spec, rng, batch=8)
+    params, x, y = bp.random_case(spec, 24, batch=8)
 
     def doubled(s, p, xx, yy):
         r = bp.gradients(s, p, xx, yy)
@@ -128,9 +123,7 @@ def test_assertion_message_reads_like_torch_testing():
 
 def test_forward_mismatch_is_reported_before_gradients():
     spec = bp.example("seed-simple")
-    rng = np.random.default_rng(25)
-    params = bp.init_params(spec, rng)
-    x, y = bp.random_batch(spec, rng, batch=3)
+    params, x, y = bp.random_case(spec, 25, batch=3)
     result = oracle.check(spec, params, x, y, lambda s, p, xx, yy: (1.5 * bp.gradients(s, p, xx, yy).loss, bp.gradients(s, p, xx, yy).grads))
     assert result.classification == "forward" and not result.passed
     assert result.summary().startswith("FORWARD MISMATCH")
@@ -183,9 +176,7 @@ def test_a_real_bug_near_kinks_is_still_a_bug():
 # -- float32 against float64 truth ------------------------------------------------------------------
 def test_float32_cast_inside_float64_backward_is_caught():
     spec = bp.example("seed-nielsen")
-    rng = np.random.default_rng(27)
-    params = bp.init_params(spec, rng)
-    x, y = bp.random_batch(spec, rng, batch=6)
+    params, x, y = bp.random_case(spec, 27, batch=6)
 
     def sloppy(s, p, xx, yy):
         r = bp.gradients(s, {k: v.astype(np.float32).astype(np.float64) for k, v in p.items()}, xx, yy)
@@ -197,9 +188,7 @@ def test_float32_cast_inside_float64_backward_is_caught():
 
 def test_float32_candidate_with_float32_rounding_passes_and_a_bug_does_not():
     spec = bp.example("seed-nielsen")
-    rng = np.random.default_rng(28)
-    params = bp.init_params(spec, rng, dtype="float32")
-    x, y = bp.random_batch(spec, rng, batch=6, dtype="float32")
+    params, x, y = bp.random_case(spec, 28, batch=6, dtype="float32")
     assert oracle.check(spec, params, x, y).passed
 
     def slightly_off(s, p, xx, yy):
@@ -240,16 +229,13 @@ def _bad(kind):
 ])
 def test_unusable_candidates_raise_candidate_error(kind, words):
     spec = bp.example("seed-nielsen")
-    rng = np.random.default_rng(29)
     with pytest.raises(CandidateError, match=words.replace("(", r"\(").replace(")", r"\)")):
-        oracle.check(spec, bp.init_params(spec, rng), *bp.random_batch(spec, rng, batch=2), _bad(kind))
+        oracle.check(spec, *bp.random_case(spec, 29, batch=2), _bad(kind))
 
 
 def test_candidate_cannot_change_the_callers_arrays():
     spec = bp.example("seed-simple")
-    rng = np.random.default_rng(30)
-    params = bp.init_params(spec, rng)
-    x, y = bp.random_batch(spec, rng, batch=2)
+    params, x, y = bp.random_case(spec, 30, batch=2)
     before = {k: v.copy() for k, v in params.items()}
 
     def vandal(s, p, xx, yy):
