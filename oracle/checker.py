@@ -16,6 +16,7 @@ Order of work:
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
@@ -32,10 +33,26 @@ GradsFn = Callable[[Spec, dict, np.ndarray, np.ndarray], Any]
 
 
 class CandidateError(SpecError):
-    """The gradient function under test could not be run, or returned something unusable."""
+    """The gradient function under test returned something unusable (wrong keys, shapes or dtypes)."""
 
     def __init__(self, problem: str, fix: str):
         super().__init__("impl", problem, fix)
+
+
+class CandidateCrash(Exception):
+    """The gradient function under test did not return: it raised, exited, was killed or timed out.
+
+    ``kind`` is one of ``raised``, ``exit``, ``killed``, ``timeout``; ``traceback`` is the
+    candidate's own traceback text (its frames, not the oracle's), or a description of how it ended.
+    That is a verdict on the implementation (``crash``, exit code 1), never bad input.
+    """
+
+    def __init__(self, kind: str, message: str, traceback: str = ""):
+        super().__init__(message)
+        self.kind, self.message, self.traceback = kind, message, traceback
+
+    def to_dict(self) -> dict:
+        return {"kind": self.kind, "message": self.message, "traceback": self.traceback}
 
 
 @dataclass(frozen=True)
@@ -55,16 +72,17 @@ class CheckResult:
     spec: Spec
     dtype: str
     passed: bool
-    classification: str              # match | rounding | kink | forward | bug
+    classification: str              # match | rounding | kink | convention | forward | bug | crash
     tolerance: Tolerance
     scale: float                     # S, the largest reference gradient element
-    loss: TensorComparison
+    loss: TensorComparison | None    # None only for a crash
     tensors: list                    # TensorComparison for grads, δ, ∂C/∂x in layer order
     first_divergent_layer: int | None
     localization: str
     notes: list = field(default_factory=list)
     arrays: dict = field(default_factory=dict, repr=False)  # name -> (candidate, reference) for plots
     hints: dict = field(default_factory=dict)  # failing tensor name -> diagnosis hints (oracle.diagnose)
+    crash: dict | None = None        # CandidateCrash.to_dict() when the candidate did not return
 
     @property
     def failed_tensors(self) -> list:
@@ -75,8 +93,10 @@ class CheckResult:
             "match": "gradients match torch.autograd",
             "rounding": "gradients match torch.autograd within rounding (ill-conditioned in places)",
             "kink": "gradients match torch.autograd up to a convention at kinks",
+            "convention": "gradients match torch.autograd up to torch's numerical guards (exact where torch clamps)",
             "forward": "FORWARD MISMATCH: the loss differs from torch's",
             "bug": "GRADIENT MISMATCH: the backward pass is wrong",
+            "crash": "CANDIDATE CRASHED: the gradient function did not return",
         }[self.classification]
         name = self.spec.name or "spec"
         return f"{head} ({name}: {self.spec.describe()}, {self.dtype})"
@@ -87,6 +107,11 @@ class CheckResult:
         if self.localization:
             lines.append(f"Where: {self.localization}")
         lines.extend(self.notes)
+        if self.crash is not None:
+            lines.append(f"The candidate {self.crash['message']}")
+            if self.crash["traceback"]:
+                lines.append(self.crash["traceback"].rstrip())
+            return "\n".join(lines)
         bad = ([self.loss] if not self.loss.passed else []) + self.failed_tensors
         for t in bad:
             lines.append(t.message())
@@ -146,10 +171,23 @@ def _validated(c: Candidate, spec: Spec, m: int, dtype: np.dtype) -> Candidate:
 def run_candidate(grads_fn: GradsFn, spec: Spec, params: dict, x: np.ndarray, y: np.ndarray) -> Candidate:
     """Call ``grads_fn`` on copies (so it cannot change our inputs) and validate its answer."""
     try:
-        result = grads_fn(spec, {k: v.copy() for k, v in params.items()}, x.copy(), y.copy())
-    except Exception as err:  # the candidate is user code: any failure is reported, never re-raised
-        raise CandidateError(f"raised {type(err).__name__}: {err}", "fix the gradient function so it runs on this input") from err
+        result = grads_fn(copy.deepcopy(spec), {k: v.copy() for k, v in params.items()}, x.copy(), y.copy())
+    except CandidateCrash:
+        raise
+    except (Exception, SystemExit) as err:  # the candidate is user code: any failure is a crash verdict
+        raise CandidateCrash("raised" if isinstance(err, Exception) else "exit",
+                             f"raised {type(err).__name__}: {err}", _user_traceback(err)) from None
     return _validated(_as_candidate(result), spec, x.shape[0], x.dtype)
+
+
+def _user_traceback(err: BaseException) -> str:
+    """The traceback of ``err`` from the candidate's first frame on (the oracle's own frames dropped)."""
+    import traceback
+
+    tb = err.__traceback__
+    while tb is not None and tb.tb_frame.f_globals.get("__name__") == __name__:
+        tb = tb.tb_next
+    return "".join(traceback.format_exception(type(err), err, tb))
 
 
 ENSEMBLE = 5  # torch runs (in the candidate's dtype) whose largest error is torch's own rounding noise
@@ -271,7 +309,11 @@ def check(
     y = check_y(spec, y, x.shape[0], single, dt)
     tol = tolerance or TOLERANCES[dt.name]
 
-    cand = run_candidate(grads_fn, spec, dict(params), x, y)
+    try:
+        cand = run_candidate(grads_fn, spec, dict(params), x, y)
+    except CandidateCrash as crash:
+        return CheckResult(spec, dt.name, False, "crash", tol, 0.0, None, [], None,
+                           f"the candidate {crash.kind}: {crash.message}", crash=crash.to_dict())
     params64 = {k: v.astype(np.float64) for k, v in params.items()}
     x64 = x.astype(np.float64)
     y64 = y if spec.loss.targets == "classes" else y.astype(np.float64)

@@ -222,8 +222,41 @@ def _bad(kind):
     return fn
 
 
+def test_a_candidate_that_raises_gets_a_crash_verdict_with_its_own_traceback():
+    spec = bp.example("seed-nielsen")
+    result = oracle.check(spec, *bp.random_case(spec, 29, batch=2), _bad("raises"))
+    assert not result.passed and result.classification == "crash"
+    assert result.crash["kind"] == "raised" and "RuntimeError: boom" in result.crash["traceback"]
+    assert "in fn" in result.crash["traceback"] and "checker.py" not in result.crash["traceback"]
+
+
+def test_a_candidate_that_calls_sys_exit_gets_a_crash_verdict():
+    import sys
+
+    spec = bp.example("seed-nielsen")
+    result = oracle.check(spec, *bp.random_case(spec, 29, batch=2), lambda *a: sys.exit(0))
+    assert not result.passed and result.classification == "crash" and result.crash["kind"] == "exit"
+
+
+def test_a_candidate_that_mutates_the_spec_changes_nothing_judged():
+    spec = bp.Spec.from_dict({"format_version": 1, "input_size": 3, "loss": {"name": "huber", "delta": 1.0},
+                              "layers": [{"type": "dense", "units": 2, "activation": "tanh"}]})
+
+    def meddler(s, params, x, y):
+        object.__setattr__(s.loss, "delta", 0.01)
+        s.loss.params["delta"] = 0.01
+        r = bp.gradients(s, params, x, y)
+        return r.loss, r.grads
+
+    params, x, y = bp.random_case(spec, 3, batch=4)
+    y = y * 10  # residuals beyond both deltas: the two losses differ
+    result = oracle.check(spec, params, x, y, meddler)
+    assert spec.loss.params["delta"] == 1.0 and result.spec.loss.params["delta"] == 1.0
+    assert not result.passed
+
+
 @pytest.mark.parametrize("kind,words", [
-    ("raises", "raised RuntimeError: boom"), ("missing", "no gradient for 'layers.0.weight'"),
+    ("missing", "no gradient for 'layers.0.weight'"),
     ("extra", "unknown key 'layers.9.weight'"), ("shape", "with shape (4, 5)"),
     ("dtype", "as float32 for float64 inputs"), ("list", "as a list"), ("tuple4", "returned a tuple"),
 ])
