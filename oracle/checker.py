@@ -3,15 +3,17 @@
 Order of work:
 
 1. validate spec, params and data (``SpecError`` naming the field);
-2. call the candidate ``grads_fn(spec, params, x, y)`` on copies of the inputs, and validate what it
-   returns (``CandidateError``: wrong keys, shapes or dtypes, or it raised);
-3. run the torch twin in float64 (the truth) and compare under the strict bound; only where a tensor
-   misses it, measure torch's own rounding noise on this problem (``noise_ensemble``) to tell
-   rounding from a bug;
-4. compare the loss first (a forward mismatch is reported as such), then every gradient, δ and ∂C/∂x;
-5. localize the first divergent layer walking back from the loss, and classify the result:
-   ``match``, ``rounding`` (within torch's own rounding noise), ``kink`` (a convention at a
-   non-differentiable point, never a failure), ``forward`` or ``bug``.
+2. call the candidate ``grads_fn(spec, params, x, y)`` on copies of everything (the spec included),
+   and validate what it returns (``CandidateError``: wrong keys, shapes or dtypes); a candidate that
+   raises or exits gets the verdict ``crash``;
+3. run the torch twin in float64 (the truth); refuse a case whose forward pass overflows;
+4. bound the rounding error any correct implementation may make on this case (``rounding``), and
+   locate the elements with more than one right answer: kinks and torch's numerical guards
+   (``conventions``);
+5. compare the loss, every gradient, δ and ∂C/∂x: ``match`` under the strict bound, ``rounding``
+   within the rounding allowance; failing that, re-run torch's backward following the candidate's
+   valid choices at kinks and guards (``kink`` / ``convention``); failing that, ``forward`` (the loss
+   differs) or ``bug``, localized to the first divergent layer walking back from the loss.
 """
 
 from __future__ import annotations
@@ -24,10 +26,12 @@ import numpy as np
 
 import manual_bp
 from manual_bp import Spec, SpecError
-from manual_bp.data import check_params, check_x, check_y, dtype_of
+from manual_bp.data import check_params, check_x, check_y, dtype_of, ensure_real
 
+from . import conventions
 from .compare import TOLERANCES, TensorComparison, Tolerance, compare_tensor
-from .twin import near_kink_masks, run_twin
+from .rounding import allowance
+from .twin import run_twin
 
 GradsFn = Callable[[Spec, dict, np.ndarray, np.ndarray], Any]
 
@@ -190,63 +194,44 @@ def _user_traceback(err: BaseException) -> str:
     return "".join(traceback.format_exception(type(err), err, tb))
 
 
-ENSEMBLE = 5  # torch runs (in the candidate's dtype) whose largest error is torch's own rounding noise
-
-
-class _Ensemble:
-    """Several torch runs seen as one: each attribute is a list with one entry per run."""
-
-    def __init__(self, refs):
-        self.loss = [np.float64(r.loss) for r in refs]
-        self.grads = {k: [r.grads[k] for r in refs] for k in refs[0].grads}
-        self.deltas = {k: [r.deltas[k] for r in refs] for k in refs[0].deltas}
-        self.grad_input = [r.grad_input for r in refs]
-
-
-def noise_ensemble(spec, params, x, y, first=None) -> _Ensemble:
-    """torch in the params' dtype on the given values, and on copies with each nonzero input nudged ±1 ulp,
-    half of them also with g'(z) jittered by its own rounding error (see ``twin.run_twin``).
-
-    ``first`` is a run on the given values already made (the float64 reference in float64 mode).
-    """
-    rng = np.random.default_rng(0)
-    dtype = next(iter(params.values())).dtype
-    runs = [first if first is not None else run_twin(spec, params, x, y, dtype)]
-
-    def nudge(a):
-        direction = np.where(rng.random(a.shape) < 0.5, -np.inf, np.inf).astype(a.dtype)
-        return np.where(a != 0, np.nextafter(a, direction), a)
-
-    for k in range(ENSEMBLE - 1):
-        jitter = rng if k % 2 else None  # alternate: inputs nudged; inputs nudged and g' jittered
-        runs.append(run_twin(spec, {k: nudge(v) for k, v in params.items()}, nudge(x), y, dtype, jitter=jitter))
-    return _Ensemble(runs)
-
-
 def _scale(ref) -> float:
     tensors = list(ref.grads.values()) + list(ref.deltas.values()) + [ref.grad_input]
     return max(float(np.max(np.abs(t))) if t.size else 0.0 for t in tensors) or np.finfo(np.float64).tiny
 
 
-def _compare_all(spec, cand: Candidate, ref, noise, tol: Tolerance, scale: float, arrays: dict) -> list:
-    """Every tensor the candidate gave, in layer order from the loss back; ``noise`` an ensemble or None."""
+def _compare_all(spec, cand: Candidate, ref, bounds: dict, tol: Tolerance, scale: float, arrays: dict) -> list:
+    """Every tensor the candidate gave, in layer order from the loss back."""
     out = []
+
+    def one(name, got, want, layer=None):
+        out.append(compare_tensor(name, got, want, tol, scale, bounds.get(name), layer=layer))
+        arrays[name] = (got, want)
+
     for i, _ in reversed(list(enumerate(spec.layers))):
         key = f"layers.{i}"
         if cand.deltas and key in cand.deltas:
-            out.append(compare_tensor(f"{key}.delta", cand.deltas[key], ref.deltas[key], tol, scale,
-                                      None if noise is None else noise.deltas[key], layer=i))
-            arrays[f"{key}.delta"] = (cand.deltas[key], ref.deltas[key])
+            one(f"{key}.delta", cand.deltas[key], ref.deltas[key], i)
         for name in spec.param_shapes():
             if name.startswith(key + "."):
-                out.append(compare_tensor(name, cand.grads[name], ref.grads[name], tol, scale,
-                                          None if noise is None else noise.grads[name], layer=i))
-                arrays[name] = (cand.grads[name], ref.grads[name])
+                one(name, cand.grads[name], ref.grads[name], i)
     if cand.grad_input is not None:
-        out.append(compare_tensor("input.grad", cand.grad_input, ref.grad_input, tol, scale,
-                                  None if noise is None else noise.grad_input))
-        arrays["input.grad"] = (cand.grad_input, ref.grad_input)
+        one("input.grad", cand.grad_input, ref.grad_input)
     return out
+
+
+def _refuse_overflow(spec: Spec, ref, dt: np.dtype) -> None:
+    """A forward pass that leaves the dtype's range cannot be judged: say where, as bad input."""
+    big = float(np.finfo(dt).max)
+    for i, (z, a) in enumerate(zip(ref.z, ref.acts)):
+        for what, t in (("z", z), ("a", a)):
+            if not np.all(np.isfinite(t)) or (t.size and float(np.max(np.abs(t))) > big):
+                raise SpecError("x", f"the forward pass overflows {dt.name} at layer {i} "
+                                     f"({what} of {spec.layers[i].activation.name} is not finite in {dt.name})",
+                                "scale the inputs or weights down")
+    tensors = [ref.grad_input, *ref.grads.values(), *ref.deltas.values(), np.float64(ref.loss)]
+    if not all(np.all(np.isfinite(t)) and (np.size(t) == 0 or float(np.max(np.abs(t))) <= big) for t in tensors):
+        raise SpecError("x", f"the loss or its gradients overflow {dt.name} on this case",
+                        "scale the inputs, weights or targets down")
 
 
 def localize(spec: Spec, tensors: list) -> tuple[int | None, str]:
@@ -299,11 +284,12 @@ def check(
     grads_fn = grads_fn or manual_bp.gradients
     if dtype is not None:
         dt = dtype_of(dtype)
-        check_params(spec, params)
+        check_params(spec, params)  # refuses complex or object params before any cast
+        x, y = ensure_real("x", x), ensure_real("y", y)
         params = {k: v.astype(dt) for k, v in params.items()}
-        x = np.asarray(x).astype(dt)
+        x = x.astype(dt)
         if spec.loss.targets == "values":
-            y = np.asarray(y).astype(dt)
+            y = y.astype(dt)
     dt = check_params(spec, params)
     x, single = check_x(spec, x, dt)
     y = check_y(spec, y, x.shape[0], single, dt)
@@ -318,94 +304,74 @@ def check(
     x64 = x.astype(np.float64)
     y64 = y if spec.loss.targets == "classes" else y.astype(np.float64)
     ref = run_twin(spec, params64, x64, y64, np.float64)
+    _refuse_overflow(spec, ref, dt)
 
     scale = _scale(ref)
-    arrays: dict = {}
-
-    def compare_everything(noise):
-        loss = compare_tensor("loss", np.float64(cand.loss), np.float64(ref.loss), tol, abs(ref.loss) or 1.0,
-                              None if noise is None else noise.loss)
-        return loss, _compare_all(spec, cand, ref, noise, tol, scale, arrays)
-
-    loss_cmp, tensors = compare_everything(None)
+    guard = conventions.find_guards(spec, ref, params, x, y, y64, dt)
+    allow = allowance(spec, params64, x64, y64, ref, dt, guard=guard.mask)
+    special = conventions.find(spec, ref, allow, y64, guard)
     notes: list = []
     if not np.isfinite(cand.loss) or any(not np.all(np.isfinite(g)) for g in cand.grads.values()):
         notes.append("The candidate returned NaN or Inf values.")
+
+    losses = {"torch": ref.loss, **{k: v for k, v in special.guard_losses.items() if np.isfinite(v)}}
+    loss_cmp = min((compare_tensor("loss", np.float64(cand.loss), np.float64(v), tol, abs(v) or 1.0, allow.bounds["loss"])
+                    for v in losses.values()), key=lambda t: (not t.passed, t.normwise_err))
+    arrays: dict = {}
+    tensors = _compare_all(spec, cand, ref, allow.bounds, tol, scale, arrays)
 
     def result(passed, kind, layer=None, where=""):
         return CheckResult(spec, dt.name, passed, kind, tol, scale, loss_cmp, tensors, layer, where, notes, arrays)
 
     if loss_cmp.passed and all(t.passed for t in tensors):
-        return result(True, "match")
-    if loss_cmp.passed:  # a convention at kinks is judged before any rounding allowance widens the bounds
-        layer, where = localize(spec, tensors)
-        kink = _kink_classification(spec, params64, x64, y64, cand, ref, tensors, tol, scale, layer, dt)
-        if kink:
-            notes.append(kink)
-            return result(True, "kink", layer, where)
-    # Only now is torch's own rounding noise on this problem worth measuring.
-    noise = noise_ensemble(spec, dict(params), x, y, first=ref if dt == np.float64 else None)
-    loss_cmp, tensors = compare_everything(noise)
+        return result(True, "match" if all(t.verdict == "match" for t in [loss_cmp, *tensors]) else "rounding")
+    if special.any:  # follow the candidate's valid choices at kinks and guards, then judge everything again
+        tries = [None] if cand.deltas else conventions.choices(special)
+        best = None
+        for choice in tries:
+            adopter = conventions.Adopter(spec, ref, special, cand.deltas, choice or {})
+            again = run_twin(spec, params64, x64, y64, np.float64, adopt=adopter)
+            arrays2: dict = {}
+            t2 = _compare_all(spec, cand, again, allow.bounds, tol, scale, arrays2)
+            failing = sum(not t.passed for t in t2)
+            if best is None or failing < best[0]:
+                best = (failing, t2, arrays2, adopter)
+            if failing == 0 and loss_cmp.passed:
+                break
+        failing, t2, arrays2, adopter = best
+        if failing == 0 and loss_cmp.passed and adopter.taken:
+            layer, where = localize(spec, tensors)  # where the candidate's choice first departs from torch's
+            tensors[:], arrays = t2, arrays2
+            notes.extend(conventions.notes(spec, adopter.taken))
+            kind = "convention" if any(cat == "guard" for _, cat, _ in adopter.taken) else "kink"
+            return result(True, kind, layer, where)
+        if cand.deltas or failing < sum(not t.passed for t in tensors):
+            tensors[:], arrays = t2, arrays2  # localize against the re-run that follows the candidate's choices
     if not loss_cmp.passed:
         return result(False, "forward", None, "the loss differs before any gradient: the forward pass or the loss value is wrong")
     if all(t.passed for t in tensors):
         return result(True, "rounding")
     layer, where = localize(spec, tensors)
     failed = result(False, "bug", layer, where)
-    failed.hints = _hints(spec, failed, ref, params64, x64, dt)
+    failed.arrays = arrays
+    failed.hints = _hints(spec, failed, ref, special, x64)
     return failed
 
 
-def _hints(spec, result, ref, params64, x64, dt) -> dict:
+def _hints(spec, result, ref, special, x64) -> dict:
     """Diagnosis hints for every failing tensor."""
     from .diagnose import hints
 
     others = {**ref.grads, **{f"{k}.delta": v for k, v in ref.deltas.items()}}
-    masks = near_kink_masks(spec, params64, x64, ref.z, float(np.finfo(dt).eps))
     out = {}
     for t in result.failed_tensors:
         cand, reference = result.arrays[t.name]
-        kink = masks[t.layer] if t.name.endswith(".delta") and t.layer is not None else None
+        kink = special.kink[t.layer] if t.name.endswith(".delta") and t.layer is not None else None
         allowed = result.tolerance.atol * result.scale + result.tolerance.rtol * np.abs(reference)
         found = hints(t.name, cand, reference, batch=x64.shape[0], others=others, kink_mask=kink, allowed=allowed)
         if found:
             out[t.name] = found
     return out
-
-
-def _kink_classification(spec, params64, x64, y64, cand, ref, tensors, tol, scale, layer, dt) -> str | None:
-    """A note when every disagreement is explained by a convention at non-differentiable points."""
-    masks = near_kink_masks(spec, params64, x64, ref.z, float(np.finfo(dt).eps))
-    loss_kinks = spec.loss.kinks(ref.output, y64) if spec.loss.targets == "values" else None
-    if cand.deltas and layer is not None and f"layers.{layer}" in cand.deltas:
-        # With δ: the first divergent δ may differ from torch's only at elements on a kink.
-        key = f"layers.{layer}"
-        first = next(t for t in tensors if t.layer == layer)
-        if first.name != f"{key}.delta" or first.passed:
-            return None
-        mask = masks[layer].copy()
-        if layer == len(spec.layers) - 1 and loss_kinks is not None:
-            mask |= loss_kinks
-        if not mask.any():
-            return None
-        diff = np.abs(cand.deltas[key].astype(np.float64) - ref.deltas[key])
-        allowed = tol.atol * scale + tol.rtol * np.abs(ref.deltas[key])
-        off_kink = (diff > allowed) & ~mask
-        if off_kink.any():
-            return None
-        n = int(((diff > allowed) & mask).sum())
-        return (f"Kink convention: δ of layer {layer} differs from torch's only at {n} element(s) whose z lies on "
-                f"(or within rounding of) a non-differentiable point of {spec.layers[layer].activation.name}; "
-                f"torch's convention there is one valid choice, not the only one. Layers below are not judged.")
-    if ref.exact_kinks == 0:
-        return None
-    # Without δ: recompute torch with the other one-sided derivative at every exact kink.
-    flipped = run_twin(spec, params64, x64, y64, np.float64, flip_kinks=True)
-    again = _compare_all(spec, cand, flipped, None, tol, scale, {})
-    if all(t.passed for t in again):
-        return (f"Kink convention: the gradients equal torch's once the other one-sided derivative is used at "
-                f"the {ref.exact_kinks} element(s) lying exactly on a kink; that is a convention, not a bug.")
-    return None
 
 
 def assert_gradients_match(

@@ -67,23 +67,15 @@ def loss_fn(loss):
     }[loss.name]
 
 
-def twin_forward(spec: Spec, weights: dict, x, jitter: np.random.Generator | None = None):
+def twin_forward(spec: Spec, weights: dict, x):
     """The twin's forward, z = F.linear(a, θ, b) (what ``nn.Linear`` calls) then torch's g.
 
-    Returns (ỹ, [z_0, ..., z_{L-1}], [a_1, ..., a_L]). With ``jitter``, each a = g(z) is multiplied by
-    (1 ± ε): the rounding error of evaluating g.
+    Returns (ỹ, [z_0, ..., z_{L-1}], [a_1, ..., a_L]).
     """
     zs, acts, a = [], [], x
-    eps = torch.finfo(x.dtype).eps
-    last = len(spec.layers) - 1
     for i, layer in enumerate(spec.layers):
         z = F.linear(a, weights[f"layers.{i}.weight"], weights.get(f"layers.{i}.bias"))
         a = activation_fn(layer.activation)(z)
-        if jitter is not None:
-            signs = torch.from_numpy(jitter.choice([-1.0, 1.0], size=tuple(z.shape))).to(z.dtype)
-            a = a * (1 + eps * signs)
-            if spec.loss.name == "bce" and i == last:
-                a = a.clamp(0, 1)  # probabilities stay probabilities
         zs.append(z)
         acts.append(a)
     return a, zs, acts
@@ -104,8 +96,8 @@ class Twin(torch.nn.Module):
             torch.nn.Linear(sizes[i], layer.units, bias=layer.bias, dtype=dtype) for i, layer in enumerate(spec.layers)
         )
 
-    def forward(self, x, jitter: np.random.Generator | None = None):
-        return twin_forward(self.spec, dict(self.named_parameters()), x, jitter)
+    def forward(self, x):
+        return twin_forward(self.spec, dict(self.named_parameters()), x)
 
 
 @dataclass(frozen=True)
@@ -116,52 +108,35 @@ class Reference:
     grads: dict          # layers.{i}.weight / layers.{i}.bias
     deltas: dict         # layers.{i}: ∂C/∂z_i
     grad_input: np.ndarray
-    z: tuple             # pre-activations
+    z: tuple             # pre-activations z_0 .. z_{L-1}
+    acts: tuple          # a_1 .. a_L (a_L = ỹ)
+    upstream: tuple      # ∂C/∂a_{i+1} for each layer i: what the backward step through g_i receives
     output: np.ndarray
     exact_kinks: int     # how many elements lie exactly on a kink (activations and the l1 loss)
 
 
-def near_kink_masks(spec: Spec, params: dict, x: np.ndarray, zs, eps: float) -> list[np.ndarray]:
-    r"""Per layer, the elements whose z lies on a kink *or within rounding of one*.
-
-    The radius is the forward rounding bound of a dot product, grown with depth:
-    :math:`|z - k| \le 4 (i + 1)(n_{in} + 1)\,ε\,(|a|\,|θ|^T + |b|)`. Inside it, two correct
-    implementations may put z on different sides of the kink and so use different one-sided slopes.
-    """
-    masks, a = [], np.abs(x)
-    for i, (layer, z) in enumerate(zip(spec.layers, zs)):
-        w = np.abs(params[f"layers.{i}.weight"])
-        mag = a @ w.T + (np.abs(params[f"layers.{i}.bias"]) if layer.bias else 0)
-        radius = 4 * (i + 1) * (w.shape[1] + 1) * eps * mag
-        mask = np.zeros(z.shape, dtype=bool)
-        for k in layer.activation.kink_points():
-            mask |= np.abs(z - k) <= radius
-        masks.append(mask)
-        a = np.abs(layer.activation.value(z))
-    return masks
-
-
-def run_twin(spec: Spec, params: dict, x: np.ndarray, y: np.ndarray, dtype, flip_kinks: bool = False,
-             jitter: np.random.Generator | None = None) -> Reference:
+def run_twin(spec: Spec, params: dict, x: np.ndarray, y: np.ndarray, dtype, adopt=None) -> Reference:
     """Run the twin in ``dtype`` (float32/float64) on copies of params and data, and backprop with autograd.
 
     ``x`` are rows (m, input_size); ``y`` the loss's targets (m, n_out) or (m,) class indices.
+    ``adopt(i, up, delta)``, if given, may replace δ_i (a torch tensor) given the upstream ∂C/∂a_{i+1}
+    as the backward reaches layer i; everything below is then computed from the replaced δ_i.
+    That is how the oracle follows a candidate's equally valid choice at a kink or a numerical guard.
     """
     tdt = {np.dtype(np.float32): torch.float32, np.dtype(np.float64): torch.float64}[np.dtype(dtype)]
     weights = {name: torch.tensor(params[name], dtype=tdt, requires_grad=True) for name in spec.param_shapes()}
     xt = torch.tensor(x, dtype=tdt, requires_grad=True)
     yt = torch.from_numpy(np.asarray(y)) if spec.loss.targets == "classes" else torch.tensor(y, dtype=tdt)
-    out, zs, acts = twin_forward(spec, weights, xt, jitter)
-    for z in zs:
-        z.retain_grad()
-    masks = [layer.activation.kinks(z.detach().numpy()) for layer, z in zip(spec.layers, zs)]
-    loss_mask = spec.loss.kinks(out.detach().numpy(), np.asarray(y)) if spec.loss.targets == "values" else None
-    if flip_kinks:
-        _install_flips(spec, zs, acts, out, masks, loss_mask)
-    if jitter is not None:
-        _install_jitter(spec, zs, acts, float(torch.finfo(tdt).eps), jitter)
+    out, zs, acts = twin_forward(spec, weights, xt)
+    for t in (*zs, *acts):
+        if t.requires_grad:
+            t.retain_grad()
+    if adopt is not None:
+        _install_adoption(zs, acts, adopt)
     loss = loss_fn(spec.loss)(out, yt)
     loss.backward()
+    masks = [layer.activation.kinks(z.detach().numpy()) for layer, z in zip(spec.layers, zs)]
+    loss_mask = spec.loss.kinks(out.detach().numpy(), np.asarray(y)) if spec.loss.targets == "values" else None
     kinks = int(sum(m.sum() for m in masks) + (0 if loss_mask is None else loss_mask.sum()))
     return Reference(
         loss=float(loss.item()),
@@ -169,38 +144,17 @@ def run_twin(spec: Spec, params: dict, x: np.ndarray, y: np.ndarray, dtype, flip
         deltas={f"layers.{i}": z.grad.numpy() for i, z in enumerate(zs)},
         grad_input=xt.grad.numpy(),
         z=tuple(z.detach().numpy() for z in zs),
+        acts=tuple(a.detach().numpy() for a in acts),
+        upstream=tuple(a.grad.numpy() for a in acts),
         output=out.detach().numpy(),
         exact_kinks=kinks,
     )
 
 
-def _install_flips(spec, zs, acts, out, masks, loss_mask):
-    """Hooks that replace torch's one-sided derivative at kink elements by the other side's."""
-    if loss_mask is not None and loss_mask.any():  # l1 at a zero residual: sign(0) taken as +1
-        lm = torch.from_numpy(loss_mask)
-        out.register_hook(lambda g: torch.where(lm, torch.full_like(g, 1.0 / g.numel()), g))
-    for layer, z, a, mask in zip(spec.layers, zs, acts, masks):
-        slope = layer.activation.other_side_slope()
-        if slope is None or not mask.any() or a is z:
-            continue
+def _install_adoption(zs, acts, adopt):
+    """Hooks that let ``adopt(i, up, delta)`` replace each δ_i, seeing the upstream gradient of layer i."""
+    for i, (z, a) in enumerate(zip(zs, acts)):
         upstream = {}
-        m = torch.from_numpy(mask)
-        a.register_hook(lambda g, upstream=upstream: upstream.__setitem__("g", g))
-        z.register_hook(lambda g, upstream=upstream, m=m, slope=slope: torch.where(m, upstream["g"] * slope, g))
-
-
-def _install_jitter(spec, zs, acts, eps, rng):
-    """Hooks that add the rounding error of evaluating g'(z) in this dtype to every δ: ±ε·|∂C/∂a|."""
-    for layer, z, a in zip(spec.layers, zs, acts):
-        if a is z:
-            continue
-        upstream = {}
-        signs = torch.from_numpy(rng.choice([-1.0, 1.0], size=tuple(z.shape)).astype(np.float64)).to(z.dtype)
-        a.register_hook(lambda g, upstream=upstream: upstream.__setitem__("g", g))
-        if layer.activation.output_only:
-            # softmax-like: δ = p ⊙ (g − Σ g p) cancels where p ≈ 1; its rounding is ε·p ⊙ (|g| + Σ|g| p)
-            p = torch.softmax(z.detach(), dim=-1)
-            z.register_hook(lambda g, upstream=upstream, signs=signs, p=p: g + eps * signs * p * (
-                upstream["g"].abs() + (upstream["g"].abs() * p).sum(-1, keepdim=True)))
-        else:
-            z.register_hook(lambda g, upstream=upstream, signs=signs: g + eps * signs * upstream["g"].abs())
+        if a is not z:
+            a.register_hook(lambda g, upstream=upstream: upstream.__setitem__("g", g))
+        z.register_hook(lambda g, i=i, upstream=upstream: adopt(i, upstream.get("g", g), g))

@@ -1,0 +1,246 @@
+r"""Conventions: elements where more than one answer is right, and how the oracle follows the candidate's.
+
+Two kinds of element have more than one valid gradient:
+
+* **Kinks.** At a non-differentiable point of an activation (relu at 0, hardtanh at its bounds,
+  elu at 0 when α ≠ 1, ...) or of the loss (l1 at a zero residual), both one-sided derivatives are
+  valid. So are they *within rounding of* a kink: a correct implementation may compute z on the other
+  side. torch takes one side; the candidate may take the other.
+* **Numerical guards.** torch's ``binary_cross_entropy`` backward divides by max(a(1 − a), 1e-12) and
+  its forward clamps each log at −100. Neither is the derivative of the loss: where the guard is active
+  (an output within 1e-12 of 0 or 1) the exact δ of sigmoid + bce is (σ(z) − y)/N, and torch's is
+  not. Both are accepted: the exact value, torch's float64 value, and (for a float32 candidate) the
+  value torch computes in float32, where the guard switches on earlier.
+
+How they are judged: the backward of the torch twin is re-run with a hook at each layer
+(``twin.run_twin(adopt=...)``) that, on these elements only, replaces torch's δ by the alternative the
+candidate chose (the one nearest its δ, when it reports δ; otherwise one consistent choice for all
+such elements, each choice tried in turn). Everything below is then computed from that δ, so the
+layers below a kink or a guard are still judged strictly: a bug there is not excused by the kink
+above it. A candidate whose every tensor matches such a re-run passes as ``kink`` (or ``convention``
+when a guard was involved), with a note naming the elements.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .rounding import derivatives, one_sided_slopes
+from .twin import run_twin
+
+#: torch's guard in the BCE backward: max(a(1 − a), EPS), EPS = 1e-12 stored as a float32 constant
+BCE_GUARD = float(np.float32(1e-12))
+
+
+@dataclass
+class Special:
+    """Everything about one check's multi-valued elements."""
+
+    kink: list                      # per layer: bool mask of elements within rounding of a kink
+    kink_points: list               # per layer: [(k, left slope, right slope), ...]
+    loss_kink: np.ndarray | None    # output elements within rounding of the loss's kink (l1)
+    guard: np.ndarray | None        # output elements where a BCE guard or log clamp is active
+    guard_deltas: dict = field(default_factory=dict)   # label -> δ_L alternative on guard elements
+    guard_losses: dict = field(default_factory=dict)   # label -> loss value under that convention
+
+    @property
+    def any(self) -> bool:
+        return (any(m.any() for m in self.kink) or (self.loss_kink is not None and self.loss_kink.any())
+                or (self.guard is not None and self.guard.any()))
+
+
+@dataclass
+class Guards:
+    """Output elements where a numerical guard of torch's loss is active, and the answers accepted there."""
+
+    mask: np.ndarray | None = None
+    deltas: dict = field(default_factory=dict)   # label -> δ_L under that convention
+    losses: dict = field(default_factory=dict)   # label -> loss value under that convention
+
+
+def find_guards(spec, ref, params, x, y, y64, dtype) -> Guards:
+    """bce: where a(1 − a) < 1e-12 (in float64, or in the candidate's float32) or a log would pass −100."""
+    if spec.loss.name != "bce":
+        return Guards()
+    a = ref.output
+    mask = (a * (1 - a) < BCE_GUARD) | (a < 1e-43) | (1 - a < 1e-43)
+    run32 = None
+    if np.dtype(dtype) == np.float32:
+        run32 = run_twin(spec, params, x, y, np.float32)
+        a32 = run32.output
+        mask = mask | (a32 * (np.float32(1) - a32) < np.float32(BCE_GUARD))
+    if not mask.any():
+        return Guards()
+    guards = Guards(mask)
+    guards.deltas["exact"], guards.losses["exact"] = exact_bce(spec, ref.z[-1], y64)
+    if run32 is not None:
+        guards.deltas["float32"] = run32.deltas[f"layers.{len(spec.layers) - 1}"].astype(np.float64)
+        guards.losses["float32"] = float(run32.loss)
+    return guards
+
+
+def find(spec, ref, allow, y64, guards: Guards) -> Special:
+    """Every multi-valued element: kinks within the allowance's E_z, the loss's kink, the guards."""
+    kink_points = []
+    for layer in spec.layers:
+        act = layer.activation
+        kink_points.append([(k, *one_sided_slopes(act, k)) for k in act.kink_points()] if not act.output_only else [])
+    loss_kink = None
+    if spec.loss.name == "l1" and not spec.layers[-1].activation.output_only:
+        loss_kink = np.abs(ref.output - y64) <= allow.output_error
+    return Special(allow.kink_masks, kink_points, loss_kink, guards.mask, guards.deltas, guards.losses)
+
+
+def exact_bce(spec, z: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, float]:
+    r"""δ_L and C of bce on a sigmoid or softmax output, exactly (no guard, no clamp), from the logits z.
+
+    sigmoid: δ = (σ(z) − y)/N and C = mean(softplus(z) − z y).
+    softmax: with g_j = (p_j − y_j)/(p_j(1 − p_j)), δ_k = p_k g_k − p_k Σ_j p_j g_j where
+    p_j g_j = (p_j − y_j)/(1 − p_j); 1 − p_j is computed as Σ_{i≠j} p_i, so nothing cancels.
+    """
+    zt, yt = torch.from_numpy(np.asarray(z, dtype=np.float64)), torch.from_numpy(np.asarray(y, dtype=np.float64))
+    N = zt.numel()
+    if spec.layers[-1].activation.name == "sigmoid":
+        delta = (torch.sigmoid(zt) - yt) / N
+        loss = F.binary_cross_entropy_with_logits(zt, yt)
+        return delta.numpy(), float(loss)
+    n = zt.shape[-1]
+    logp = F.log_softmax(zt, dim=-1)
+    p = logp.exp()
+    if n == 1:  # one unit: p ≡ 1, the loss is infinite unless y = 1; torch's clamp is the only finite answer
+        return ((p - yt) * 0).numpy(), float("nan")
+    others = zt.unsqueeze(-2).expand(*zt.shape, n).clone()
+    idx = torch.arange(n)
+    others[..., idx, idx] = -torch.inf
+    log1mp = torch.logsumexp(others, dim=-1) - torch.logsumexp(zt, dim=-1, keepdim=True)
+    one_minus_p = log1mp.exp()
+    pg = (p - yt) / one_minus_p
+    delta = (pg - p * pg.sum(dim=-1, keepdim=True)) / N
+    loss = -(yt * logp + (1 - yt) * log1mp).mean()
+    return delta.numpy(), float(loss)
+
+
+def _vjp(act, z, a, up, d1):
+    """δ from an upstream gradient, in torch, for the output activation (elementwise, softmax, log_softmax)."""
+    if act.name == "softmax":
+        return a * (up - (up * a).sum(dim=-1, keepdim=True))
+    if act.name == "log_softmax":
+        return up - a.exp() * up.sum(dim=-1, keepdim=True)
+    return up * d1
+
+
+class Adopter:
+    """The hook given to ``run_twin(adopt=...)``: on multi-valued elements, take the candidate's choice.
+
+    ``deltas``: the candidate's δ per layer (or None); ``choice``: for layers without a candidate δ, one
+    option per category ("kink": "torch" | "other"; "loss": "torch" | "+" | "-" | "0";
+    "guard": "torch" | a label of ``Special.guard_deltas``). ``taken`` counts adopted elements.
+    """
+
+    def __init__(self, spec, ref, special: Special, deltas, choice: dict):
+        self.spec, self.ref, self.special, self.deltas, self.choice = spec, ref, special, deltas or {}, choice
+        self.taken: dict = {}
+        self._d1 = {}
+
+    def _d1_of(self, i):
+        if i not in self._d1:
+            act = self.spec.layers[i].activation
+            self._d1[i] = None if act.output_only else torch.from_numpy(derivatives(act, self.ref.z[i])[0])
+        return self._d1[i]
+
+    def options(self, i, up, g) -> list:
+        """[(category, label, mask, alternative δ)] for layer i given the (re-run) upstream ``up``."""
+        sp, L = self.special, len(self.spec.layers)
+        act = self.spec.layers[i].activation
+        z = torch.from_numpy(self.ref.z[i])
+        out = []
+        mask = sp.kink[i]
+        if mask.any():
+            zi = self.ref.z[i]
+            points = sp.kink_points[i]
+            nearest = np.argmin([np.abs(zi - k) for k, _, _ in points], axis=0)
+            d1 = self._d1_of(i)
+            for j, (k, left, right) in enumerate(points):
+                near = torch.from_numpy(mask & (nearest == j))
+                torch_took_left = (d1 - left).abs() <= (d1 - right).abs()
+                other = torch.where(torch_took_left, torch.full_like(d1, right), torch.full_like(d1, left))
+                out.append(("kink", "other", near, up * other))
+        if i == L - 1:
+            if sp.loss_kink is not None and sp.loss_kink.any():
+                lk = torch.from_numpy(sp.loss_kink)
+                N = up.numel()
+                a = torch.from_numpy(self.ref.acts[i])
+                for label, c in (("+", 1.0), ("-", -1.0), ("0", 0.0)):
+                    alt_up = torch.where(lk, torch.full_like(up, c / N), up)
+                    out.append(("loss", label, lk, _vjp(act, z, a, alt_up, self._d1_of(i))))
+            if sp.guard is not None:
+                gm = sp.guard.any(axis=-1, keepdims=True) & np.ones_like(sp.guard) if act.output_only else sp.guard
+                gm = torch.from_numpy(gm)
+                for label, alt in sp.guard_deltas.items():
+                    out.append(("guard", label, gm, torch.from_numpy(alt)))
+        return out
+
+    def __call__(self, i, up, g):
+        opts = self.options(i, up, g)
+        if not opts:
+            return g
+        key = f"layers.{i}"
+        new = g.clone()
+        if key in self.deltas:  # per element, the option nearest the candidate's own δ
+            cand = torch.from_numpy(np.asarray(self.deltas[key], dtype=np.float64).reshape(g.shape))
+            best = (cand - g).abs()
+            for cat, label, mask, alt in opts:
+                closer = mask & ((cand - alt).abs() < best)
+                best = torch.where(closer, (cand - alt).abs(), best)
+                new = torch.where(closer, alt, new)
+                self._count(i, cat, label, closer & ((alt - g).abs() > 0))
+        else:
+            for cat, label, mask, alt in opts:
+                if self.choice.get(cat, "torch") == label:
+                    new = torch.where(mask, alt, new)
+                    self._count(i, cat, label, mask & ((alt - g).abs() > 0))
+        return new
+
+    def _count(self, i, cat, label, where):
+        n = int(where.sum())
+        if n:
+            self.taken[(i, cat, label)] = self.taken.get((i, cat, label), 0) + n
+
+
+def choices(special: Special) -> list[dict]:
+    """The consistent choices to try for a candidate without δ (torch's own first)."""
+    cats = []
+    if any(m.any() for m in special.kink):
+        cats.append(("kink", ("torch", "other")))
+    if special.loss_kink is not None and special.loss_kink.any():
+        cats.append(("loss", ("torch", "+", "-", "0")))
+    if special.guard is not None:
+        cats.append(("guard", ("torch", *special.guard_deltas)))
+    names = [c for c, _ in cats]
+    return [dict(zip(names, combo)) for combo in itertools.product(*(opts for _, opts in cats))][1:]
+
+
+def notes(spec, taken: dict) -> list[str]:
+    """Sentences naming the elements where the candidate's valid choice differs from torch's."""
+    out = []
+    for (i, cat, label), n in sorted(taken.items()):
+        if cat == "kink":
+            act = spec.layers[i].activation.name
+            out.append(f"Kink convention: at {n} element(s) of layer {i} whose z lies on (or within rounding of) a "
+                       f"kink of {act}, the candidate takes the other one-sided slope than torch; "
+                       f"both are valid. Layers below are judged from the candidate's choice.")
+        elif cat == "loss":
+            out.append(f"Kink convention: at {n} output element(s) on the kink of {spec.loss.name} (a zero residual), "
+                       f"the candidate uses sign(0) = {label}1 where torch uses 0; both are valid subgradients.")
+        else:
+            what = ("the exact derivative of the loss (torch's guard max(a(1 − a), 1e-12) is not)" if label == "exact"
+                    else "torch's guarded value computed in float32")
+            out.append(f"Numerical-guard convention: at {n} output element(s) where torch's bce guard "
+                       f"max(a(1 − a), 1e-12) or its log clamp at −100 is active, the candidate follows {what}; "
+                       f"both are accepted.")
+    return out
