@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from .errors import SpecError
-from .named import Named
+from .named import Named, positive_rule
 
 
 def _exp_neg_abs(z: np.ndarray) -> np.ndarray:
@@ -170,6 +170,7 @@ class LeakyReLU(Activation):
 
     name = "leaky_relu"
     defaults = {"negative_slope": 0.01}
+    constraints = {}  # any finite slope, as torch (0 gives relu, negative slopes are allowed too)
 
     def value(self, z):
         return np.where(z > 0, z, self.negative_slope * z).astype(z.dtype, copy=False)
@@ -189,6 +190,7 @@ class ELU(Activation):
 
     name = "elu"
     defaults = {"alpha": 1.0}
+    constraints = {}  # any finite alpha, as torch (torch accepts 0 and negative values and so do we)
 
     def value(self, z):
         return np.where(z > 0, z, self.alpha * np.expm1(np.minimum(z, 0))).astype(z.dtype, copy=False)
@@ -233,6 +235,9 @@ class Softplus(Activation):
 
     name = "softplus"
     defaults = {"beta": 1.0, "threshold": 20.0}
+    #: beta divides the value: beta = 0 is 0/0 (NaN everywhere), beta < 0 is not a softplus.
+    #: threshold may be any finite number, as in torch.
+    constraints = {"beta": positive_rule("softplus(z) = log(1 + exp(beta*z))/beta is undefined for beta = 0")}
 
     def value(self, z):
         bz = self.beta * z
@@ -326,8 +331,8 @@ class Hardtanh(Activation):
     name = "hardtanh"
     defaults = {"min_val": -1.0, "max_val": 1.0}
 
-    def __init__(self, **params):
-        super().__init__(**params)
+    def validate(self):
+        # torch refuses min_val > max_val; min_val = max_val (a constant, gradient 0 everywhere) is refused too
         if not self.min_val < self.max_val:
             raise SpecError(
                 "activation.min_val", f"{self.min_val} is not below max_val {self.max_val}", "make min_val < max_val"

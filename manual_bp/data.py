@@ -11,23 +11,68 @@ Conventions shared by manual_bp, the oracle and the command line:
 
 from __future__ import annotations
 
-from typing import Mapping, NamedTuple
+import math
+import operator
+import os
+from typing import Any, Mapping, NamedTuple
 
 import numpy as np
 
 from .errors import SpecError
+from .named import count, show
 from .spec import Spec
 
 FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+#: most values one array of activations may hold (batch × the widest layer): 16 GiB in float64
+MAX_VALUES = 2**31
+_REAL = "give real numbers as float64 or float32"
+_DTYPE_WORDS = {"c": "complex numbers", "O": "Python objects", "U": "text", "S": "bytes", "b": "true/false values",
+                "V": "raw records", "M": "dates", "m": "time spans"}
+
+
+def ensure_real(name: str, arr: Any, fix: str = _REAL) -> np.ndarray:
+    """``arr`` as a NumPy array of real numbers (float, int or unsigned); anything else is a SpecError.
+
+    Call it before any ``astype``: casting complex to float drops the imaginary part (only a
+    ComplexWarning says so), and object, text or bool arrays would be cast into numbers silently.
+    """
+    if not isinstance(arr, np.ndarray):
+        try:
+            arr = np.asarray(arr)
+        except (ValueError, TypeError, RecursionError, OverflowError) as err:
+            raise SpecError(name, f"is not an array of numbers ({type(err).__name__})", fix) from None
+    kind = arr.dtype.kind
+    if kind not in "fiu":
+        words = _DTYPE_WORDS.get(kind, "values that are not real numbers")
+        raise SpecError(name, f"has dtype {arr.dtype} ({words})", fix)
+    return arr
+
+
+def _memory_bytes() -> int | None:
+    """This machine's physical memory, where the OS says (None elsewhere)."""
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
+def _check_fits(field: str, values: int, itemsize: int, what: str, fix: str) -> None:
+    """Refuse drawing more than MAX_VALUES values, or more bytes than half this machine's memory."""
+    if values > MAX_VALUES:
+        raise SpecError(field, f"{what} is {count(values)} values, too many", fix)
+    memory = _memory_bytes()
+    if memory and values * itemsize > memory // 2:
+        raise SpecError(field, f"{what} needs {values * itemsize / 2**30:.1f} GiB, more than half of this machine's "
+                        f"{memory / 2**30:.1f} GiB of memory", fix)
 
 
 def dtype_of(name: str | np.dtype) -> np.dtype:
     """``"float32"`` or ``"float64"`` as a NumPy dtype; anything else is a SpecError."""
     try:
         dt = np.dtype(name)
-    except TypeError:
+    except (TypeError, ValueError, SyntaxError):  # SyntaxError: some malformed dtype strings
         dt = None
-    if dt not in FLOAT_DTYPES:
+    if dt is None or dt not in FLOAT_DTYPES:  # (None == np.dtype("float64") is True in NumPy)
         raise SpecError("dtype", f"{name!r} is not supported", "use float64 (the reference) or float32")
     return dt
 
@@ -56,6 +101,7 @@ def check_params(spec: Spec, params: Mapping[str, np.ndarray]) -> np.dtype:
         field = f"params[{name!r}]"
         if not isinstance(arr, np.ndarray):
             raise SpecError(field, f"is a {type(arr).__name__}, not a NumPy array", "pass numpy arrays")
+        ensure_real(field, arr)
         if arr.dtype not in FLOAT_DTYPES:
             raise SpecError(field, f"has dtype {arr.dtype}", "use float64 or float32")
         if dtype is not None and arr.dtype != dtype:
@@ -84,8 +130,13 @@ def as_batch(spec: Spec, x: np.ndarray) -> tuple[np.ndarray, bool]:
 def check_x(spec: Spec, x: np.ndarray, dtype: np.dtype | None = None) -> tuple[np.ndarray, bool]:
     """Validate x: returns it as (m, input_size) rows, and whether it came as one column example."""
     x2, single = as_batch(spec, x)
+    ensure_real("x", x2)
     if x2.dtype not in FLOAT_DTYPES:
         raise SpecError("x", f"has dtype {x2.dtype}", "use float64 or float32")
+    widest = _widest(spec)
+    if x2.shape[0] * widest > MAX_VALUES:
+        raise SpecError("x", f"has {x2.shape[0]} rows: {count(x2.shape[0] * widest)} values in the widest layer ({widest})",
+                        f"give at most {MAX_VALUES // widest} rows at once")
     if dtype is not None and x2.dtype != dtype:
         raise SpecError("x", f"has dtype {x2.dtype} but the parameters are {dtype}", "use one dtype for x and params")
     _finite(x2, "x")
@@ -95,9 +146,9 @@ def check_x(spec: Spec, x: np.ndarray, dtype: np.dtype | None = None) -> tuple[n
 def check_y(spec: Spec, y: np.ndarray, m: int, single: bool, dtype: np.dtype) -> np.ndarray:
     """Validate targets for m examples: (m, n_out) values in ``dtype``, or (m,) int64 class indices."""
     n_out = spec.output_size
-    if not isinstance(y, np.ndarray):
-        y = np.asarray(y)
-    if spec.loss.targets == "classes":
+    classes = spec.loss.targets == "classes"
+    y = ensure_real("y", y, f"give integer class indices in [0, {n_out})" if classes else _REAL)
+    if classes:
         y2 = y.reshape(-1) if (single and y.size == 1) else y
         if y2.shape != (m,):
             raise SpecError("y", f"has shape {y.shape}", f"give ({m},) class indices, one per example")
@@ -134,14 +185,27 @@ def check_data(spec: Spec, params, x: np.ndarray, y: np.ndarray):
     return dtype, x2, check_y(spec, y, x2.shape[0], single, dtype), single
 
 
+def _widest(spec: Spec) -> int:
+    """The most values one example takes in any layer (input included)."""
+    return max([spec.input_size] + [layer.units for layer in spec.layers])
+
+
 def init_params(spec: Spec, rng: np.random.Generator, dtype="float64", scale: float = 1.0) -> dict[str, np.ndarray]:
     """Parameters drawn like ``torch.nn.Linear``'s default: U(−k, k), k = scale/√fan_in."""
     dt = dtype_of(dtype)
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not (math.isfinite(scale) and scale > 0):
+        raise SpecError("scale", f"{show(scale)} is not a positive number", "give scale > 0 (1 draws like torch.nn.Linear)")
+    shapes = spec.param_shapes()
+    total = sum(math.prod(shape) for shape in shapes.values())
+    _check_fits("layers", total, 8, f"drawing {count(total)} parameters", "use fewer or narrower layers")
     params = {}
-    for name, shape in spec.param_shapes().items():
-        fan_in = shape[1] if len(shape) == 2 else params[name.replace("bias", "weight")].shape[1]
-        k = scale / np.sqrt(fan_in)
-        params[name] = rng.uniform(-k, k, size=shape).astype(dt)
+    try:
+        for name, shape in shapes.items():
+            fan_in = shape[1] if len(shape) == 2 else params[name.replace("bias", "weight")].shape[1]
+            k = scale / np.sqrt(fan_in)
+            params[name] = rng.uniform(-k, k, size=shape).astype(dt)
+    except MemoryError:
+        raise SpecError("layers", f"{count(total)} parameters do not fit in memory", "use fewer or narrower layers") from None
     return params
 
 
@@ -150,23 +214,49 @@ class Batch(NamedTuple):
     y: np.ndarray
 
 
+def _batch_size(spec: Spec, batch: Any) -> int:
+    """``batch`` as a whole number ≥ 1 whose (batch, widest layer) activations can be held."""
+    try:
+        m = operator.index(batch) if not isinstance(batch, bool) else None
+    except TypeError:
+        m = None
+    if m is None:
+        raise SpecError("batch", f"{show(batch)} is not a whole number", "give the number of examples, e.g. 4")
+    if m < 1:
+        raise SpecError("batch", f"{m} is not positive", "give at least 1 example")
+    widest = _widest(spec)
+    _check_fits("batch", m * widest, 8, f"{count(m)} examples × {widest} (the widest layer)",
+                f"give a batch of at most {max(1, MAX_VALUES // widest)}")
+    return m
+
+
 def random_batch(spec: Spec, rng: np.random.Generator, batch: int = 4, dtype="float64") -> Batch:
     """Inputs N(0, 1) and targets that fit the loss (probabilities, class indices or values)."""
     dt = dtype_of(dtype)
-    x = rng.standard_normal((batch, spec.input_size)).astype(dt)
+    batch = _batch_size(spec, batch)
     n_out = spec.output_size
-    if spec.loss.targets == "classes":
-        y = rng.integers(0, n_out, size=batch).astype(np.int64)
-    elif spec.loss.name in ("bce", "bce_with_logits"):
-        y = rng.uniform(0, 1, size=(batch, n_out)).astype(dt)
-    else:
-        y = rng.standard_normal((batch, n_out)).astype(dt)
+    try:
+        x = rng.standard_normal((batch, spec.input_size)).astype(dt)
+        if spec.loss.targets == "classes":
+            y = rng.integers(0, n_out, size=batch).astype(np.int64)
+        elif spec.loss.name in ("bce", "bce_with_logits"):
+            y = rng.uniform(0, 1, size=(batch, n_out)).astype(dt)
+        else:
+            y = rng.standard_normal((batch, n_out)).astype(dt)
+    except MemoryError:
+        raise SpecError("batch", f"{batch} examples do not fit in memory", "give a smaller batch") from None
     return Batch(x, y)
 
 
 def random_case(spec: Spec, seed: int, batch: int = 4, dtype="float64", scale: float = 1.0):
     """(params, x, y) drawn from one seeded generator: ``init_params`` first, then ``random_batch``."""
-    rng = np.random.default_rng(seed)
+    _batch_size(spec, batch)  # before drawing the parameters, so a bad batch costs nothing
+    if isinstance(seed, bool):
+        raise SpecError("seed", f"{seed!r} is not a whole number", "give a seed ≥ 0")
+    try:
+        rng = np.random.default_rng(seed)
+    except (TypeError, ValueError):
+        raise SpecError("seed", f"{show(seed)} is not a valid seed", "give a whole number ≥ 0") from None
     params = init_params(spec, rng, dtype=dtype, scale=scale)
     x, y = random_batch(spec, rng, batch=batch, dtype=dtype)
     return params, x, y

@@ -18,6 +18,10 @@ import numpy as np
 
 from .activations import Activation, make_activation
 from .errors import SpecError
+from .named import count, show, show_key
+
+#: the largest units or input_size a spec may give (a layer of more is no network one can check)
+MAX_SIZE = 2**31
 
 
 def parse_named(value: Any, field: str, make) -> Any:
@@ -27,13 +31,16 @@ def parse_named(value: Any, field: str, make) -> Any:
         name = value
     elif isinstance(value, dict):
         if "name" not in value:
-            raise SpecError(field, f"{value!r} has no 'name'", 'write e.g. {"name": "leaky_relu", "negative_slope": 0.1}')
+            raise SpecError(field, f"{show(value)} has no 'name'", 'write e.g. {"name": "leaky_relu", "negative_slope": 0.1}')
         params = {k: v for k, v in value.items() if k != "name"}
+        for key in params:
+            if not isinstance(key, str):
+                raise SpecError(f"{field}.{show_key(key)}", "is not a parameter name", "name parameters with strings")
         name = value["name"]
         if not isinstance(name, str):
-            raise SpecError(f"{field}.name", f"{name!r} is not a string", "give the name as a string")
+            raise SpecError(f"{field}.name", f"{show(name)} is not a string", "give the name as a string")
     else:
-        raise SpecError(field, f"{value!r} is neither a name nor an object", 'write a name such as "tanh"')
+        raise SpecError(field, f"{show(value)} is neither a name nor an object", 'write a name such as "tanh"')
     try:
         return make(name, **params)
     except SpecError as err:
@@ -42,17 +49,21 @@ def parse_named(value: Any, field: str, make) -> Any:
         raise SpecError(f"{field}.{sub}" if sub else field, err.problem, err.fix) from None
 
 
-def positive_int(value: Any, field: str) -> int:
+def positive_int(value: Any, field: str, maximum: int = MAX_SIZE) -> int:
+    """A whole number in [1, maximum] (a JSON integer: not a bool, not 3.0, not "3")."""
     if isinstance(value, bool) or not isinstance(value, int):
-        raise SpecError(field, f"{value!r} is not an integer", "give a whole number ≥ 1")
+        raise SpecError(field, f"{show(value)} is not an integer", "give a whole number ≥ 1")
     if value < 1:
-        raise SpecError(field, f"{value} is not positive", "give a whole number ≥ 1")
-    return value
+        raise SpecError(field, f"{show(value)} is not positive", "give a whole number ≥ 1")
+    if value > maximum:
+        raise SpecError(field, f"{count(value)} is too large", f"give at most {maximum}")
+    return int(value)
 
 
 def reject_unknown(obj: dict, allowed: tuple[str, ...], where: str) -> None:
     for key in obj:
         if key not in allowed:
+            key = show_key(key)
             raise SpecError(f"{where}.{key}" if where else key, "unknown field", f"allowed fields are: {', '.join(allowed)}")
 
 

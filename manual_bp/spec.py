@@ -25,6 +25,7 @@ losses filled in); reading it back gives an equal ``Spec`` and writing that give
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -33,9 +34,19 @@ from typing import Any
 from .errors import SpecError
 from .layers import LAYER_TYPES, parse_named, positive_int, reject_unknown
 from .losses import Loss, make_loss
+from .named import count, show
 
 FORMAT_VERSION = 1
 SPEC_FIELDS = ("format_version", "name", "description", "input_size", "layers", "loss")
+#: most parameters (weights and biases, all layers together) a spec may have: 16 GiB in float64
+MAX_PARAMETERS = 2**31
+#: deepest nesting of lists and objects a spec may have; a valid one nests 4 deep (spec, layers, layer,
+#: activation object), so this only stops documents built to exhaust the parser or the stack
+MAX_DEPTH = 32
+#: largest spec file read (a spec is a small JSON document; this stops /dev/zero and the like)
+MAX_FILE_BYTES = 16 * 2**20
+#: a name becomes part of a report folder's name: at most this many UTF-8 bytes
+MAX_NAME_BYTES = 200
 
 
 @dataclass(frozen=True)
@@ -49,11 +60,21 @@ class Spec:
     _shapes: dict = field(default=None, repr=False, compare=False)  # type: ignore[assignment]
 
     def __post_init__(self):
-        shapes, n_in = {}, self.input_size
+        shapes, n_in, total = {}, self.input_size, 0
         for i, layer in enumerate(self.layers):
-            for pname, shape in layer.param_shapes(n_in).items():
+            layer_shapes = layer.param_shapes(n_in)
+            n = sum(math.prod(shape) for shape in layer_shapes.values())
+            if n > MAX_PARAMETERS:
+                dims = " + ".join(" × ".join(str(d) for d in shape) for shape in layer_shapes.values())
+                raise SpecError(f"layers[{i}]", f"{count(n)} parameters ({dims}) is too large",
+                                f"a spec may have at most {MAX_PARAMETERS} (2^31) parameters; use fewer units")
+            total += n
+            for pname, shape in layer_shapes.items():
                 shapes[f"layers.{i}.{pname}"] = shape
             n_in = layer.units
+        if total > MAX_PARAMETERS:
+            raise SpecError("layers", f"{count(total)} parameters in all is too large",
+                            f"a spec may have at most {MAX_PARAMETERS} (2^31) parameters; use fewer or narrower layers")
         object.__setattr__(self, "_shapes", shapes)
 
     def __repr__(self) -> str:  # paste-able, e.g. into a Hypothesis falsifying example
@@ -89,30 +110,31 @@ class Spec:
         return json.dumps(self.to_dict(), indent=2, ensure_ascii=False) + "\n"
 
     @classmethod
-    def from_dict(cls, obj: Any) -> "Spec":
+    def from_dict(cls, obj: Any, source: str = "spec") -> "Spec":
+        """Validate a parsed spec; ``source`` (a file name) names the whole document in messages."""
         if not isinstance(obj, dict):
-            raise SpecError("spec", f"the top level is a {type(obj).__name__}, not an object", "write a JSON object {...}")
+            raise SpecError(source, f"the top level is a {type(obj).__name__}, not an object", "write a JSON object {...}")
+        check_depth(obj, source)
         reject_unknown(obj, SPEC_FIELDS, "")
         for key in ("format_version", "input_size", "layers", "loss"):
             if key not in obj:
                 raise SpecError(key, "missing", f"a spec needs {', '.join(('format_version', 'input_size', 'layers', 'loss'))}")
         version = obj["format_version"]
-        if version != FORMAT_VERSION or isinstance(version, bool):
-            raise SpecError("format_version", f"{version!r} is not supported", f"this version reads format_version {FORMAT_VERSION}")
+        if type(version) is not int or version != FORMAT_VERSION:  # not True, not 1.0, not "1"
+            raise SpecError("format_version", f"{show(version)} is not supported", f"this version reads format_version {FORMAT_VERSION} (the integer)")
         for key in ("name", "description"):
-            if not isinstance(obj.get(key, ""), str):
-                raise SpecError(key, f"{obj[key]!r} is not a string", "give text or leave it out")
+            check_text(obj.get(key, ""), key)
         layers_json = obj["layers"]
         if not isinstance(layers_json, list) or not layers_json:
-            raise SpecError("layers", f"{layers_json!r} is not a non-empty list", "give at least one layer")
+            raise SpecError("layers", f"{show(layers_json)} is not a non-empty list", "give at least one layer")
         layers = []
         for i, lj in enumerate(layers_json):
             where = f"layers[{i}]"
             if not isinstance(lj, dict):
-                raise SpecError(where, f"{lj!r} is not an object", 'write {"type": "dense", "units": ..., "activation": ...}')
+                raise SpecError(where, f"{show(lj)} is not an object", 'write {"type": "dense", "units": ..., "activation": ...}')
             kind = lj.get("type")
-            if kind not in LAYER_TYPES:
-                raise SpecError(f"{where}.type", f"unknown layer type {kind!r}", f"choose one of: {', '.join(LAYER_TYPES)}")
+            if not isinstance(kind, str) or kind not in LAYER_TYPES:
+                raise SpecError(f"{where}.type", f"unknown layer type {show(kind)}", f"choose one of: {', '.join(LAYER_TYPES)}")
             layer = LAYER_TYPES[kind].from_json(lj, where)
             if layer.activation.output_only and i != len(layers_json) - 1:
                 raise SpecError(
@@ -135,26 +157,71 @@ class Spec:
 
     @classmethod
     def from_json(cls, text: str | bytes, source: str = "spec") -> "Spec":
-        if isinstance(text, bytes):
+        if isinstance(text, (bytes, bytearray)):
             try:
-                text = text.decode("utf-8")
+                text = bytes(text).decode("utf-8-sig")  # a leading byte-order mark is allowed
             except UnicodeDecodeError as err:
                 raise SpecError(source, f"is not UTF-8 text (byte {err.start})", "save the spec as UTF-8 JSON") from None
-        try:
+        if not isinstance(text, str):
+            raise SpecError(source, f"is a {type(text).__name__}, not JSON text", "pass the spec as str or bytes")
+        try:  # json's C parser guards its own recursion: nesting deeper than the stack allows is a RecursionError
             obj = json.loads(text)
         except json.JSONDecodeError as err:
             raise SpecError(source, f"is not valid JSON: {err.msg} at line {err.lineno} column {err.colno}", "fix the JSON syntax") from None
-        return cls.from_dict(obj)
+        except RecursionError:
+            raise SpecError(source, f"is nested too deeply (more than {MAX_DEPTH} levels of [ and {{)", _DEPTH_FIX) from None
+        except ValueError as err:  # e.g. an integer of more than 4300 digits
+            raise SpecError(source, f"is not valid JSON: {str(err).partition(':')[0][:100]}", "fix the JSON") from None
+        return cls.from_dict(obj, source)
+
+
+_DEPTH_FIX = "a spec nests lists and objects at most 4 levels deep (spec, layers, layer, activation)"
+
+
+def check_depth(obj: Any, source: str = "spec") -> None:
+    """Refuse lists and objects nested more than MAX_DEPTH deep (iteratively: no recursion to exhaust)."""
+    stack = [(obj, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if isinstance(node, (dict, list, tuple)):
+            if depth > MAX_DEPTH:
+                raise SpecError(source, f"is nested too deeply (more than {MAX_DEPTH} levels of lists and objects)", _DEPTH_FIX)
+            stack.extend((child, depth + 1) for child in (node.values() if isinstance(node, dict) else node))
+
+
+def check_text(value: Any, field: str) -> str:
+    """``name`` and ``description``: text that can be printed and written as UTF-8; a name is also a
+    short label without path separators or control characters, since it names the report folder."""
+    if not isinstance(value, str):
+        raise SpecError(field, f"{show(value)} is not a string", "give text or leave it out")
+    try:
+        encoded = value.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise SpecError(field, f"holds a lone surrogate at character {err.start}", "give valid Unicode text") from None
+    if field == "name":
+        if len(encoded) > MAX_NAME_BYTES:
+            raise SpecError(field, f"is {len(encoded)} bytes long", f"give a short name (at most {MAX_NAME_BYTES} bytes)")
+        bad = next((c for c in value if c in "/\\" or not c.isprintable()), None)
+        if bad is not None:
+            raise SpecError(field, f"{show(value)} holds {bad!r}", "a name labels the report folder: no '/', '\\' or control characters")
+    return value
 
 
 def load_spec(path: str | Path) -> Spec:
     """Read and validate a spec file; any problem raises one ``SpecError`` naming it."""
-    path = Path(path)
     try:
-        data = path.read_bytes()
-    except OSError as err:
-        raise SpecError(str(path), f"cannot be read ({err.strerror or err})", "check the path") from None
-    return Spec.from_json(data, source=str(path))
+        path = Path(path)
+    except TypeError:
+        raise SpecError("spec", f"{show(path)} is not a file path", "give the path of a JSON file") from None
+    where = str(path) if str(path).isprintable() else ascii(str(path))  # one line, whatever the name holds
+    try:
+        with path.open("rb") as f:
+            data = f.read(MAX_FILE_BYTES + 1)
+    except (OSError, ValueError) as err:  # ValueError: a NUL byte in the path
+        raise SpecError(where, f"cannot be read ({getattr(err, 'strerror', None) or err})", "check the path") from None
+    if len(data) > MAX_FILE_BYTES:
+        raise SpecError(where, f"is larger than {MAX_FILE_BYTES // 2**20} MiB", "a spec is a small JSON file; check the path")
+    return Spec.from_json(data, source=where)
 
 
 def example_names() -> list[str]:
