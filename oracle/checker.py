@@ -87,6 +87,7 @@ class CheckResult:
     arrays: dict = field(default_factory=dict, repr=False)  # name -> (candidate, reference) for plots
     hints: dict = field(default_factory=dict)  # failing tensor name -> diagnosis hints (oracle.diagnose)
     crash: dict | None = None        # CandidateCrash.to_dict() when the candidate did not return
+    bounds: dict = field(default_factory=dict, repr=False)  # tensor name -> rounding allowance B, when computed
 
     @property
     def failed_tensors(self) -> list:
@@ -307,22 +308,31 @@ def check(
     _refuse_overflow(spec, ref, dt)
 
     scale = _scale(ref)
-    guard = conventions.find_guards(spec, ref, params, x, y, y64, dt)
-    allow = allowance(spec, params64, x64, y64, ref, dt, guard=guard.mask)
-    special = conventions.find(spec, ref, allow, y64, guard)
     notes: list = []
     if not np.isfinite(cand.loss) or any(not np.all(np.isfinite(g)) for g in cand.grads.values()):
         notes.append("The candidate returned NaN or Inf values.")
+    arrays: dict = {}
+    loss_cmp = compare_tensor("loss", np.float64(cand.loss), np.float64(ref.loss), tol, abs(ref.loss) or 1.0)
+    tensors = _compare_all(spec, cand, ref, {}, tol, scale, arrays)
 
+    bounds: dict = {}
+
+    def result(passed, kind, layer=None, where=""):
+        return CheckResult(spec, dt.name, passed, kind, tol, scale, loss_cmp, tensors, layer, where, notes, arrays,
+                           bounds=bounds)
+
+    if loss_cmp.passed and all(t.passed for t in tensors):
+        return result(True, "match")
+    # Only now are the rounding allowance and the multi-valued elements worth computing.
+    guard = conventions.find_guards(spec, ref, params, x, y, y64, dt)
+    allow = allowance(spec, params64, x64, y64, ref, dt, guard=guard.mask)
+    special = conventions.find(spec, ref, allow, y64, guard)
+    bounds = allow.bounds  # B itself; reports scale it by tolerance.rounding_factor as the verdict does
     losses = {"torch": ref.loss, **{k: v for k, v in special.guard_losses.items() if np.isfinite(v)}}
     loss_cmp = min((compare_tensor("loss", np.float64(cand.loss), np.float64(v), tol, abs(v) or 1.0, allow.bounds["loss"])
                     for v in losses.values()), key=lambda t: (not t.passed, t.normwise_err))
-    arrays: dict = {}
+    arrays.clear()
     tensors = _compare_all(spec, cand, ref, allow.bounds, tol, scale, arrays)
-
-    def result(passed, kind, layer=None, where=""):
-        return CheckResult(spec, dt.name, passed, kind, tol, scale, loss_cmp, tensors, layer, where, notes, arrays)
-
     if loss_cmp.passed and all(t.passed for t in tensors):
         return result(True, "match" if all(t.verdict == "match" for t in [loss_cmp, *tensors]) else "rounding")
     if special.any:  # follow the candidate's valid choices at kinks and guards, then judge everything again

@@ -6,9 +6,14 @@ torch is imported only by the commands that need it, so ``bp-oracle --help`` ans
 from __future__ import annotations
 
 import argparse
-import importlib
-import importlib.util
+import hashlib
+import io
 import json
+import math
+import os
+import re
+import shlex
+import signal
 import sys
 from pathlib import Path
 
@@ -16,50 +21,34 @@ import numpy as np
 
 from manual_bp import SpecError
 
-DEFAULT_REPORTS = "reports"
+DEFAULT_REPORTS = "reports"           # mutants, bench: regenerating the committed reports is explicit
+DEFAULT_RUN_REPORTS = "reports/runs"  # check, fuzz: git-ignored, so running the documented commands changes no tracked file
+SEED_LIMIT = 2**32                    # NumPy's legacy seeding refuses larger seeds; one range for every command
 
 
-def _load_impl(target: str | None):
-    """``package.module:function`` or ``path/to/file.py:function`` -> the callable (None: manual_bp)."""
+def _start_impl(target: str | None, timeout: float):
+    """The candidate ``target`` in its own worker process, already importing (None: manual_bp in-process)."""
     if not target:
         return None
-    module_name, sep, func = target.rpartition(":")
-    if not sep or not module_name or not func:
-        raise SpecError("--impl", f"{target!r} has no ':function' part", "write module:function or file.py:function")
-    try:
-        if module_name.endswith(".py"):
-            path = Path(module_name)
-            if not path.is_file():
-                raise SpecError("--impl", f"file {module_name} does not exist", "check the path")
-            spec = importlib.util.spec_from_file_location(path.stem, path)
-            module = importlib.util.module_from_spec(spec)
-            spec.loader.exec_module(module)
-        else:
-            module = importlib.import_module(module_name)
-    except SpecError:
-        raise
-    except Exception as err:
-        raise SpecError("--impl", f"{module_name} does not import ({type(err).__name__}: {err})", "fix the module or the path") from None
-    fn = getattr(module, func, None)
-    if fn is None:
-        raise SpecError("--impl", f"{module_name} has no {func!r}", "name a function defined in that module")
-    if not callable(fn):
-        raise SpecError("--impl", f"{target} is not callable", "name a function grads_fn(spec, params, x, y)")
-    return fn
+    from .isolate import IsolatedCandidate
+
+    return IsolatedCandidate(target, timeout).start()
 
 
-def _load_npz(path: str, field: str) -> dict:
+def _load_npz(source, field: str, label: str | None = None) -> dict:
+    """Arrays of an .npz given as a path or as its bytes; ``SpecError(field)`` for anything unreadable."""
+    label = label or str(source)
     try:
-        with np.load(path, allow_pickle=False) as data:
+        with np.load(io.BytesIO(source) if isinstance(source, bytes) else source, allow_pickle=False) as data:
             return {k: data[k] for k in data.files}
     except FileNotFoundError:
-        raise SpecError(field, f"{path} does not exist", "check the path") from None
+        raise SpecError(field, f"{label} does not exist", "check the path") from None
     except ValueError as err:
         if "pickle" in str(err):
-            raise SpecError(field, f"{path} holds object arrays that need pickle", "save plain numeric arrays (np.savez)") from None
-        raise SpecError(field, f"{path} is not a readable .npz file ({err})", "save it with np.savez") from None
+            raise SpecError(field, f"{label} holds object arrays that need pickle", "save plain numeric arrays (np.savez)") from None
+        raise SpecError(field, f"{label} is not a readable .npz file ({err})", "save it with np.savez") from None
     except Exception as err:  # zipfile errors, OSError, ...
-        raise SpecError(field, f"{path} is not a readable .npz file ({type(err).__name__})", "save it with np.savez") from None
+        raise SpecError(field, f"{label} is not a readable .npz file ({type(err).__name__})", "save it with np.savez") from None
 
 
 def _spec_from_args(args):
@@ -71,7 +60,10 @@ def _spec_from_args(args):
         return bp.example(args.example), f"--example {args.example}"
     if not args.spec:
         raise SpecError("spec", "no spec given", "give SPEC.json or --example NAME (see `bp-oracle examples`)")
-    return bp.load_spec(args.spec), args.spec
+    try:
+        return bp.load_spec(args.spec), args.spec
+    except RecursionError:
+        raise SpecError("spec", f"{args.spec} nests lists or objects too deeply to parse", "a spec nests a few levels at most") from None
 
 
 def _case(spec, args):
@@ -106,57 +98,163 @@ def cmd_examples(args) -> int:
     return 0
 
 
-def run_check(spec, params, x, y, *, impl, dtype, seed, report_dir, source) -> int:
-    import oracle
+def _replay_command(impl_name: str) -> str:
+    """The replay command a report records ({folder} is filled in by the report writer)."""
+    cmd = "bp-oracle replay {folder}/report.json"
+    return cmd if impl_name == "manual_bp" else f"{cmd} --impl {shlex.quote(impl_name)}"
 
-    fn = _load_impl(impl)
-    result = oracle.check(spec, params, x, y, fn, dtype=dtype)
+
+def run_check(spec, params, x, y, *, impl, dtype, seed, report_dir, source) -> int:
+    """One check; ``impl`` a started ``IsolatedCandidate`` or None (manual_bp, in-process).
+
+    0 only when the comparison completed and passed; 1 for any other verdict (a crash included).
+    """
+    from .checker import check
+
+    if impl is not None:
+        impl.ensure_loaded()  # SpecError naming --impl when it does not import (bad input, exit 2)
+    result = check(spec, params, x, y, impl, dtype=dtype)
     print(result.message())
     if report_dir:
         from .report import write_check_report
 
+        impl_name = impl.target if impl is not None else "manual_bp"
         x2 = np.asarray(x).astype(dtype) if np.asarray(x).dtype.kind == "f" else x
-        folder = write_check_report(report_dir, result, params=params, x=x2, y=np.asarray(y), seed=seed,
-                                    impl=impl or "manual_bp", replay="bp-oracle replay {folder}/report.json", source=source)
+        try:
+            folder = write_check_report(report_dir, result, params=params, x=x2, y=np.asarray(y), seed=seed,
+                                        impl=impl_name, replay=_replay_command(impl_name), source=source)
+        except OSError as err:  # e.g. EFBIG under `ulimit -f` (SIGXFSZ is ignored in main)
+            raise SpecError("--report", f"cannot write the report under {report_dir} ({err.strerror or err})",
+                            "free some space or choose another --report folder") from None
         print(f"Report: {folder}/report.html (also report.md, report.json)")
-    return 0 if result.passed else 1
+    return 0 if result.passed and result.classification != "crash" else 1
 
 
 def cmd_check(args) -> int:
-    spec, source = _spec_from_args(args)
-    params, x, y = _case(spec, args)
-    return run_check(spec, params, x, y, impl=args.impl, dtype=args.dtype, seed=args.seed,
-                     report_dir=None if args.no_report else args.report, source=source)
+    impl = _start_impl(args.impl, args.timeout)  # it imports while we build the case and import torch
+    try:
+        spec, source = _spec_from_args(args)
+        params, x, y = _case(spec, args)
+        return run_check(spec, params, x, y, impl=impl, dtype=args.dtype, seed=args.seed,
+                         report_dir=None if args.no_report else args.report, source=source)
+    finally:
+        if impl is not None:
+            impl.close()
 
 
-def cmd_replay(args) -> int:
+def _field(report: dict, key: str, ok, what: str):
+    value = report.get(key)
+    if not ok(value):
+        raise SpecError("REPORT.json", f"its field {key!r} is missing or not {what}", "give the report.json that bp-oracle wrote")
+    return value
+
+
+def _read_report(path: Path):
+    """The report's fields, its spec and its case, each checked; ``SpecError`` naming what is wrong."""
     import manual_bp as bp
 
-    path = Path(args.report_json)
+    from .isolate import printable
+
     try:
         report = json.loads(path.read_text(encoding="utf-8"))
     except OSError as err:
         raise SpecError("REPORT.json", f"{path} cannot be read ({err.strerror or err})", "check the path") from None
-    except (UnicodeDecodeError, json.JSONDecodeError):
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
         raise SpecError("REPORT.json", f"{path} is not a JSON report", "give the report.json that bp-oracle wrote") from None
     if not isinstance(report, dict) or report.get("schema") != "bp-oracle/check":
         raise SpecError("REPORT.json", f"{path} is not a bp-oracle check report", "give the report.json that bp-oracle wrote")
-    spec = bp.Spec.from_dict(report["spec"])
-    case = _load_npz(str(path.parent / "case.npz"), "case.npz")
+    version = report.get("schema_version")
+    if type(version) is not int or version != 1:
+        raise SpecError("REPORT.json", f"schema_version {printable(json.dumps(version), 40)} is not supported",
+                        "this bp-oracle reads schema_version 1; replay it with the bp-oracle that wrote it")
+    try:
+        spec = bp.Spec.from_dict(report.get("spec"))
+    except (SpecError, RecursionError) as err:
+        why = str(err) if isinstance(err, SpecError) else "nested too deeply"
+        raise SpecError("REPORT.json", f"its spec does not parse ({why})", "give an unmodified report.json") from None
+    dtype = _field(report, "dtype", lambda v: v in ("float64", "float32"), '"float64" or "float32"')
+    seed = _field(report, "seed", lambda v: type(v) is int, "an integer")
+    passed = _field(report, "passed", lambda v: type(v) is bool, "true or false")
+    impl = _field(report, "impl", lambda v: isinstance(v, str) and v, "a string")
+    case_path = path.parent / "case.npz"
+    try:
+        case_bytes = case_path.read_bytes()
+    except OSError as err:
+        raise SpecError("case.npz", f"{case_path} cannot be read ({err.strerror or err})", "keep case.npz beside report.json") from None
+    if "case_sha256" in report and report["case_sha256"] is not None:
+        want = report["case_sha256"]
+        if not (isinstance(want, str) and re.fullmatch(r"[0-9a-f]{64}", want)):
+            raise SpecError("REPORT.json", "its field 'case_sha256' is not a SHA-256 hex digest", "give an unmodified report.json")
+        if hashlib.sha256(case_bytes).hexdigest() != want:
+            raise SpecError("case.npz", f"{case_path} does not match the report's case_sha256: it was changed after the report was written",
+                            "restore the original case.npz, or check that case with `bp-oracle check --params/--data`")
+    case = _load_npz(case_bytes, "case.npz", str(case_path))
+    for key in ("x", "y"):
+        if key not in case:
+            raise SpecError("case.npz", f"{case_path} has no array {key!r}", "keep the case.npz that bp-oracle wrote")
+    return spec, case, dtype, seed, passed, impl
+
+
+def _same_target(a: str, b: str) -> bool:
+    from .isolate import resolve_target
+
+    def norm(t):
+        try:
+            return resolve_target(t)
+        except SpecError:
+            return t
+
+    return norm(a) == norm(b)
+
+
+def cmd_replay(args) -> int:
+    """Re-run a recorded case. Runs manual_bp unless the user names the code to run (--impl), or
+    explicitly trusts the report's own ``impl`` (--trust-recorded-impl, which says first what it imports)."""
+    from .isolate import describe_target, printable, resolve_target
+
+    path = Path(args.report_json)
+    if args.impl and args.trust_recorded_impl:
+        raise SpecError("--trust-recorded-impl", "cannot be combined with --impl", "give one of them")
+    spec, case, dtype, seed, passed, recorded = _read_report(path)
     x, y = case.pop("x"), case.pop("y")
-    impl = None if report["impl"] == "manual_bp" else report["impl"]
-    code = run_check(spec, case, x, y, impl=impl, dtype=report["dtype"], seed=report["seed"],
-                     report_dir=None, source=str(path))
-    was = 0 if report["passed"] else 1
-    print("Same verdict as recorded." if code == was else "The verdict CHANGED since the report was written.")
+    target = None
+    if args.impl:
+        target = args.impl
+    elif args.trust_recorded_impl and recorded != "manual_bp":
+        target = resolve_target(recorded)
+        print(f"Trusting the report: importing {describe_target(target)}")
+    impl = _start_impl(target, args.timeout)
+    try:
+        code = run_check(spec, case, x, y, impl=impl, dtype=dtype, seed=seed, report_dir=None, source=str(path))
+    finally:
+        if impl is not None:
+            impl.close()
+    ran = impl.target if impl is not None else "manual_bp"
+    if ran == recorded or (target is not None and recorded != "manual_bp" and _same_target(ran, recorded)):
+        was = 0 if passed else 1
+        print("Same verdict as recorded." if code == was else "The verdict CHANGED since the report was written.")
+    else:
+        shown = printable(recorded, 300)
+        again = (f"bp-oracle replay {shlex.quote(str(path))}" if recorded == "manual_bp" else
+                 f"bp-oracle replay {shlex.quote(str(path))} --impl {shlex.quote(shown)} (or --trust-recorded-impl)")
+        print(f"Replayed with {printable(ran, 300)}; the report was written for {shown}, so the verdicts are not compared. "
+              f"To run that implementation: {again}")
     return code
 
 
 def cmd_fuzz(args) -> int:
-    from .fuzz import campaign
+    impl = _start_impl(args.impl, args.timeout)  # it imports while we import Hypothesis and torch
+    try:
+        from .fuzz import campaign
 
-    return campaign(examples=args.examples, seed=args.seed, dtypes=args.dtype, impl=_load_impl(args.impl),
-                    impl_name=args.impl or "manual_bp", report_dir=None if args.no_report else args.report)
+        if impl is not None:
+            impl.ensure_loaded()
+        return campaign(examples=args.examples, seed=args.seed, dtypes=args.dtype, impl=impl,
+                        impl_name=impl.target if impl is not None else "manual_bp",
+                        report_dir=None if args.no_report else args.report)
+    finally:
+        if impl is not None:
+            impl.close()
 
 
 def cmd_mutants(args) -> int:
@@ -208,21 +306,26 @@ def cmd_bench(args) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="bp-oracle", description="Check hand-written backprop against torch.autograd and say where it goes wrong.",
-                                epilog="Exit codes: 0 match, 1 discrepancy found, 2 bad input.")
+                                epilog="Exit codes: 0 match, 1 discrepancy found (a crashing candidate included), 2 bad input, "
+                                       "3 internal error.")
     sub = p.add_subparsers(dest="command", required=True)
+    impl_help = ("module:function or file.py:function to check (default: manual_bp); it runs in a separate worker "
+                 "process, its standard output goes to our standard error")
+    timeout_help = "seconds one call of the candidate may take before it is stopped and judged a crash (default 60)"
 
     sub.add_parser("examples", help="list the built-in specs").set_defaults(func=cmd_examples)
 
     c = sub.add_parser("check", help="check one network against torch.autograd")
     c.add_argument("spec", nargs="?", help="spec JSON file")
     c.add_argument("--example", help="a built-in spec instead of a file (see `examples`)")
-    c.add_argument("--impl", help="module:function or file.py:function to check (default: manual_bp)")
+    c.add_argument("--impl", help=impl_help)
+    c.add_argument("--timeout", type=float, default=60.0, help=timeout_help)
     c.add_argument("--seed", type=int, default=0, help="seed for weights and data (default 0)")
     c.add_argument("--batch", type=int, default=4, help="examples drawn when --data is not given (default 4)")
     c.add_argument("--dtype", choices=["float64", "float32"], default="float64")
     c.add_argument("--params", help=".npz of parameters keyed layers.{i}.weight / layers.{i}.bias")
     c.add_argument("--data", help=".npz with arrays x and y")
-    c.add_argument("--report", default=DEFAULT_REPORTS, help="folder for reports (default: reports/)")
+    c.add_argument("--report", default=DEFAULT_RUN_REPORTS, help=f"folder for reports (default: {DEFAULT_RUN_REPORTS}/)")
     c.add_argument("--no-report", action="store_true", help="print the verdict only")
     c.set_defaults(func=cmd_check)
 
@@ -230,8 +333,9 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--examples", type=int, default=200, help="examples to run (default 200)")
     f.add_argument("--seed", type=int, default=0)
     f.add_argument("--dtype", choices=["float64", "float32", "both"], default="both")
-    f.add_argument("--impl", help="module:function or file.py:function to check (default: manual_bp)")
-    f.add_argument("--report", default=DEFAULT_REPORTS, help="folder for reports (default: reports/)")
+    f.add_argument("--impl", help=impl_help)
+    f.add_argument("--timeout", type=float, default=60.0, help=timeout_help)
+    f.add_argument("--report", default=DEFAULT_RUN_REPORTS, help=f"folder for reports (default: {DEFAULT_RUN_REPORTS}/)")
     f.add_argument("--no-report", action="store_true")
     f.set_defaults(func=cmd_fuzz)
 
@@ -248,26 +352,104 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--report", default=DEFAULT_REPORTS, help="folder for benchmarks.md/json (default: reports/)")
     b.set_defaults(func=cmd_bench)
 
-    r = sub.add_parser("replay", help="re-run exactly the case a report recorded")
+    r = sub.add_parser("replay", help="re-run exactly the case a report recorded (with manual_bp unless told otherwise)")
     r.add_argument("report_json", metavar="REPORT.json")
+    r.add_argument("--impl", help="module:function or file.py:function to run on the recorded case (default: manual_bp)")
+    r.add_argument("--trust-recorded-impl", action="store_true",
+                   help="run the implementation the report names (it says first what it will import)")
+    r.add_argument("--timeout", type=float, default=60.0, help=timeout_help)
     r.set_defaults(func=cmd_replay)
     return p
 
 
-def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+def _number_problem(args) -> str | None:
+    """The first out-of-range number among the options, as a one-line message, or None."""
     for name in ("batch", "examples"):
         if getattr(args, name, 1) < 1:
-            print(f"bp-oracle: error: --{name}: must be at least 1", file=sys.stderr)
-            return 2
+            return f"--{name}: must be at least 1"
+    seed = getattr(args, "seed", 0)
+    if not 0 <= seed < SEED_LIMIT:
+        return f"--seed: {seed} is out of range; give a whole number from 0 to {SEED_LIMIT - 1}"
+    timeout = getattr(args, "timeout", 1.0)
+    if not (math.isfinite(timeout) and timeout > 0):
+        return f"--timeout: {timeout} is not a positive number of seconds; give e.g. --timeout 60"
+    return None
+
+
+def _say(line: str) -> None:
+    """One line on standard error (newlines inside it flattened), never raising."""
     try:
-        return args.func(args)
+        print(" ".join(str(line).split("\n")), file=sys.stderr)
+    except (OSError, ValueError):
+        pass
+
+
+def _stdout_to_devnull() -> None:
+    """After a broken pipe: point standard output at /dev/null, so exiting flushes without a traceback."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        try:
+            os.dup2(devnull, sys.stdout.fileno())
+        finally:
+            os.close(devnull)
+    except (OSError, ValueError, AttributeError, io.UnsupportedOperation):
+        pass
+
+
+def _ignore_sigxfsz() -> None:
+    """Over a file-size limit (``ulimit -f``), let writes fail with EFBIG instead of killing us."""
+    if hasattr(signal, "SIGXFSZ"):
+        try:
+            signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        except (ValueError, OSError):  # not the main thread
+            pass
+
+
+def main(argv=None) -> int:
+    """Exit 0 only for a comparison that completed and passed (or a command that is not a verdict, such
+    as ``examples``); 1 a discrepancy or a crashing candidate; 2 bad input, one line; 3 our own bug;
+    130 Ctrl-C; 141 standard output closed early (a broken pipe)."""
+    _ignore_sigxfsz()
+    args = build_parser().parse_args(argv)
+    try:
+        problem = _number_problem(args)
+        if problem:
+            _say(f"bp-oracle: error: {problem}")
+            code = 2
+        else:
+            code = args.func(args)
+        sys.stdout.flush()
+    except BrokenPipeError:
+        _stdout_to_devnull()
+        return 141
     except SpecError as err:
-        print(f"bp-oracle: error: {err}", file=sys.stderr)
-        return 2
+        _say(f"bp-oracle: error: {err}")
+        code = 2
+    except RecursionError:
+        _say("bp-oracle: error: spec: nested too deeply to parse; a spec nests a few levels at most")
+        code = 2
     except KeyboardInterrupt:
-        print("bp-oracle: interrupted; no report was left half-written", file=sys.stderr)
+        _say("bp-oracle: interrupted; no report was left half-written")
         return 130
+    except BaseException as err:  # our own bug, or something that called sys.exit: never a verdict
+        if os.environ.get("BP_ORACLE_DEBUG"):
+            import traceback
+
+            traceback.print_exc()
+        _say(f"bp-oracle: internal error: {type(err).__name__}: {err} (a bug in bp-oracle, not in your input; "
+             "BP_ORACLE_DEBUG=1 shows the traceback)")
+        code = 3
+    if type(code) is not int or code not in (0, 1, 2):
+        _say(f"bp-oracle: internal error: a command returned {code!r}")
+        code = 3
+    try:
+        sys.stdout.flush()
+    except BrokenPipeError:
+        _stdout_to_devnull()
+        return 141
+    except (OSError, ValueError):
+        pass
+    return code
 
 
 if __name__ == "__main__":

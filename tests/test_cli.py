@@ -13,6 +13,13 @@ from oracle.cli import main
 IMPLS = Path(__file__).parent / "impls" / "candidates.py"
 
 
+def only_folder(parent, prefix):
+    """The one report folder in ``parent`` whose name starts with ``prefix`` (names end in a case hash)."""
+    found = [p for p in Path(parent).iterdir() if p.name.startswith(prefix)]
+    assert len(found) == 1, found
+    return found[0]
+
+
 def run(capsys, *argv):
     code = main(list(argv))
     out, err = capsys.readouterr()
@@ -36,7 +43,7 @@ def test_examples_lists_the_seed_specs(capsys):
 def test_check_writes_all_four_report_files_and_replay_agrees(capsys, tmp_path):
     code, out, _ = run(capsys, "check", "--example", "seed-simple", "--report", str(tmp_path))
     assert code == 0 and "gradients match torch.autograd" in out
-    folder = tmp_path / "seed-simple-float64-seed0"
+    folder = only_folder(tmp_path, "seed-simple-float64-seed0-manual_bp-")
     report = json.loads((folder / "report.json").read_text())
     assert report["passed"] is True and report["first_divergent_layer"] is None
     assert {t["name"] for t in report["tensors"]} >= {"layers.0.weight", "layers.2.delta", "input.grad"}
@@ -53,10 +60,10 @@ def test_a_wrong_impl_exits_1_and_its_report_replays_to_1(capsys, tmp_path):
     code, out, _ = run(capsys, "check", "--example", "seed-nielsen", "--impl", f"{IMPLS}:doubled_first_weight",
                        "--report", str(tmp_path), "--seed", "3")
     assert code == 1 and "layers.0.weight (layer 0)" in out
-    report_json = tmp_path / "seed-nielsen-float64-seed3" / "report.json"
+    report_json = only_folder(tmp_path, "seed-nielsen-float64-seed3-candidates.doubled_first_weight-") / "report.json"
     report = json.loads(report_json.read_text())
     assert report["passed"] is False and report["classification"] == "bug" and report["first_divergent_layer"] == 0
-    code, out, _ = run(capsys, "replay", str(report_json))
+    code, out, _ = run(capsys, "replay", str(report_json), "--trust-recorded-impl")
     assert code == 1 and "Same verdict" in out
 
 
@@ -77,7 +84,7 @@ def test_html_escapes_user_strings(capsys, tmp_path):
     path = tmp_path / "evil.json"
     path.write_text(json.dumps(spec))
     code, _, _ = run(capsys, "check", str(path), "--report", str(tmp_path / "r"))
-    html = (tmp_path / "r" / "evil-float64-seed0" / "report.html").read_text()
+    html = (only_folder(tmp_path / "r", "evil-float64-seed0-") / "report.html").read_text()
     assert code == 0 and "<script>" not in html and "&lt;script&gt;" in html
 
 
@@ -90,7 +97,7 @@ def test_params_and_data_files_are_used(capsys, tmp_path):
     np.savez(tmp_path / "d.npz", x=x, y=y)
     code, _, _ = run(capsys, "check", "--example", "seed-nielsen", "--params", str(tmp_path / "p.npz"),
                      "--data", str(tmp_path / "d.npz"), "--report", str(tmp_path / "r"))
-    case = np.load(tmp_path / "r" / "seed-nielsen-float64-seed0" / "case.npz")
+    case = np.load(only_folder(tmp_path / "r", "seed-nielsen-float64-seed0-") / "case.npz")
     assert code == 0 and case["x"].shape == (7, 4) and np.array_equal(case["layers.1.bias"], params["layers.1.bias"])
 
 
@@ -108,7 +115,7 @@ def test_fuzz_finds_shrinks_and_records_a_bug(capsys, tmp_path):
     summary = json.loads((tmp_path / "fuzz-seed0" / "fuzz.json").read_text())
     report = json.loads((Path(summary["failure"]["report"]) / "report.json").read_text())
     assert len(report["spec"]["layers"]) == 1  # shrunk to the smallest network that shows the bug
-    code, out, _ = run(capsys, "replay", str(Path(summary["failure"]["report"]) / "report.json"))
+    code, out, _ = run(capsys, "replay", str(Path(summary["failure"]["report"]) / "report.json"), "--trust-recorded-impl")
     assert code == 1 and "Same verdict" in out
 
 
