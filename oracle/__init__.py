@@ -19,10 +19,11 @@ import os
 os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-__all__ = ["check", "assert_gradients_match", "CheckResult", "CandidateError", "CandidateCrash", "TOLERANCES", "Tolerance", "TensorComparison"]
+__all__ = ["check", "assert_gradients_match", "CheckResult", "CandidateError", "CandidateCrash", "TOLERANCES", "Tolerance", "TensorComparison", "IsolatedCandidate"]
 
 _HOME = {"check": "checker", "assert_gradients_match": "checker", "CheckResult": "checker", "CandidateError": "checker", "CandidateCrash": "checker",
-         "TOLERANCES": "compare", "Tolerance": "compare", "TensorComparison": "compare"}
+         "TOLERANCES": "compare", "Tolerance": "compare", "TensorComparison": "compare",
+         "IsolatedCandidate": "isolate"}
 
 
 def __getattr__(name):

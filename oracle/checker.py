@@ -300,7 +300,7 @@ def check(
         cand = run_candidate(grads_fn, spec, dict(params), x, y)
     except CandidateCrash as crash:
         return CheckResult(spec, dt.name, False, "crash", tol, 0.0, None, [], None,
-                           f"the candidate {crash.kind}: {crash.message}", crash=crash.to_dict())
+                           f"the candidate did not return ({crash.kind}): {crash.message}", crash=crash.to_dict())
     params64 = {k: v.astype(np.float64) for k, v in params.items()}
     x64 = x.astype(np.float64)
     y64 = y if spec.loss.targets == "classes" else y.astype(np.float64)
