@@ -3,10 +3,11 @@
 Order of work:
 
 1. validate spec, params and data (``SpecError`` naming the field);
-2. call the candidate ``grads_fn(spec, params, x, y)`` on copies of everything (the spec included),
+2. run the torch twin in float64 (the truth) and refuse a case whose forward pass overflows, before
+   any candidate code runs;
+3. call the candidate ``grads_fn(spec, params, x, y)`` on copies of everything (the spec included),
    and validate what it returns (``CandidateError``: wrong keys, shapes or dtypes); a candidate that
    raises or exits gets the verdict ``crash``;
-3. run the torch twin in float64 (the truth); refuse a case whose forward pass overflows;
 4. bound the rounding error any correct implementation may make on this case (``rounding``), and
    locate the elements with more than one right answer: kinks and torch's numerical guards
    (``conventions``);
@@ -296,16 +297,16 @@ def check(
     y = check_y(spec, y, x.shape[0], single, dt)
     tol = tolerance or TOLERANCES[dt.name]
 
-    try:
-        cand = run_candidate(grads_fn, spec, dict(params), x, y)
-    except CandidateCrash as crash:
-        return CheckResult(spec, dt.name, False, "crash", tol, 0.0, None, [], None,
-                           f"the candidate did not return ({crash.kind}): {crash.message}", crash=crash.to_dict())
     params64 = {k: v.astype(np.float64) for k, v in params.items()}
     x64 = x.astype(np.float64)
     y64 = y if spec.loss.targets == "classes" else y.astype(np.float64)
     ref = run_twin(spec, params64, x64, y64, np.float64)
     _refuse_overflow(spec, ref, dt)
+    try:
+        cand = run_candidate(grads_fn, spec, dict(params), x, y)
+    except CandidateCrash as crash:
+        return CheckResult(spec, dt.name, False, "crash", tol, 0.0, None, [], None,
+                           f"the candidate did not return ({crash.kind}): {crash.message}", crash=crash.to_dict())
 
     scale = _scale(ref)
     notes: list = []

@@ -239,3 +239,24 @@ def test_the_rounding_allowance_grows_with_the_conditioning_not_with_s():
         rel.append(float(b[0, 0] / abs(ref.deltas["layers.0"][0, 0])))
     assert rel[0] < 1e-13 and 1e-4 < rel[1] < 1e-1
     # the gradient scale S does not enter: rescaling the loss rescales the bound, not its relative size
+
+
+# -- (7) a forward pass that overflows is refused before judging, naming the layer ------------------------
+@pytest.mark.parametrize("dtype,scale", [("float64", 1e160), ("float32", 1e20)])
+def test_an_overflowing_forward_pass_is_refused_naming_the_layer(dtype, scale, capsys, tmp_path):
+    spec = _spec(3, [(4, "identity", True), (4, "tanh", True), (1, "identity", True)], "half_sse")
+    params, x, y = bp.random_case(spec, 0, batch=2, dtype=dtype)
+    params["layers.0.weight"] = params["layers.0.weight"] * np.asarray(scale, dtype=dtype)
+    x = x * np.asarray(scale, dtype=dtype)
+    with pytest.raises(bp.SpecError, match=f"overflows {dtype} at layer 0"):
+        oracle.check(spec, params, x, y)
+    from oracle.cli import main
+
+    np.savez(tmp_path / "p.npz", **params)
+    np.savez(tmp_path / "d.npz", x=x, y=y)
+    (tmp_path / "s.json").write_text(spec.to_json())
+    code = main(["check", str(tmp_path / "s.json"), "--params", str(tmp_path / "p.npz"), "--data", str(tmp_path / "d.npz"),
+                 "--dtype", dtype, "--report", str(tmp_path / "r")])
+    err = capsys.readouterr().err
+    assert code == 2 and "overflows" in err and err.count("\n") == 1
+    assert not (tmp_path / "r").exists() or not any((tmp_path / "r").iterdir())
