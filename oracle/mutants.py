@@ -9,7 +9,8 @@ convention (which the oracle must classify as such and never fail).
 
 ``run_catalogue`` searches random networks for each mutant until the oracle kills it and records how
 many examples that took, whether the reported first divergent layer is the declared one, and the
-diagnosis hint; it also runs the correct implementation, which must never be flagged.
+diagnosis hint; it also runs the correct implementation, which must never be flagged. How *often*
+the oracle catches each mutant, per weight/data regime and dtype, is measured by ``oracle.rates``.
 """
 
 from __future__ import annotations
@@ -197,10 +198,17 @@ CATALOGUE = [
     Mutant("bias_missing_in_forward", "the bias left out of the forward pass (a forward bug)",
            Hooks(forward_params=lambda spec, p: {k: (np.zeros_like(v) if k.endswith("bias") else v) for k, v in p.items()}),
            lambda s, c: (None, "loss"), specs(bias=True)),
+    # -- mistakes that act only below the output layer ------------------------------------------------
+    Mutant("bias_averaged_layer0", "∂C/∂b of the first layer averaged over the batch instead of summed (other layers right)",
+           Hooks(bias_grad=lambda c, i, d, ds: d.mean(axis=0) if i == 0 else d.sum(axis=0)),
+           lambda s, c: (0, "bias"), specs(min_depth=2, bias=True)),
+    Mutant("relu_mask_dropped_layer0", "δ_0 = δ_1 θ_1 without the relu mask: relu' taken as 1 everywhere on the first layer",
+           Hooks(vjp=lambda c, i, act, z, a, g: g.copy() if i == 0 and act.name == "relu" else act.vjp(z, a, g)),
+           lambda s, c: (0, "delta"), _hidden(["relu"])),
     Mutant("relu_prime_at_zero_is_one", "relu'(0) = 1 instead of torch's 0 — a kink convention, not a bug",
            Hooks(vjp=_vjp_with({"relu"}, lambda act, z, a: (z >= 0).astype(z.dtype))),
            lambda s, c: (_last(s, {"relu"}, c, lambda g, z: z == 0), "delta"), _hidden(["relu"], bias=False),
-           kind="kink", regimes=("near_kinks",)),
+           kind="kink", regimes=("near_kinks", "exact_kinks")),
 ]
 
 @dataclass

@@ -2,13 +2,18 @@
 
 Architectures are drawn by Hypothesis itself, so a failure shrinks toward the smallest network
 (fewer layers, fewer units, simpler activations). Weights and data are drawn by NumPy from a seed
-that Hypothesis chooses, in one of four named regimes, so large tensors stay cheap to generate:
+that Hypothesis chooses, in one of five named regimes, so large tensors stay cheap to generate:
 
 * ``well_conditioned``: PyTorch's default init U(±1/√fan_in) and N(0, 1) inputs;
 * ``saturated``: large weights and inputs, so |z| reaches tens and sigmoid/tanh/softplus saturate;
 * ``near_zero``: weights and inputs around 1e-3, where every activation is nearly linear;
 * ``near_kinks``: weights and inputs on a coarse grid of halves, so pre-activations hit relu's 0,
-  hardtanh's ±1 and l1's zero residual *exactly*.
+  hardtanh's ±1 and l1's zero residual *exactly*;
+* ``exact_kinks``: integer and half-integer weights and data, zero biases, and ties: a weight row
+  copied onto another (two units with the same z), a batch row repeated, an input column repeated and
+  an all-zero example, so relu-type units sit at z = 0 exactly, max-type ties occur, and value targets
+  on the same grid make l1/huber residuals exactly 0. All arithmetic through piecewise-linear layers
+  is exact here (dyadic numbers), so every implementation sees the same elements on a kink.
 
 Targets are random (not ones), so the upstream gradient is a random direction: a sum would hide a
 transposed or permuted gradient.
@@ -23,7 +28,7 @@ from hypothesis import strategies as st
 
 from manual_bp import ACTIVATIONS, LOSSES, Spec
 
-REGIMES = ("well_conditioned", "saturated", "near_zero", "near_kinks")
+REGIMES = ("well_conditioned", "saturated", "near_zero", "near_kinks", "exact_kinks")
 ELEMENTWISE = tuple(name for name, cls in ACTIVATIONS.items() if not cls.output_only)
 VALUE_LOSSES = ("half_sse", "sse", "half_mse", "mse", "l1", "huber", "smooth_l1")
 
@@ -122,6 +127,23 @@ def specs(
                      st.integers(1, max_input), width)
 
 
+def _grid(rng: np.random.Generator, shape, limit: int) -> np.ndarray:
+    """Integers and half-integers in [-limit, limit], zero among them (exact in float32 and float64)."""
+    return rng.integers(-2 * limit, 2 * limit + 1, shape) / 2
+
+
+def _tie(rng: np.random.Generator, arr: np.ndarray, axis: int) -> None:
+    """With probability ½, copy one row (axis 0) or column (axis 1) of ``arr`` onto another, in place."""
+    n = arr.shape[axis]
+    if n < 2 or rng.random() < 0.5:
+        return
+    src, dst = rng.choice(n, 2, replace=False)
+    if axis == 0:
+        arr[dst] = arr[src]
+    else:
+        arr[:, dst] = arr[:, src]
+
+
 def draw_params(spec: Spec, rng: np.random.Generator, regime: str, dtype="float64") -> dict:
     """Weights for ``spec`` in a named regime (see the module docstring)."""
     params = {}
@@ -137,6 +159,9 @@ def draw_params(spec: Spec, rng: np.random.Generator, regime: str, dtype="float6
             w, b = rng.normal(0, 1e-3, shape), rng.normal(0, 1e-3, layer.units)
         elif regime == "near_kinks":
             w, b = rng.integers(-2, 3, shape) / 2, rng.integers(-2, 3, layer.units) / 2
+        elif regime == "exact_kinks":
+            w, b = _grid(rng, shape, 1), np.zeros(layer.units)
+            _tie(rng, w, axis=0)  # two units with the same weights: tied z (softmax/max ties)
         else:
             raise ValueError(f"unknown regime {regime!r}; choose one of {REGIMES}")
         params[f"layers.{i}.weight"] = w.astype(dtype)
@@ -155,14 +180,23 @@ def draw_data(spec: Spec, rng: np.random.Generator, regime: str, batch: int, dty
         x = rng.normal(0, 1e-3, shape)
     elif regime == "near_kinks":
         x = rng.integers(-2, 3, shape) / 2
+    elif regime == "exact_kinks":
+        x = _grid(rng, shape, 2)
+        _tie(rng, x, axis=0)  # a repeated example
+        _tie(rng, x, axis=1)  # a repeated input feature
+        if rng.random() < (0.5 if batch > 1 else 0.25):
+            x[rng.integers(batch)] = 0  # an all-zero example: with zero biases, z = 0 exactly on every relu path
     else:
         x = rng.normal(0, 1, shape)
     n_out = spec.output_size
     if spec.loss.targets == "classes":
         y = rng.integers(0, n_out, batch)
     elif spec.loss.name in ("bce", "bce_with_logits"):
-        y = rng.uniform(0, 1, (batch, n_out)).astype(dtype)
-    elif regime == "near_kinks":
+        if regime == "exact_kinks":
+            y = (rng.integers(0, 3, (batch, n_out)) / 2).astype(dtype)
+        else:
+            y = rng.uniform(0, 1, (batch, n_out)).astype(dtype)
+    elif regime in ("near_kinks", "exact_kinks"):
         y = (rng.integers(-2, 3, (batch, n_out)) / 2).astype(dtype)
     else:
         y = rng.normal(0, 1, (batch, n_out)).astype(dtype)

@@ -69,3 +69,147 @@ def test_hints_on_synthetic_arrays():
     off[1, 1] += 1
     assert any("kink" in h for h in hints("layers.0.delta", off, ref, batch=4, kink_mask=kink))
     assert hints("layers.0.weight", ref, ref, batch=4) == []
+
+
+# -- the exact_kinks regime ------------------------------------------------------------------------
+def test_exact_kinks_regime_puts_z_on_kinks_exactly_with_ties():
+    from hypothesis import Phase, find, settings
+
+    import manual_bp as bp
+    from oracle.strategies import REGIMES, cases, draw_data, draw_params
+
+    assert "exact_kinks" in REGIMES and "near_kinks" in REGIMES
+    quick = settings(phases=[Phase.generate], database=None, max_examples=200)
+    assert find(cases(), lambda c: c.regime == "exact_kinks", settings=quick).regime == "exact_kinks"  # drawn by default
+    spec = bp.Spec.from_dict({"format_version": 1, "input_size": 4, "loss": "l1", "layers": [
+        {"type": "dense", "units": 5, "activation": "relu", "bias": True},
+        {"type": "dense", "units": 3, "activation": "hardtanh", "bias": True},
+        {"type": "dense", "units": 2, "activation": "identity", "bias": True}]})
+    zero_z = tied_units = tied_rows = zero_residual = 0
+    for seed in range(40):
+        rng = np.random.default_rng(seed)
+        params = draw_params(spec, rng, "exact_kinks")
+        x, y = draw_data(spec, rng, "exact_kinks", 4)
+        for arr in [x, y, *params.values()]:
+            assert np.array_equal(2 * arr, np.round(2 * arr))  # integers and half-integers only
+        assert all(not params[k].any() for k in params if k.endswith("bias"))
+        cache = bp.forward(spec, params, x)
+        zero_z += any((z == 0).any() for z in cache.z)
+        w = params["layers.0.weight"]
+        tied_units += any((w[i] == w[j]).all() for i in range(len(w)) for j in range(i))
+        tied_rows += any((x[i] == x[j]).all() for i in range(len(x)) for j in range(i))
+        zero_residual += bool((cache.output == y).any())
+    assert zero_z >= 30 and tied_units >= 10 and tied_rows >= 10 and zero_residual >= 5, (zero_z, tied_units, tied_rows, zero_residual)
+    cls = bp.Spec.from_dict({"format_version": 1, "input_size": 3, "loss": "bce", "layers": [
+        {"type": "dense", "units": 2, "activation": "sigmoid"}]})
+    _, y = draw_data(cls, np.random.default_rng(0), "exact_kinks", 8)
+    assert set(np.unique(y)) <= {0.0, 0.5, 1.0}
+
+
+# -- the mutants that act below the output layer -----------------------------------------------------
+def _two_layer_relu_case():
+    import manual_bp as bp
+
+    spec = bp.Spec.from_dict({"format_version": 1, "input_size": 2, "loss": "half_sse", "layers": [
+        {"type": "dense", "units": 3, "activation": "relu", "bias": True},
+        {"type": "dense", "units": 2, "activation": "identity", "bias": True}]})
+    params = {"layers.0.weight": np.array([[1.0, -0.5], [-1.0, 0.25], [0.5, 0.5]]), "layers.0.bias": np.array([0.1, -0.2, 0.3]),
+              "layers.1.weight": np.array([[0.5, -1.0, 0.25], [1.0, 0.5, -0.5]]), "layers.1.bias": np.array([0.0, 0.1])}
+    x = np.array([[1.0, 2.0], [-1.0, 0.5], [0.3, -0.7]])  # z_0 has negative elements in every column
+    y = np.array([[0.2, -0.1], [0.4, 0.3], [-0.5, 0.6]])
+    return spec, params, x, y
+
+
+@pytest.mark.parametrize("name,tensor", [("bias_averaged_layer0", "bias"), ("relu_mask_dropped_layer0", "delta")])
+def test_layer0_mutants_are_declared_at_layer_0_and_caught(name, tensor):
+    import manual_bp as bp
+    import oracle
+
+    mutant = next(m for m in CATALOGUE if m.name == name)
+    spec, params, x, y = _two_layer_relu_case()
+    assert mutant.kind == "bug" and mutant.corrupts(spec, bp.forward(spec, params, x)) == (0, tensor)
+    _, grads, deltas = mutant.grads_fn(spec, params, x, y)
+    right = bp.gradients(spec, params, x, y)
+    for key in ("layers.1.weight", "layers.1.bias", "layers.1"):  # the output layer is untouched
+        np.testing.assert_array_equal({**grads, **deltas}[key], {**right.grads, **right.deltas}[key])
+    result = oracle.check(spec, params, x, y, mutant.grads_fn)
+    assert not result.passed and result.classification == "bug", result.message()
+    assert result.first_divergent_layer == 0, result.localization
+
+
+def test_layer0_mutant_strategies_make_them_visible():
+    from hypothesis import given, settings
+
+    bias_mutant = next(m for m in CATALOGUE if m.name == "bias_averaged_layer0")
+    relu_mutant = next(m for m in CATALOGUE if m.name == "relu_mask_dropped_layer0")
+
+    @settings(max_examples=20)
+    @given(bias_mutant.specs, relu_mutant.specs)
+    def shapes(bias_spec, relu_spec):
+        assert len(bias_spec.layers) >= 2 and bias_spec.layers[0].bias
+        assert len(relu_spec.layers) >= 2 and relu_spec.layers[0].activation.name == "relu"
+
+    shapes()
+
+
+# -- detection rates and false alarms, at tiny size --------------------------------------------------
+def test_detection_rates_run_reproducibly_and_return_the_documented_structure():
+    from oracle.rates import detection_rates, rates_markdown, replay
+
+    kw = dict(mutants=["bias_averaged_layer0", "sign_flip"], regimes=("well_conditioned", "exact_kinks"))
+    result = detection_rates(2, 0, **kw)
+    assert result["schema"] == "bp-oracle/detection-rates" and result["per_cell"] == 2
+    assert len(result["cells"]) == 2 * 2 * 2
+    for cell in result["cells"]:
+        assert {"mutant", "regime", "dtype", "drawn", "refused", "changed", "detected", "missed", "rate", "verdicts",
+                "first_missed", "seconds"} <= set(cell)
+        assert cell["drawn"] == 2 and 0 <= cell["detected"] <= cell["changed"] <= cell["drawn"] - cell["refused"]
+        assert cell["rate"] == (cell["detected"] / cell["changed"] if cell["changed"] else None)
+        if cell["first_missed"]:
+            spec, params, x, y = replay(cell["first_missed"])
+            assert x.dtype == np.dtype(cell["dtype"])
+    assert set(result["controls"]) == {"correct", "relu_prime_at_zero_is_one"}
+    assert all(c["checks"] == 2 * 2 * 2 * 2 for c in result["controls"].values())
+    assert isinstance(result["passed"], bool) and isinstance(result["below_threshold"], list)
+    assert set(result["summary"]) == {"well_conditioned", "exact_kinks"}
+    assert result["summary"]["exact_kinks"]["float64"]["changed"] == sum(
+        c["changed"] for c in result["cells"] if c["regime"] == "exact_kinks" and c["dtype"] == "float64")
+    again = detection_rates(2, 0, controls=False, **kw)
+    strip = lambda r: [{k: v for k, v in c.items() if k != "seconds"} for c in r["cells"]]  # noqa: E731
+    assert strip(again) == strip(result)  # the same draws and verdicts from the same seed
+    md = rates_markdown(result)
+    assert md.startswith("## Detection rate ≥ 99% in every cell: ") and "| `sign_flip` | exact_kinks | float32 |" in md
+
+
+def test_false_alarms_run_and_return_the_documented_structure():
+    import json
+
+    from oracle.rates import false_alarms, rates_markdown
+
+    result = false_alarms(3, 0)
+    assert result["schema"] == "bp-oracle/false-alarms"
+    assert set(result["impls"]) == {"manual_bp", "second_correct"}
+    for per in result["impls"].values():
+        assert set(per) == {"float64", "float32"}
+        for entry in per.values():
+            assert entry["checks"] == 3 and sum(entry["classifications"].values()) == 3
+            assert entry["false_alarms"] == sum(v for k, v in entry["classifications"].items()
+                                                if k not in ("match", "rounding", "kink", "convention"))
+            for ex in entry["examples"]:
+                assert {"spec", "regime", "dtype", "data_seed", "batch", "classification", "message"} <= set(ex)
+    json.dumps(result)
+    md = rates_markdown({"false_alarms": result})
+    assert md.startswith("## False alarms of correct implementations: ")
+
+
+def test_a_case_the_oracle_refuses_is_not_a_verdict():
+    import manual_bp as bp
+    from oracle.rates import verdict
+
+    spec = bp.Spec.from_dict({"format_version": 1, "input_size": 2, "loss": "half_sse", "layers": [
+        {"type": "dense", "units": 2, "activation": "identity", "bias": False}]})
+    huge = {"layers.0.weight": np.full((2, 2), 1e20, dtype=np.float32)}  # z = 2e40 overflows float32
+    x, y = np.full((1, 2), 1e20, dtype=np.float32), np.zeros((1, 2), dtype=np.float32)
+    assert verdict(spec, huge, x, y, bp.gradients)[:2] == ("refused", None)
+    fine = {"layers.0.weight": np.eye(2)}
+    assert verdict(spec, fine, np.ones((1, 2)), np.zeros((1, 2)), bp.gradients)[:2] == ("match", True)

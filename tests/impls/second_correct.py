@@ -1,0 +1,304 @@
+r"""A second correct backward, written independently of manual_bp's code (only the spec is read).
+
+It differs from manual_bp on purpose wherever two correct implementations may round differently,
+so that the oracle's false-alarm rate is measured on more than one way of being right:
+
+* layers by ``np.einsum`` (z = a θᵀ + b, ∂C/∂θ = δᵀa, δ θ), not ``@``;
+* every derivative from z by its stable closed form, never from a = g(z): σ'(z) = e^{-|z|}/(1+e^{-|z|})²,
+  tanh'(z) = sech² z = 4e^{-2|z|}/(1+e^{-2|z|})², gelu's Φ by erfc, silu' with σ(−z) itself, ...;
+* the output δ in one piece where the loss and the output activation meet: sigmoid + bce gives
+  δ = (σ(z) − y)/N exactly (never through torch's 1e-12 guard), softmax + bce the closed form
+  δ_j = [(p_j − y_j) − Σ_{k≠j} (p_k − y_k) p_j/(1 − p_k)]/N with p_j/(1 − p_k) computed as the softmax of
+  z with unit k left out (no rounded 1 − p is ever divided by); cross_entropy softmax(z) − onehot,
+  log_softmax + nll the same.
+
+The loss *value* is the spec's definition (torch's: bce's logs clamped at −100 on the probabilities).
+Kink conventions are torch's: relu'(0) = 0, leaky'(0) = slope, elu'(0) = α, selu'(0) = λα, hardtanh' = 0
+at both bounds, l1's sign(0) = 0; softplus is z where βz > threshold, as torch.
+
+``grads(spec, params, x, y) -> (loss, grads, deltas)``, everything in the params' dtype.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+SELU_ALPHA = 1.6732632423543772848170429916717
+SELU_SCALE = 1.0507009873554804934193349852946
+GELU_TANH_K = math.sqrt(2.0 / math.pi)
+GELU_TANH_C = 0.044715
+_erfc = np.vectorize(math.erfc, otypes=[np.float64])
+
+
+def _act(layer):
+    """(name, params) of a layer's activation, read from the spec's JSON form."""
+    a = layer.activation
+    return a.name, dict(a.params)
+
+
+# -- elementary stable pieces -------------------------------------------------------------------------
+def _sigmoid(z):
+    e = np.exp(-np.abs(z))
+    return np.where(z >= 0, 1 / (1 + e), e / (1 + e))
+
+
+def _dsigmoid(z):
+    """σ(z) σ(−z) = e^{-|z|} / (1 + e^{-|z|})²."""
+    e = np.exp(-np.abs(z))
+    return e / ((1 + e) * (1 + e))
+
+
+def _sech2(u):
+    """1 − tanh²(u) = 4 e^{-2|u|} / (1 + e^{-2|u|})², no cancellation."""
+    e = np.exp(-2 * np.abs(u))
+    return 4 * e / ((1 + e) * (1 + e))
+
+
+def _softplus(z):
+    return np.maximum(z, 0) + np.log1p(np.exp(-np.abs(z)))
+
+
+def _log_softmax(z):
+    m = z.max(axis=1, keepdims=True)
+    s = z - m
+    return s - np.log(np.exp(s).sum(axis=1, keepdims=True))
+
+
+def _softmax(z):
+    e = np.exp(z - z.max(axis=1, keepdims=True))
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def _phi_cdf(z):
+    return 0.5 * _erfc(-z / math.sqrt(2.0))
+
+
+# -- activations: value and derivative, both from z ------------------------------------------------------
+def act_value(name, p, z):
+    if name == "identity":
+        return z
+    if name == "sigmoid":
+        return _sigmoid(z)
+    if name == "tanh":
+        return np.tanh(z)
+    if name == "relu":
+        return np.where(z > 0, z, 0 * z)
+    if name == "leaky_relu":
+        return np.where(z > 0, z, p.get("negative_slope", 0.01) * z)
+    if name == "elu":
+        return np.where(z > 0, z, p.get("alpha", 1.0) * np.expm1(np.minimum(z, 0)))
+    if name == "selu":
+        return SELU_SCALE * np.where(z > 0, z, SELU_ALPHA * np.expm1(np.minimum(z, 0)))
+    if name == "softplus":
+        beta, threshold = p.get("beta", 1.0), p.get("threshold", 20.0)
+        return np.where(beta * z > threshold, z, _softplus(beta * z) / beta)
+    if name == "gelu":
+        return z * _phi_cdf(z)
+    if name == "gelu_tanh":
+        return 0.5 * z * (1 + np.tanh(GELU_TANH_K * (z + GELU_TANH_C * z ** 3)))
+    if name == "silu":
+        return z * _sigmoid(z)
+    if name == "mish":
+        return z * np.tanh(_softplus(z))
+    if name == "softsign":
+        return z / (1 + np.abs(z))
+    if name == "hardtanh":
+        return np.minimum(np.maximum(z, p.get("min_val", -1.0)), p.get("max_val", 1.0))
+    if name == "softmax":
+        return _softmax(z)
+    if name == "log_softmax":
+        return _log_softmax(z)
+    raise ValueError(f"unknown activation {name}")
+
+
+def act_derivative(name, p, z):
+    """g'(z) for elementwise activations, from z alone."""
+    if name == "identity":
+        return np.ones_like(z)
+    if name == "sigmoid":
+        return _dsigmoid(z)
+    if name == "tanh":
+        return _sech2(z)
+    if name == "relu":
+        return (z > 0) * np.ones_like(z)
+    if name == "leaky_relu":
+        return np.where(z > 0, 1.0, p.get("negative_slope", 0.01))
+    if name == "elu":
+        return np.where(z > 0, 1.0, p.get("alpha", 1.0) * np.exp(np.minimum(z, 0)))
+    if name == "selu":
+        return np.where(z > 0, SELU_SCALE, SELU_SCALE * SELU_ALPHA * np.exp(np.minimum(z, 0)))
+    if name == "softplus":
+        beta, threshold = p.get("beta", 1.0), p.get("threshold", 20.0)
+        return np.where(beta * z > threshold, 1.0, _sigmoid(beta * z))
+    if name == "gelu":
+        return _phi_cdf(z) + z * np.exp(-0.5 * z * z) / math.sqrt(2 * math.pi)
+    if name == "gelu_tanh":
+        u = GELU_TANH_K * (z + GELU_TANH_C * z ** 3)
+        return 0.5 * (1 + np.tanh(u)) + 0.5 * z * _sech2(u) * GELU_TANH_K * (1 + 3 * GELU_TANH_C * z * z)
+    if name == "silu":
+        return _sigmoid(z) * (1 + z * _sigmoid(-z))
+    if name == "mish":
+        sp = _softplus(z)
+        return np.tanh(sp) + z * _sigmoid(z) * _sech2(sp)
+    if name == "softsign":
+        return 1 / (1 + np.abs(z)) ** 2
+    if name == "hardtanh":
+        return ((z > p.get("min_val", -1.0)) & (z < p.get("max_val", 1.0))) * np.ones_like(z)
+    raise ValueError(f"{name} has no elementwise derivative")
+
+
+def act_vjp(name, p, z, g):
+    """δ = ∂C/∂z from ∂C/∂a, per example for the row-coupled ones."""
+    if name == "softmax":
+        s = _softmax(z)
+        return s * (g - np.einsum("mj,mj->m", g, s)[:, None])
+    if name == "log_softmax":
+        return g - _softmax(z) * g.sum(axis=1, keepdims=True)
+    return g * act_derivative(name, p, z)
+
+
+# -- losses: the value, and ∂C/∂a (or δ_L directly where loss and output activation meet) ------------------
+def _clamped_log(v):
+    with np.errstate(divide="ignore"):
+        return np.maximum(np.log(v), -100)
+
+
+def loss_value(loss, a, y, m):
+    name, p = loss.name, dict(loss.params)
+    n = a.size
+    if name == "half_sse":
+        return 0.5 * np.sum((a - y) ** 2)
+    if name == "sse":
+        return np.sum((y - a) ** 2)
+    if name == "half_mse":
+        return np.sum((a - y) ** 2) / (2 * m)
+    if name == "mse":
+        return np.sum((a - y) ** 2) / n
+    if name == "l1":
+        return np.sum(np.abs(a - y)) / n
+    if name == "huber":
+        d, r = p["delta"], np.abs(a - y)
+        return np.sum(np.where(r < d, 0.5 * r * r, d * (r - 0.5 * d))) / n
+    if name == "smooth_l1":
+        b, r = p["beta"], np.abs(a - y)
+        return np.sum(np.where(r < b, 0.5 * r * r / b, r - 0.5 * b)) / n
+    if name == "bce":
+        return -np.sum(y * _clamped_log(a) + (1 - y) * _clamped_log(1 - a)) / n
+    if name == "bce_with_logits":
+        return np.sum(np.maximum(a, 0) - a * y + np.log1p(np.exp(-np.abs(a)))) / n
+    if name == "cross_entropy":
+        return -np.sum(_log_softmax(a)[np.arange(m), y]) / m
+    if name == "nll":
+        return -np.sum(a[np.arange(m), y]) / m
+    raise ValueError(f"unknown loss {name}")
+
+
+def loss_grad(loss, a, y, m):
+    name, p = loss.name, dict(loss.params)
+    n = a.size
+    if name == "half_sse":
+        return a - y
+    if name == "sse":
+        return 2 * (a - y)
+    if name == "half_mse":
+        return (a - y) / m
+    if name == "mse":
+        return 2 * (a - y) / n
+    if name == "l1":
+        return np.sign(a - y) / n
+    if name == "huber":
+        d = p["delta"]
+        return np.minimum(np.maximum(a - y, -d), d) / n
+    if name == "smooth_l1":
+        b, r = p["beta"], a - y
+        return np.where(np.abs(r) < b, r / b, np.sign(r)) / n
+    if name == "bce_with_logits":
+        return (_sigmoid(a) - y) / n
+    if name == "cross_entropy":
+        return (_softmax(a) - _one_hot(y, a)) / m
+    if name == "nll":
+        return -_one_hot(y, a) / m
+    raise ValueError(f"{name} is handled with its output activation")
+
+
+def _one_hot(y, like):
+    hot = np.zeros_like(like)
+    hot[np.arange(like.shape[0]), y] = 1
+    return hot
+
+
+def output_delta(spec, z, a, y, m):
+    """δ_L = ∂C/∂z_L, the loss and the output activation taken together where that is exact."""
+    name, p = _act(spec.layers[-1])
+    loss = spec.loss.name
+    n = a.size
+    if loss == "bce" and name == "sigmoid":
+        return (_sigmoid(z) - y) / n
+    if loss == "bce" and name == "softmax":
+        return _softmax_bce_delta(z, y) / n
+    if loss == "nll" and name == "log_softmax":
+        return (_softmax(z) - _one_hot(y, z)) / m
+    return act_vjp(name, p, z, loss_grad(spec.loss, a, y, m))
+
+
+def _softmax_bce_delta(z, y):
+    r"""N·δ for bce after softmax, without ever dividing by a rounded 1 − p.
+
+    :math:`δ_j = (p_j − y_j) − \sum_{k≠j} (p_k − y_k)\, p_j/(1 − p_k)`, and :math:`p_j/(1 − p_k) = q^{(k)}_j`,
+    the softmax of z with unit k left out: computed as its own softmax (shifted by the largest remaining
+    logit), it stays exact where p_k rounds to 1 and every other exp(z − max z) underflows.
+    """
+    k = z.shape[1]
+    if k == 1:
+        return np.zeros_like(z)  # a one-unit softmax is the constant 1: the loss does not depend on z
+    pr = _softmax(z)
+    left_out = np.where(np.eye(k, dtype=bool)[None, :, :], -np.inf, z[:, None, :])   # row k: z without unit k
+    q = np.exp(left_out - left_out.max(axis=2, keepdims=True))
+    q /= q.sum(axis=2, keepdims=True)                                               # q[m, k, j] = p_j / (1 − p_k)
+    r = pr - y
+    return r - np.einsum("mk,mkj->mj", r, q)
+
+
+# -- the network ------------------------------------------------------------------------------------
+def grads(spec, params, x, y):
+    """(loss, grads, deltas) of ``spec`` at ``params`` on the batch (x, y), in the params' dtype."""
+    dtype = params["layers.0.weight"].dtype
+    x = np.asarray(x, dtype=dtype)
+    if x.ndim == 1:
+        x = x[None, :]
+    m = x.shape[0]
+    if spec.loss.targets == "classes":
+        y = np.asarray(y).reshape(m).astype(np.int64)
+    else:
+        y = np.asarray(y, dtype=dtype).reshape(m, spec.layers[-1].units)
+
+    zs, inputs, a = [], [], x
+    for i, layer in enumerate(spec.layers):
+        z = np.einsum("mi,oi->mo", a, params[f"layers.{i}.weight"])
+        if layer.bias:
+            z = z + params[f"layers.{i}.bias"]
+        z = z.astype(dtype, copy=False)
+        inputs.append(a)
+        zs.append(z)
+        name, p = _act(layer)
+        a = np.asarray(act_value(name, p, z)).astype(dtype, copy=False)
+    loss = dtype.type(loss_value(spec.loss, a, y, m))
+
+    out, deltas = {}, {}
+    L = len(spec.layers)
+    delta = np.asarray(output_delta(spec, zs[-1], a, y, m)).astype(dtype, copy=False)
+    for i in reversed(range(L)):
+        if i < L - 1:
+            name, p = _act(spec.layers[i])
+            upstream = np.einsum("mo,oi->mi", deltas[f"layers.{i + 1}"], params[f"layers.{i + 1}.weight"])
+            delta = np.asarray(act_vjp(name, p, zs[i], upstream)).astype(dtype, copy=False)
+        deltas[f"layers.{i}"] = delta
+        out[f"layers.{i}.weight"] = np.einsum("mo,mi->oi", delta, inputs[i]).astype(dtype, copy=False)
+        if spec.layers[i].bias:
+            out[f"layers.{i}.bias"] = np.einsum("mo->o", delta).astype(dtype, copy=False)
+    grads_ = {f"layers.{i}.{k}": out[f"layers.{i}.{k}"] for i in range(L) for k in ("weight", "bias")
+              if f"layers.{i}.{k}" in out}
+    deltas = {f"layers.{i}": deltas[f"layers.{i}"] for i in range(L)}
+    return loss, grads_, deltas
