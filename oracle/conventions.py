@@ -100,8 +100,9 @@ def exact_bce(spec, z: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, float]:
     r"""δ_L and C of bce on a sigmoid or softmax output, exactly (no guard, no clamp), from the logits z.
 
     sigmoid: δ = (σ(z) − y)/N and C = mean(softplus(z) − z y).
-    softmax: with g_j = (p_j − y_j)/(p_j(1 − p_j)), δ_k = p_k g_k − p_k Σ_j p_j g_j where
-    p_j g_j = (p_j − y_j)/(1 − p_j); 1 − p_j is computed as Σ_{i≠j} p_i, so nothing cancels.
+    softmax: with g_j = (p_j − y_j)/(p_j(1 − p_j)), δ_k = p_k g_k − p_k Σ_j p_j g_j; written without the
+    terms that cancel (see the code) and with log(1 − p_j) as a log-sum-exp of the other logits, so it is
+    finite and accurate even where p rounds to exactly 1 or 0.
     """
     zt, yt = torch.from_numpy(np.asarray(z, dtype=np.float64)), torch.from_numpy(np.asarray(y, dtype=np.float64))
     N = zt.numel()
@@ -117,10 +118,12 @@ def exact_bce(spec, z: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, float]:
     others = zt.unsqueeze(-2).expand(*zt.shape, n).clone()
     idx = torch.arange(n)
     others[..., idx, idx] = -torch.inf
-    log1mp = torch.logsumexp(others, dim=-1) - torch.logsumexp(zt, dim=-1, keepdim=True)
-    one_minus_p = log1mp.exp()
-    pg = (p - yt) / one_minus_p
-    delta = (pg - p * pg.sum(dim=-1, keepdim=True)) / N
+    log1mp = torch.logsumexp(others, dim=-1) - torch.logsumexp(zt, dim=-1, keepdim=True)   # log(1 − p_j)
+    # δ_k = t_k − p_k Σ_j t_j, t_j = (p_j − y_j)/(1 − p_j); t_k(1 − p_k) = p_k − y_k, so
+    # δ_k = (p_k − y_k) − Σ_{j≠k} (p_j − y_j) p_k/(1 − p_j), each ratio as exp(log p_k − log(1 − p_j)) ≤ 1
+    log_ratio = logp.unsqueeze(-1) - log1mp.unsqueeze(-2)                  # [.., k, j] = log(p_k/(1 − p_j))
+    ratio = torch.exp(log_ratio.masked_fill(torch.eye(n, dtype=torch.bool), -torch.inf))  # j ≠ k only
+    delta = ((p - yt) - (ratio * (p - yt).unsqueeze(-2)).sum(dim=-1)) / N
     loss = -(yt * logp + (1 - yt) * log1mp).mean()
     return delta.numpy(), float(loss)
 

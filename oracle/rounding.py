@@ -51,7 +51,10 @@ from .twin import activation_fn
 
 #: unit roundoff of each dtype: the largest relative error of one correctly rounded operation
 UNIT_ROUNDOFF = {np.dtype(np.float32): 2.0 ** -24, np.dtype(np.float64): 2.0 ** -53}
+BCE_GUARD = float(np.float32(1e-12))  # torch's max(a(1 − a), 1e-12) in the bce backward
 ULPS = 8  # rounding errors allowed for evaluating one library function or closed formula
+LAMBDA = 6.0  # the probabilistic bound's margin: an n-term sum errs by more than λ√n·u·Σ|terms| with
+              # probability below 2·exp(−λ²/2) ≈ 3e-8 (Higham and Mary 2019)
 
 
 @dataclass
@@ -86,37 +89,88 @@ def one_sided_slopes(act, k: float) -> tuple[float, float]:
 
 
 def _sigmoid(z):
-    return 0.5 * (1 + np.tanh(0.5 * z))
+    """σ(z), accurate to the last bit at both ends (e^{−|z|} never overflows)."""
+    e = np.exp(-np.abs(z))
+    return np.where(z >= 0, 1 / (1 + e), e / (1 + e))
 
 
-def _scales(act, z, a, d1) -> tuple[np.ndarray | float, np.ndarray | float]:
-    """(M_g, M_g'): the size of the terms the usual formulas for g(z) and g'(z) add or subtract."""
+def _gamma(n: int, u: float) -> float:
+    """The rounding of an n-term sum, relative to the sum of its |terms|: λ√n·u (probabilistic, see above),
+    or the worst case n·u where that is smaller."""
+    return min(n, LAMBDA * math.sqrt(n)) * u
+
+
+def _rss(E: np.ndarray, W: np.ndarray) -> np.ndarray:
+    """How errors E already made add up through the linear map W: E |W|, the worst case.
+
+    They are not independent: every error below a layer is a combination of the same few roundings
+    above it (one rounded probability moves a whole row of a softmax's δ, and that row feeds every
+    unit below), so they may add up with one sign.
+    """
+    return E @ np.abs(W)
+
+
+def _cancel(terms, result, us):
+    """The rounding, in units of u = Σ us, of a subtraction of nearly equal ``terms`` (their size).
+
+    For each dtype's unit roundoff u_k it is u_k·terms, not less where the exact ``result`` is merely
+    below u_k·terms: a library function one ulp off turns 1 − tanh² = 0 into 2u. But where the result
+    is below u_k²·terms, the argument is so far saturated (|x| > ln(2/u) for tanh) that every
+    implementation returns the limit exactly and the subtraction gives 0: the error is the exact
+    result itself. ``result`` must be computed without the cancellation (a stable closed form).
+    """
+    terms = np.broadcast_to(terms, np.shape(result)) if np.ndim(terms) < np.ndim(result) else terms
+    r = np.abs(result)
+    return sum(np.where(r < uk * uk * terms, r, uk * terms) for uk in us) / sum(us)
+
+
+def _sech2(x):
+    """1 − tanh²(x) = 4e^{−2|x|}/(1 + e^{−2|x|})², without the cancellation."""
+    e = np.exp(-2 * np.abs(x))
+    return 4 * e / (1 + e) ** 2
+
+
+def _scales(act, z, a, d1, us) -> tuple[np.ndarray | float, np.ndarray | float]:
+    """(M_g, M_g'): the size of the terms the usual formulas for g(z) and g'(z) add or subtract, so that
+    evaluating them errs by at most c·u·M (``_cancel`` for the terms that cancel; ``us`` the unit
+    roundoffs of the candidate's dtype and of the float64 reference)."""
     name, p = act.name, act.params
     az, aa, ad = np.abs(z), np.abs(a), np.abs(d1)
     if name in ("identity", "relu", "hardtanh"):
         return 0.0, 0.0
     if name == "leaky_relu":
         return aa, 0.0
-    if name == "sigmoid":        # σ' = a(1 − a) from a rounded a: error ~ u·a where a ≈ 1
-        return aa, ad + aa
+    if name == "sigmoid":        # σ' = a(1 − a) from a rounded a: 1 − a cancels where a ≈ 1
+        s = _sigmoid(z)
+        return aa, ad + _cancel(aa, s * _sigmoid(-z), us)
     if name == "tanh":           # 1 − a² cancels where |a| ≈ 1
-        return aa, ad + aa * aa
+        return aa, ad + _cancel(aa * aa, _sech2(z), us)
     if name in ("elu", "selu"):  # α(e^z − 1) and a + α cancel for z ≤ 0
         alpha = p.get("alpha", act.__class__.__dict__.get("alpha", 1.0))
         scale = getattr(act, "scale", 1.0) if name == "selu" else 1.0
         neg = (z <= 0) * abs(alpha) * scale
-        return aa + neg, ad + aa + neg
-    if name == "softplus":       # log(1 + e^{βz})/β: an absolute u/β where βz ≪ 0 when log1p is not used
-        return aa + 1.0 / p["beta"], ad
-    if name == "gelu":           # z·½(1 + erf) cancels for z ≪ 0
-        return aa + az, ad + 1.0 + az * np.exp(-0.5 * z * z) / math.sqrt(2 * math.pi)
-    if name == "gelu_tanh":      # 1 − tanh² and 1 + tanh cancel
-        return aa + az, ad + 1.0 + az * math.sqrt(2 / math.pi) * (1 + 0.134145 * z * z)
+        exact_slope = neg * np.exp(np.minimum(z, 0))
+        return aa + _cancel(neg, aa, us), ad + aa + _cancel(neg, exact_slope, us)
+    if name == "softplus":       # log(1 + e^{βz})/β: 1 + e^{βz} rounds to 1 where βz ≪ 0 (without log1p)
+        return aa + _cancel(1.0 / p["beta"], aa, us), ad
+    if name == "gelu":           # z·½(1 + erf(z/√2)): 1 + erf cancels for z ≪ 0
+        cdf = torch.special.ndtr(torch.from_numpy(np.asarray(z, dtype=np.float64))).numpy()
+        pdf = np.exp(-0.5 * z * z) / math.sqrt(2 * math.pi)
+        return aa + _cancel(az, az * cdf, us), ad + _cancel(1.0, cdf, us) + az * pdf
+    if name == "gelu_tanh":      # ½(1 + tanh) and 1 − tanh² cancel
+        k = math.sqrt(2 / math.pi)
+        x = k * (z + 0.044715 * z ** 3)
+        half_1pt = _sigmoid(2 * x)            # ½(1 + tanh x)
+        slope = 0.5 * az * k * (1 + 0.134145 * z * z)
+        return (aa + _cancel(az, az * half_1pt, us),
+                ad + _cancel(1.0, half_1pt, us) + _cancel(slope, slope * _sech2(x), us))
     if name == "silu":           # σ(1 + z(1 − σ)): 1 − σ cancels for z ≫ 0
         s = _sigmoid(z)
-        return aa, ad + s * (1 + 2 * az)
+        return aa, ad + s * (1 + az) + _cancel(s * az, s * az * _sigmoid(-z), us)
     if name == "mish":           # tanh(softplus) and 1 − tanh² cancel
-        return aa + az, ad + 1.0 + 2 * az * _sigmoid(z)
+        sp = np.logaddexp(0.0, z)
+        s = _sigmoid(z)
+        return aa + _cancel(az, aa, us), ad + 1.0 + _cancel(az * s, az * s * _sech2(sp), us)
     if name == "softsign":
         return aa, ad
     return aa + az, ad + 1.0     # an activation added later without its own entry: a generous default
@@ -165,15 +219,42 @@ def _loss_bounds(loss, a, y, G, Ea, u, guard):
     return EG, EC, mag
 
 
-def allowance(spec: Spec, params: dict, x: np.ndarray, y: np.ndarray, ref, dtype, guard=None) -> Allowance:
+def _softmax_bce_bound(p, y, Ea, G, cu, cu64, u_c):
+    r"""E_δ of bce on a softmax output, bounded as one composite function of p (what it is).
+
+    δ_k = t_k − p_k Σ_j t_j with t_j = p_j G_j = (p_j − y_j)/(1 − p_j) (guarded where p_j(1 − p_j) < 1e-12).
+    Formed as p ⊙ (G − Σ G p) from the same p, the two huge terms of δ_k cancel exactly in p_k and leave a
+    rounding error u·p_k(|G_k| + Σ|G_j|p_j); through p_j (j ≠ k) it moves by p_k |∂t_j/∂p_j| E_{p_j},
+    |∂t_j/∂p_j| ≤ 2/(1 − p_j)² (2/1e-12 where the guard holds). Bounding G and the Jacobian apart would count, at p ≈ 1,
+    a 1/(1 − p) error twice that no implementation makes. The rounding of the G-terms is bounded apart for
+    the float64 reference (torch's guarded G, up to 1e12/N) and for the candidate (its G in its own dtype,
+    where 1 − p is at least u_c or exactly 0).
+    """
+    N = p.size
+    q = p * (1 - p)
+    slope = np.where(q >= BCE_GUARD, 2.0 / np.maximum((1 - p) ** 2, 1e-300), 2.0 / BCE_GUARD)
+    sens = slope * Ea                                         # |∂t_j/∂p_j| E_{p_j}
+    through_others = p * (sens.sum(axis=-1, keepdims=True) - sens)
+    aG = np.abs(G)
+    # the candidate's own G, in its dtype, cannot exceed (p − y)/max(p(1 − p), u_c, 1e-12)/N
+    aGc = np.abs(p - y) / np.maximum(p * (1 - p), max(u_c, BCE_GUARD)) / N
+    return ((Ea + through_others) / N + cu64 * p * (aG + (aG * p).sum(axis=-1, keepdims=True))
+            + ULPS * u_c * p * (aGc + (aGc * p).sum(axis=-1, keepdims=True)) + cu * np.abs(p - y) / N)
+
+
+def allowance(spec: Spec, params: dict, x: np.ndarray, y: np.ndarray, ref, dtype, guard=None,
+              alternatives: dict | None = None) -> Allowance:
     """The rounding allowance of every compared tensor for a candidate computing in ``dtype``.
 
     ``params``, ``x``, ``y`` are the float64 values of the case; ``ref`` the float64 torch reference
-    (``twin.run_twin``); ``guard`` an optional boolean mask of output elements where a numerical guard of
-    the loss is active (their δ is judged by the convention rule; its rounding is bounded locally there).
+    (``twin.run_twin``, or its re-run following a candidate's conventions); ``guard`` an optional boolean
+    mask of output elements where a numerical guard of the loss is active, and ``alternatives`` the δ_L
+    accepted there (``conventions.Guards.deltas``): each is computed by a formula whose terms are as large
+    as the values, so its rounding, relative to them, is allowed on the guarded rows too.
     """
-    u = UNIT_ROUNDOFF[np.dtype(dtype)] + UNIT_ROUNDOFF[np.dtype(np.float64)]
-    cu = ULPS * u
+    us = (UNIT_ROUNDOFF[np.dtype(dtype)], UNIT_ROUNDOFF[np.dtype(np.float64)])
+    u = sum(us)
+    cu, cu64 = ULPS * u, ULPS * us[1]
     # underflow: each operation may also lose an absolute amount below the smallest normal number
     eta = float(np.finfo(dtype).tiny) + float(np.finfo(np.float64).tiny)
     L = len(spec.layers)
@@ -183,7 +264,7 @@ def allowance(spec: Spec, params: dict, x: np.ndarray, y: np.ndarray, ref, dtype
     for i, layer in enumerate(spec.layers):
         W = np.abs(params[f"layers.{i}.weight"])
         b = np.abs(params[f"layers.{i}.bias"]) if layer.bias else 0.0
-        ez = Ea[i] @ W.T + (W.shape[1] + 2) * (u * (A[i] @ W.T + b) + eta)
+        ez = _rss(Ea[i], W.T) + _gamma(W.shape[1] + 2, u) * (A[i] @ W.T + b) + (W.shape[1] + 2) * eta
         z, a, act = ref.z[i], ref.acts[i], layer.activation
         mask = np.zeros(z.shape, dtype=bool)
         if act.name == "softmax":
@@ -203,7 +284,7 @@ def allowance(spec: Spec, params: dict, x: np.ndarray, y: np.ndarray, ref, dtype
                     left, right = one_sided_slopes(act, k)
                     slope = np.where(near, np.maximum(slope, max(abs(left), abs(right))), slope)
                     mask |= near
-            mg, mgp = _scales(act, z, a, d1)
+            mg, mgp = _scales(act, z, a, d1, us)
             ea = slope * ez + cu * mg + ULPS * eta
             eg = np.abs(d2) * ez + cu * mgp + ULPS * eta
         Ez.append(ez)
@@ -226,7 +307,9 @@ def allowance(spec: Spec, params: dict, x: np.ndarray, y: np.ndarray, ref, dtype
         layer, act = spec.layers[i], spec.layers[i].activation
         delta = ref.deltas[f"layers.{i}"]
         ad = np.abs(delta)
-        if act.name == "softmax":
+        if act.name == "softmax" and i == L - 1 and spec.loss.name == "bce":
+            edelta = _softmax_bce_bound(ref.acts[i], yv, Ea[L], up, cu, cu64, us[0])
+        elif act.name == "softmax":
             p = ref.acts[i]
             dp = p * (Ez[i] + (p * Ez[i]).sum(axis=-1, keepdims=True))
             s = np.abs((up * p).sum(axis=-1, keepdims=True))
@@ -241,19 +324,26 @@ def allowance(spec: Spec, params: dict, x: np.ndarray, y: np.ndarray, ref, dtype
             # σ + bce: every usual implementation lands within rounding of (a − y)/N, whether it forms
             # (a − y)/N directly or (a − y)/(a(1 − a)) · a(1 − a) from the same a (the two a(1 − a) cancel)
             edelta = (Ea[L] + cu * (np.abs(ref.output) + np.abs(yv))) / ref.output.size + cu * ad
+            # where torch's guard is active its δ is (a − y)/1e-12 · a(1 − a): σ' from a rounded a, absolute u
+            # (the float64 reference's rounding; a candidate's own guarded answer is an accepted alternative)
+            edelta = edelta + np.where(guard, cu64 * np.abs(up) * (ref.output + np.abs(d1s[i])), 0.0)
         else:
             edelta = Eup * np.abs(d1s[i]) + np.abs(up) * Egs[i] + cu * ad
-        if i == L - 1 and guard.any():
+        if i == L - 1 and alternatives and guard.any():
             rows = guard.any(axis=-1, keepdims=True) if act.output_only else guard
-            edelta = np.where(rows, cu * 16 * ad, edelta)
+            for alt in alternatives.values():
+                big = np.abs(alt)
+                edelta = edelta + np.where(rows, cu * (big + big.sum(axis=-1, keepdims=True) * act.output_only), 0.0)
         W = np.abs(params[f"layers.{i}.weight"])
         m = delta.shape[0]
         edelta = edelta + ULPS * eta
         bounds[f"layers.{i}.delta"] = edelta
-        bounds[f"layers.{i}.weight"] = edelta.T @ A[i] + ad.T @ Ea[i] + (m + 1) * (u * (ad.T @ A[i]) + eta)
+        bounds[f"layers.{i}.weight"] = (_rss(edelta.T, A[i]) + _rss(ad.T, Ea[i])
+                                        + _gamma(m + 1, u) * (ad.T @ A[i]) + (m + 1) * eta)
         if layer.bias:
-            bounds[f"layers.{i}.bias"] = edelta.sum(axis=0) + (m + 1) * (u * ad.sum(axis=0) + eta)
-        Eup = edelta @ W + (W.shape[0] + 1) * (u * (ad @ W) + eta)
+            bounds[f"layers.{i}.bias"] = (edelta.sum(axis=0) + _gamma(m + 1, u) * ad.sum(axis=0)
+                                          + (m + 1) * eta)
+        Eup = _rss(edelta, W) + _gamma(W.shape[0] + 1, u) * (ad @ W) + (W.shape[0] + 1) * eta
         up = ref.upstream[i - 1] if i > 0 else ref.grad_input
     bounds["input.grad"] = Eup
     return Allowance(bounds, Ez, Ea[L], kink_masks)

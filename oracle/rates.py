@@ -1,0 +1,563 @@
+r"""Detection rates and false alarms: how often the oracle catches a mutant, not whether it ever does.
+
+``run_catalogue`` counts a mutant as killed after one failing example. A mutant the oracle lets
+through one time in five is killed too. Here each bug mutant is measured per *cell*
+(mutant × weight/data regime × dtype):
+
+* ``per_cell`` cases are drawn reproducibly from the seed: the spec by Hypothesis from the mutant's
+  own spec strategy (``@hypothesis.seed`` per mutant and regime, generate phase only, no database),
+  the batch size and the data seed by NumPy from the same seed; weights and data by
+  ``draw_params``/``draw_data`` in the cell's regime and dtype (exactly what ``cases()`` draws);
+* a case counts (the denominator) only where the mutant *changes something*: its loss, gradients or
+  δ, computed in float64 on the cell's (dtype-rounded) values, differ from the correct backward's
+  beyond the strict bound of the cell's dtype, ‖g − ĝ‖ > rtol‖ĝ‖ + atol·S·√n
+  (``oracle.compare.TOLERANCES``; S the largest |element| of the reference gradients and δ;
+  the loss against rtol·|C| + atol·|C|). A bias averaged over a batch of one, or a bias left out of a
+  forward whose biases are zero, changes nothing and is not counted; nor does a mutant whose only
+  change is the other one-sided slope at elements exactly on a kink (a valid convention there);
+* the numerator is the number of those cases where ``oracle.check`` does not pass the mutant
+  (``bug``, ``forward``, ``crash``, or an unusable answer). A case the oracle refuses to judge at all
+  (``SpecError``, e.g. a forward pass that overflows the dtype) is counted apart as ``refused``.
+  The first missed case of each cell is kept with what replays it (``replay(info)``).
+
+On the same draws, the correct backward and the kink-convention mutant run as controls: any verdict
+that does not pass is a false alarm. ``false_alarms`` measures the same on ``cases()`` (every regime,
+plus a share of saturated bce networks) for manual_bp and for an independently written second
+correct implementation (``tests/impls/second_correct.py``).
+
+``python -m oracle.rates --per-cell 20 --false-alarms 100 --seed 0 [--out DIR]`` runs both and
+prints (or writes ``DIR/detection-rates.md`` and ``.json``).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import time
+import zlib
+from collections import Counter
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import hypothesis
+from hypothesis import HealthCheck, Phase, given, settings
+from hypothesis import strategies as st
+
+import manual_bp as bp
+from manual_bp import Spec, SpecError
+
+from .checker import CandidateError, check
+from .compare import TOLERANCES
+from .mutants import CATALOGUE, CORRECT, Mutant
+from .strategies import cases, draw_data, draw_params, specs
+
+RATE_REGIMES = ("well_conditioned", "saturated", "near_zero", "near_kinks", "exact_kinks")
+DTYPES = ("float64", "float32")
+THRESHOLD = 0.99
+MAX_BATCH = 6
+SCHEMA_VERSION = 1
+
+
+# -- reproducible draws -----------------------------------------------------------------------------
+def stable_seed(*parts) -> int:
+    """A 32-bit seed from any parts, the same in every process (``hash`` is salted; crc32 is not)."""
+    return zlib.crc32("|".join(map(str, parts)).encode())
+
+
+def _hypothesis_draws(strategy: st.SearchStrategy, n: int, seed: int) -> list:
+    """Up to ``n`` values of ``strategy``, the same ones for the same seed (generate phase, no database)."""
+    out: list = []
+
+    @hypothesis.seed(seed)
+    @settings(max_examples=n, deadline=None, database=None, phases=[Phase.generate],
+              suppress_health_check=list(HealthCheck), report_multiple_bugs=False)
+    @given(strategy)
+    def collect(value):
+        out.append(value)
+
+    if n > 0:
+        collect()
+    return out[:n]
+
+
+def draw_specs(strategy: st.SearchStrategy, n: int, seed: int) -> list:
+    """(spec, batch, data_seed) for ``n`` cases: specs by Hypothesis, batch and data seed by NumPy."""
+    drawn = _hypothesis_draws(strategy, n, seed)
+    rng = np.random.default_rng(seed)
+    return [(spec, int(rng.integers(1, MAX_BATCH + 1)), int(rng.integers(0, 2**32))) for spec in drawn]
+
+
+def build_case(spec: Spec, regime: str, dtype: str, batch: int, data_seed: int):
+    """(params, x, y) of a case, exactly as ``cases()`` draws it from its seed."""
+    rng = np.random.default_rng(data_seed)
+    params = draw_params(spec, rng, regime, dtype)
+    x, y = draw_data(spec, rng, regime, batch, dtype)
+    return params, x, y
+
+
+def replay(info: dict):
+    """(spec, params, x, y) of a recorded case (a ``first_missed`` or false-alarm entry)."""
+    spec = Spec.from_dict(info["spec"])
+    return (spec, *build_case(spec, info["regime"], info["dtype"], info["batch"], info["data_seed"]))
+
+
+# -- does the mutant change anything? ---------------------------------------------------------------
+def _as_triple(result):
+    if isinstance(result, tuple):
+        return result[0], result[1], (result[2] if len(result) > 2 else None) or {}
+    return result.loss, result.grads, getattr(result, "deltas", None) or {}
+
+
+def _beyond(got, ref, rtol, atol, scale, floor=0.0) -> bool:
+    g = np.asarray(got, dtype=np.float64).ravel()
+    r = np.asarray(ref, dtype=np.float64).ravel()
+    if g.shape != r.shape:
+        return True
+    if r.size == 0:
+        return False
+    err = float(np.linalg.norm(g - r))
+    if err != err:
+        return True
+    return err > rtol * float(np.linalg.norm(r)) + (atol * scale + floor) * np.sqrt(r.size)
+
+
+def changes_something(mutant: Mutant, spec: Spec, params: dict, x, y, dtype: str) -> bool:
+    """Whether the mutant's loss, gradients or δ, in float64 on these values, differ from the correct
+    backward's beyond the strict bound of ``dtype`` (see the module docstring)."""
+    p64 = {k: np.asarray(v, dtype=np.float64) for k, v in params.items()}
+    x64 = np.asarray(x, dtype=np.float64)
+    y64 = y if spec.loss.targets == "classes" else np.asarray(y, dtype=np.float64)
+    with np.errstate(all="ignore"):  # an overflow is an answer here (inf differs), not a warning
+        try:
+            ref = _as_triple(bp.gradients(spec, p64, x64, y64))
+        except Exception:  # no float64 reference here: let the oracle judge (or refuse) the case
+            return True
+        try:
+            got = _as_triple(mutant.grads_fn(spec, {k: v.copy() for k, v in p64.items()}, x64.copy(),
+                                             np.array(y64, copy=True)))
+        except Exception:  # a mutant that raises changes everything
+            return True
+        # a change below the dtype's smallest normal number cannot be represented there: not counted
+        floor = float(np.finfo(dtype).tiny)
+        if not _differ(got, ref, TOLERANCES[dtype], floor):
+            return False
+        # a mutant that only takes the other one-sided slope at elements exactly on a kink is a valid
+        # convention there (the kink mutant is one): no oracle can call that a bug, so it is not counted
+        other = _as_triple(_other_slopes_at_kinks(spec, p64, x64, y64))
+        return _differ(got, other, TOLERANCES[dtype], floor)
+
+
+def _other_slopes_at_kinks(spec: Spec, params: dict, x, y):
+    """The correct backward with the other one-sided derivative at every element exactly on a kink."""
+    from .mutants import Hooks, faulty_gradients
+
+    def vjp(c, i, act, z, a, g):
+        delta = act.vjp(z, a, g)
+        slope = act.other_side_slope()
+        if slope is None:
+            return delta
+        return np.where(act.kinks(z), g * slope, delta)
+
+    def loss_grad(spec_, a, y_):
+        grad = spec_.loss.grad(a, y_)
+        return np.where(spec_.loss.kinks(a, y_), 1.0 / a.size, grad) if spec_.loss.targets == "values" else grad
+
+    return faulty_gradients(spec, params, x, y, Hooks(vjp=vjp, loss_grad=loss_grad))
+
+
+def _differ(got, ref, tol, floor: float = 0.0) -> bool:
+    (loss, grads, deltas), (ref_loss, ref_grads, ref_deltas) = got, ref
+    refs = list(ref_grads.values()) + list(ref_deltas.values())
+    scale = max((float(np.max(np.abs(t))) for t in refs if np.size(t)), default=0.0) or np.finfo(np.float64).tiny
+    ref_loss = float(ref_loss)
+    if _beyond([float(loss)], [ref_loss], tol.rtol, tol.atol, abs(ref_loss) or 1.0, floor):
+        return True
+    for name, r in ref_grads.items():
+        if name not in grads or _beyond(grads[name], r, tol.rtol, tol.atol, scale, floor):
+            return True
+    return any(name in deltas and _beyond(deltas[name], r, tol.rtol, tol.atol, scale, floor) for name, r in ref_deltas.items())
+
+
+def verdict(spec: Spec, params: dict, x, y, grads_fn):
+    """(classification, passed, CheckResult or None): ``oracle.check``'s verdict, or ``refused`` (passed None)
+    where the oracle declines the case as one it cannot judge (e.g. a forward pass that overflows), or
+    ``candidate_error`` (not passed) where the candidate's answer is unusable (wrong keys, shapes, dtypes)."""
+    try:
+        result = check(spec, params, x, y, grads_fn)
+    except CandidateError:
+        return "candidate_error", False, None
+    except SpecError:
+        return "refused", None, None
+    return result.classification, result.passed, result
+
+
+def _worst_message(result) -> str:
+    """The explanation of the worst failing tensor (largest error over its bound), or the crash."""
+    if result is None:
+        return "the candidate's answer is unusable (CandidateError)"
+    if getattr(result, "crash", None):
+        return f"the candidate {result.crash.get('message', '')}"
+    try:
+        loss = getattr(result, "loss", None)
+        bad = [t for t in ([loss] if loss is not None else []) + list(result.tensors) if not t.passed]
+
+        def excess(t):
+            allowed = getattr(t, "allowed_normwise", 0.0) or np.finfo(np.float64).tiny
+            return getattr(t, "normwise_err", 0.0) / allowed
+
+        return max(bad, key=excess).message() if bad else result.message()
+    except Exception:  # the verdict's fields changed shape: its own full message still explains it
+        return result.message()
+
+
+def _case_info(spec, regime, dtype, batch, data_seed, **extra) -> dict:
+    return {"spec": spec.to_dict(), "describe": spec.describe(), "regime": regime, "dtype": dtype,
+            "batch": batch, "data_seed": data_seed, **extra}
+
+
+# -- detection rates --------------------------------------------------------------------------------
+def bug_mutants() -> list:
+    return [m for m in CATALOGUE if m.kind == "bug"]
+
+
+def kink_mutants() -> list:
+    return [m for m in CATALOGUE if m.kind == "kink"]
+
+
+def _control_entry() -> dict:
+    return {"checks": 0, "refused": 0, "false_alarms": 0, "classifications": Counter(), "first_false_alarms": []}
+
+
+def detection_rates(per_cell: int, seed: int, progress: Callable | None = None, *, mutants=None, regimes=RATE_REGIMES,
+                    dtypes=DTYPES, controls: bool = True, keep: int = 3) -> dict:
+    """Detection rate of every bug mutant per regime and dtype (see the module docstring).
+
+    ``mutants`` (names) restricts the catalogue; ``regimes``/``dtypes`` the cells; ``controls=False``
+    skips the correct and kink-mutant runs; ``progress(cell)`` is called after each cell. A case the
+    oracle refuses to judge (``SpecError``, e.g. a forward pass that overflows the dtype) is counted in
+    ``refused``, not in the denominator; an unusable answer (``CandidateError``) counts as detected.
+
+    Returns ``{"schema", "schema_version", "per_cell", "seed", "threshold", "regimes", "dtypes",
+    "cells": [{"mutant", "regime", "dtype", "drawn", "refused", "changed", "detected", "missed", "rate"
+    (None when nothing changed), "verdicts", "first_missed", "hypothesis_seed", "seconds"}],
+    "summary": {regime: {dtype: {"cells", "changed", "detected", "rate", "missed_as", "cells_below_threshold"}}},
+    "controls": {name: {"checks", "refused", "false_alarms", "classifications", "first_false_alarms"}},
+    "below_threshold": ["mutant/regime/dtype"], "empty_cells": [...], "passed", "checks",
+    "seconds", "seconds_per_check"}``.
+    """
+    chosen = [m for m in bug_mutants() if mutants is None or m.name in mutants]
+    control_impls = ([("correct", CORRECT)] + [(m.name, m) for m in kink_mutants()]) if controls else []
+    ctrl = {name: _control_entry() for name, _ in control_impls}
+    cells, checks = [], 0
+    start = time.perf_counter()
+    for mutant in chosen:
+        for regime in [r for r in regimes if r in mutant.regimes]:
+            hseed = stable_seed(seed, mutant.name, regime)
+            draws = draw_specs(mutant.specs, per_cell, hseed)
+            for dtype in dtypes:
+                t0 = time.perf_counter()
+                cell = {"mutant": mutant.name, "regime": regime, "dtype": dtype, "drawn": len(draws), "refused": 0,
+                        "changed": 0, "detected": 0, "missed": 0, "rate": None, "verdicts": Counter(), "first_missed": None,
+                        "hypothesis_seed": hseed}
+                for k, (spec, batch, data_seed) in enumerate(draws):
+                    params, x, y = build_case(spec, regime, dtype, batch, data_seed)
+                    for name, impl in control_impls:
+                        classification, passed, r = verdict(spec, params, x, y, impl.grads_fn)
+                        checks += 1
+                        entry = ctrl[name]
+                        entry["checks"] += 1
+                        entry["classifications"][classification] += 1
+                        entry["refused"] += passed is None
+                        if passed is False:
+                            entry["false_alarms"] += 1
+                            if len(entry["first_false_alarms"]) < keep:
+                                entry["first_false_alarms"].append(_case_info(
+                                    spec, regime, dtype, batch, data_seed, classification=classification,
+                                    drawn_for=mutant.name, case_index=k, hypothesis_seed=hseed,
+                                    message=_worst_message(r)))
+                    if not changes_something(mutant, spec, params, x, y, dtype):
+                        continue
+                    classification, passed, r = verdict(spec, params, x, y, mutant.grads_fn)
+                    checks += 1
+                    if passed is None:  # the oracle cannot judge this case at all: not counted
+                        cell["refused"] += 1
+                        continue
+                    cell["changed"] += 1
+                    cell["verdicts"][classification] += 1
+                    if not passed:
+                        cell["detected"] += 1
+                    elif cell["first_missed"] is None:
+                        cell["first_missed"] = _case_info(spec, regime, dtype, batch, data_seed,
+                                                          classification=classification, case_index=k,
+                                                          hypothesis_seed=hseed, notes=list(getattr(r, "notes", [])))
+                cell["missed"] = cell["changed"] - cell["detected"]
+                cell["rate"] = cell["detected"] / cell["changed"] if cell["changed"] else None
+                cell["verdicts"] = dict(cell["verdicts"])
+                cell["seconds"] = round(time.perf_counter() - t0, 3)
+                cells.append(cell)
+                if progress:
+                    progress(cell)
+    for entry in ctrl.values():
+        entry["classifications"] = dict(entry["classifications"])
+    seconds = time.perf_counter() - start
+    summary = _summary(cells, regimes, dtypes)
+    below = [f"{c['mutant']}/{c['regime']}/{c['dtype']}" for c in cells if c["rate"] is not None and c["rate"] < THRESHOLD]
+    empty = [f"{c['mutant']}/{c['regime']}/{c['dtype']}" for c in cells if c["rate"] is None]
+    return {
+        "schema": "bp-oracle/detection-rates", "schema_version": SCHEMA_VERSION,
+        "per_cell": per_cell, "seed": seed, "threshold": THRESHOLD, "regimes": list(regimes), "dtypes": list(dtypes),
+        "cells": cells, "summary": summary, "controls": ctrl, "below_threshold": below, "empty_cells": empty,
+        "passed": not below, "checks": checks, "seconds": round(seconds, 2),
+        "seconds_per_check": round(seconds / checks, 4) if checks else None,
+    }
+
+
+PASSING = ("match", "rounding", "kink", "convention")
+
+
+def _summary(cells, regimes, dtypes) -> dict:
+    """Pooled over mutants, per regime and dtype: changed, detected, rate, and what the misses were called."""
+    out = {}
+    for regime in regimes:
+        for dtype in dtypes:
+            group = [c for c in cells if c["regime"] == regime and c["dtype"] == dtype]
+            if not group:
+                continue
+            changed = sum(c["changed"] for c in group)
+            detected = sum(c["detected"] for c in group)
+            missed_as = Counter()
+            for c in group:
+                missed_as.update({k: v for k, v in c["verdicts"].items() if k in PASSING})
+            out.setdefault(regime, {})[dtype] = {
+                "cells": len(group), "changed": changed, "detected": detected,
+                "rate": detected / changed if changed else None, "missed_as": dict(missed_as),
+                "cells_below_threshold": sum(1 for c in group if c["rate"] is not None and c["rate"] < THRESHOLD)}
+    return out
+
+
+# -- false alarms -----------------------------------------------------------------------------------
+def manual_bp_grads(spec, params, x, y):
+    r = bp.gradients(spec, params, x, y)
+    return r.loss, r.grads, r.deltas
+
+
+SECOND_CORRECT = Path(__file__).resolve().parents[1] / "tests" / "impls" / "second_correct.py"
+
+
+def load_second_correct(path: Path | str = SECOND_CORRECT) -> Callable:
+    """``grads`` of the independently written second correct implementation (a file in the repository)."""
+    spec = importlib.util.spec_from_file_location("bp_oracle_second_correct", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.grads
+
+
+def default_impls() -> dict:
+    impls = {"manual_bp": manual_bp_grads}
+    if SECOND_CORRECT.exists():
+        impls["second_correct"] = load_second_correct()
+    return impls
+
+
+def false_alarms(n: int, seed: int, impls: dict | None = None, progress: Callable | None = None, *,
+                 dtypes=DTYPES, bce_share: float = 0.2, keep: int = 5) -> dict:
+    """Run ``n`` cases per dtype through ``oracle.check`` for each correct implementation in ``impls``
+    (default: manual_bp and ``tests/impls/second_correct.py``); every verdict that does not pass is a
+    false alarm.
+
+    A share ``bce_share`` of the cases are saturated networks ending in bce (sigmoid or softmax), where
+    torch's 1e-12 guard and the exact gradient part; the rest come from ``cases()`` (every regime).
+    ``progress(impl, dtype, case, result)`` is called after each check.
+
+    Returns ``{"schema", "schema_version", "n", "seed", "bce_share", "dtypes", "impls": {impl: {dtype:
+    {"checks", "refused", "false_alarms", "classifications", "examples"}}}, "total_false_alarms", "checks",
+    "seconds", "seconds_per_check"}``; ``examples`` holds the first ``keep`` false alarms with the spec,
+    regime, dtype, seed, batch, classification and the worst tensor's message. A case the oracle refuses
+    (``SpecError``: it cannot judge it) is counted as ``refused``, not as a false alarm.
+    """
+    impls = impls if impls is not None else default_impls()
+    out = {name: {} for name in impls}
+    start, checks = time.perf_counter(), 0
+    n_bce = int(round(n * bce_share))
+    for dtype in dtypes:
+        general = _hypothesis_draws(cases(dtypes=(dtype,)), n - n_bce, stable_seed(seed, "cases", dtype))
+        bce = _hypothesis_draws(cases(specs_strategy=specs(losses=("bce",)), regimes=("saturated",), dtypes=(dtype,)),
+                           n_bce, stable_seed(seed, "saturated-bce", dtype))
+        drawn = [("cases", c) for c in general] + [("saturated_bce", c) for c in bce]
+        for name, fn in impls.items():
+            entry = {"checks": 0, "refused": 0, "false_alarms": 0, "classifications": Counter(), "examples": []}
+            for source, case in drawn:
+                classification, passed, r = verdict(case.spec, case.params, case.x, case.y, fn)
+                checks += 1
+                entry["checks"] += 1
+                entry["classifications"][classification] += 1
+                entry["refused"] += passed is None
+                if passed is False:
+                    entry["false_alarms"] += 1
+                    if len(entry["examples"]) < keep:
+                        entry["examples"].append(_case_info(
+                            case.spec, case.regime, case.dtype, case.x.shape[0], case.seed, source=source,
+                            classification=classification, message=_worst_message(r)))
+                if progress:
+                    progress(name, dtype, case, r)
+            entry["classifications"] = dict(entry["classifications"])
+            out[name][dtype] = entry
+    seconds = time.perf_counter() - start
+    return {
+        "schema": "bp-oracle/false-alarms", "schema_version": SCHEMA_VERSION, "n": n, "seed": seed,
+        "bce_share": bce_share, "dtypes": list(dtypes), "impls": out,
+        "total_false_alarms": sum(e["false_alarms"] for per in out.values() for e in per.values()),
+        "checks": checks, "seconds": round(seconds, 2),
+        "seconds_per_check": round(seconds / checks, 4) if checks else None,
+    }
+
+
+def measure(per_cell: int, n_false: int, seed: int = 0, progress: Callable | None = None) -> dict:
+    """Both measurements, as one result for ``rates_markdown`` and ``write_reports``."""
+    return {"schema": "bp-oracle/rates", "schema_version": SCHEMA_VERSION,
+            "detection": detection_rates(per_cell, seed, progress),
+            "false_alarms": false_alarms(n_false, seed)}
+
+
+# -- tables -----------------------------------------------------------------------------------------
+def _pct(rate) -> str:
+    return "—" if rate is None else f"{100 * rate:.1f}%"
+
+
+def _detection_md(d: dict) -> list:
+    thr = d["threshold"]
+    ok = d["passed"]
+    lines = [
+        f"## Detection rate ≥ {100 * thr:.0f}% in every cell: {'PASS' if ok else 'FAIL'}",
+        "",
+        f"{len(d['cells'])} cells (bug mutant × regime × dtype), {d['per_cell']} cases drawn per cell, seed {d['seed']}; "
+        f"{len(d['below_threshold'])} cell(s) below {100 * thr:.0f}%, {len(d['empty_cells'])} cell(s) where the mutant "
+        f"changed nothing on any draw. A case counts only where the mutant changes the loss, a gradient or a δ "
+        f"beyond the dtype's strict bound; the rate is the share of those the oracle does not pass. "
+        f"{d['checks']} checks in {d['seconds']:.0f} s ({d['seconds_per_check'] or 0:.3f} s per check).",
+        "",
+    ]
+    if d.get("summary"):
+        lines += ["Pooled over mutants:", "", "| regime | dtype | rate | detected / changed | cells below | missed as |",
+                  "|---|---|---|---|---|---|"]
+        for regime, per in d["summary"].items():
+            for dtype, e in per.items():
+                missed_as = ", ".join(f"{k} {v}" for k, v in sorted(e["missed_as"].items()))
+                lines.append(f"| {regime} | {dtype} | {_pct(e['rate'])} | {e['detected']} / {e['changed']} | "
+                             f"{e['cells_below_threshold']} / {e['cells']} | {missed_as or '—'} |")
+        lines.append("")
+    if d["below_threshold"]:
+        lines += ["Below the threshold: " + ", ".join(f"`{c}`" for c in d["below_threshold"]), ""]
+    lines += ["| mutant | regime | dtype | rate | detected / changed | drawn | missed as |", "|---|---|---|---|---|---|---|"]
+    for c in d["cells"]:
+        missed_as = ", ".join(f"{k} {v}" for k, v in sorted(c["verdicts"].items()) if k in PASSING)
+        flag = " ❌" if c["rate"] is not None and c["rate"] < thr else ""
+        refused = f" ({c['refused']} refused)" if c.get("refused") else ""
+        lines.append(f"| `{c['mutant']}` | {c['regime']} | {c['dtype']} | {_pct(c['rate'])}{flag} | "
+                     f"{c['detected']} / {c['changed']} | {c['drawn']}{refused} | {missed_as or '—'} |")
+    if d["controls"]:
+        lines += ["", "Controls on the same draws (every verdict that does not pass is a false alarm):", "",
+                  "| implementation | checks | false alarms | verdicts |", "|---|---|---|---|"]
+        for name, e in d["controls"].items():
+            verdicts = ", ".join(f"{k} {v}" for k, v in sorted(e["classifications"].items()))
+            lines.append(f"| `{name}` | {e['checks']} | {e['false_alarms']} | {verdicts} |")
+    missed = [c for c in d["cells"] if c["first_missed"]]
+    if missed:
+        lines += ["", "First missed case per cell (replay: `oracle.rates.replay(info)` on the JSON entry):", ""]
+        for c in missed:
+            f = c["first_missed"]
+            lines.append(f"- `{c['mutant']}` / {c['regime']} / {c['dtype']}: {f['describe']}, batch {f['batch']}, "
+                         f"data seed {f['data_seed']}, judged `{f['classification']}`")
+    return lines
+
+
+def _false_alarms_md(fa: dict) -> list:
+    total = fa["total_false_alarms"]
+    lines = [
+        f"## False alarms of correct implementations: {total} in {fa['checks']} checks — {'PASS' if total == 0 else 'FAIL'}",
+        "",
+        f"{fa['n']} cases per dtype from `cases()` (every regime), {100 * fa['bce_share']:.0f}% of them saturated "
+        f"networks ending in bce; seed {fa['seed']}; {fa['seconds']:.0f} s ({fa['seconds_per_check'] or 0:.3f} s per check).",
+        "",
+        "| implementation | dtype | checks | false alarms | verdicts |", "|---|---|---|---|---|",
+    ]
+    for name, per in fa["impls"].items():
+        for dtype, e in per.items():
+            verdicts = ", ".join(f"{k} {v}" for k, v in sorted(e["classifications"].items()))
+            lines.append(f"| `{name}` | {dtype} | {e['checks']} | {e['false_alarms']} | {verdicts} |")
+    examples = [(name, ex) for name, per in fa["impls"].items() for e in per.values() for ex in e["examples"]]
+    if examples:
+        lines += ["", "First false alarms:", ""]
+        for name, ex in examples:
+            first = ex["message"].splitlines()
+            lines.append(f"- `{name}`, {ex['dtype']}, {ex['regime']} ({ex['source']}): {ex['describe']}, batch {ex['batch']}, "
+                         f"seed {ex['data_seed']}, judged `{ex['classification']}`: "
+                         + " / ".join(s.strip() for s in first[:2]).replace("|", "/"))
+    return lines
+
+
+def rates_markdown(result: dict) -> str:
+    """Markdown: the detection table (verdict line first) and the false-alarm table.
+
+    ``result`` is ``measure()``'s dict, or a ``detection_rates`` or ``false_alarms`` dict on its own.
+    """
+    lines: list = []
+    detection = result.get("detection") if "detection" in result else (result if "cells" in result else None)
+    fa = result.get("false_alarms") if "false_alarms" in result else (result if "impls" in result else None)
+    if detection is not None:
+        lines += _detection_md(detection)
+    if fa is not None:
+        lines += ([""] if lines else []) + _false_alarms_md(fa)
+    return "\n".join(lines) + "\n"
+
+
+def write_reports(result: dict, folder: str | Path = "reports/mutants") -> tuple[Path, Path]:
+    """Write ``detection-rates.md`` and ``detection-rates.json`` into ``folder``."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    md, js = folder / "detection-rates.md", folder / "detection-rates.json"
+    md.write_text(rates_markdown(result), encoding="utf-8")
+    js.write_text(json.dumps(result, indent=2, default=_json_default) + "\n", encoding="utf-8")
+    return md, js
+
+
+def _json_default(obj):
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, Counter):
+        return dict(obj)
+    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
+
+
+def main(argv=None) -> int:
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="python -m oracle.rates", description=__doc__.splitlines()[0])
+    ap.add_argument("--per-cell", type=int, default=20)
+    ap.add_argument("--false-alarms", type=int, default=100, help="cases per dtype for the false-alarm run")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--mutants", nargs="*", default=None, help="restrict to these mutants")
+    ap.add_argument("--out", default=None, help="folder for detection-rates.md/.json (default: print)")
+    ap.add_argument("--quiet", action="store_true")
+    args = ap.parse_args(argv)
+
+    def progress(cell):
+        if not args.quiet:
+            print(f"{cell['mutant']:34s} {cell['regime']:17s} {cell['dtype']:8s} {_pct(cell['rate']):>7s} "
+                  f"({cell['detected']}/{cell['changed']}, {cell['seconds']:.1f} s)", flush=True)
+
+    result = {"schema": "bp-oracle/rates", "schema_version": SCHEMA_VERSION,
+              "detection": detection_rates(args.per_cell, args.seed, progress, mutants=args.mutants)}
+    if args.false_alarms:
+        result["false_alarms"] = false_alarms(args.false_alarms, args.seed)
+    if args.out:
+        md, js = write_reports(result, args.out)
+        print(f"wrote {md} and {js}")
+    print(rates_markdown(result))
+    fa_ok = result.get("false_alarms", {}).get("total_false_alarms", 0) == 0
+    return 0 if result["detection"]["passed"] and fa_ok else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
