@@ -275,13 +275,39 @@ def cmd_mutants(args) -> int:
     else:
         print(table)
     if args.report:
-        from .report import write_atomically
+        from .report import write_atomic_files
 
-        write_atomically(Path(args.report) / "mutants", {"mutants.md": table, "mutants.json": json.dumps(summary, indent=2) + "\n"})
+        folder = Path(args.report) / "mutants"
+        write_atomic_files({folder / "mutants.md": table, folder / "mutants.json": json.dumps(summary, indent=2) + "\n"})
         if not args.json:
             print(f"Written to {Path(args.report) / 'mutants'}/mutants.md")
     ok = summary["killed"] == summary["total"] and not summary["correct_flagged"] and summary["kink_mutants_classified_as_kink"]
     return 0 if ok else 1
+
+
+def cmd_rates(args) -> int:
+    from tqdm import tqdm
+
+    from .rates import bug_mutants, detection_rates, false_alarms, rates_markdown, verdict_summary, write_reports
+
+    cells = sum(len(m.regimes) for m in bug_mutants()) * 2
+    bar = tqdm(total=cells, unit="cell", desc="detection", disable=args.json, dynamic_ncols=True)
+
+    def step(cell):
+        bar.set_postfix_str(f"{cell['mutant']} {cell['regime']} {cell['dtype']}")
+        bar.update(1)
+
+    result = {"schema": "bp-oracle/rates", "schema_version": 1,
+              "detection": detection_rates(args.per_cell, args.seed, step)}
+    bar.close()
+    if args.false_alarms:
+        result["false_alarms"] = false_alarms(args.false_alarms, args.seed)
+    print(json.dumps(result, indent=2, default=str) if args.json else rates_markdown(result))
+    if args.report:
+        md, _ = write_reports(result, Path(args.report) / "mutants")
+        if not args.json:
+            print(f"Written to {md} and detection-rates.json")
+    return 0 if verdict_summary(result) else 1
 
 
 def cmd_bench(args) -> int:
@@ -290,15 +316,10 @@ def cmd_bench(args) -> int:
     res = run(quick=args.quick, progress=(lambda line: None) if args.json else print)
     md = markdown(res)
     print(json.dumps(res, indent=2) if args.json else md)
+    from .report import write_atomic_files
+
     folder = Path(args.report)
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        for name, text in (("benchmarks.json", json.dumps(res, indent=2) + "\n"), ("benchmarks.md", md)):
-            tmp = folder / f".{name}.tmp"
-            tmp.write_text(text, encoding="utf-8")
-            tmp.replace(folder / name)
-    except OSError as err:
-        raise SpecError("--report", f"cannot write to {folder} ({err.strerror or err})", "choose a writable folder") from None
+    write_atomic_files({folder / "benchmarks.json": json.dumps(res, indent=2) + "\n", folder / "benchmarks.md": md})
     if not args.json:
         print(f"Written to {folder}/benchmarks.md and benchmarks.json")
     return 0
@@ -345,6 +366,14 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--json", action="store_true", help="print the result as JSON")
     m.add_argument("--report", default=DEFAULT_REPORTS, help="folder for mutants.md/json (default: reports/)")
     m.set_defaults(func=cmd_mutants)
+
+    rt = sub.add_parser("rates", help="detection rate of every mutant per regime and dtype, and false alarms of correct code")
+    rt.add_argument("--per-cell", type=int, default=20, help="cases per mutant x regime x dtype (default 20)")
+    rt.add_argument("--false-alarms", type=int, default=200, help="cases per dtype for two correct implementations (default 200; 0 skips)")
+    rt.add_argument("--seed", type=int, default=0)
+    rt.add_argument("--json", action="store_true", help="print the result as JSON")
+    rt.add_argument("--report", default=None, help="write DIR/mutants/detection-rates.md and .json")
+    rt.set_defaults(func=cmd_rates)
 
     b = sub.add_parser("bench", help="speed and memory against torch and gradcheck, side by side")
     b.add_argument("--quick", action="store_true", help="smaller sizes and fewer repeats (under a minute)")

@@ -68,6 +68,8 @@ def stable_seed(*parts) -> int:
 def _hypothesis_draws(strategy: st.SearchStrategy, n: int, seed: int) -> list:
     """Up to ``n`` values of ``strategy``, the same ones for the same seed (generate phase, no database)."""
     out: list = []
+    if n <= 0:
+        return out
 
     @hypothesis.seed(seed)
     @settings(max_examples=n, deadline=None, database=None, phases=[Phase.generate],
@@ -76,8 +78,7 @@ def _hypothesis_draws(strategy: st.SearchStrategy, n: int, seed: int) -> list:
     def collect(value):
         out.append(value)
 
-    if n > 0:
-        collect()
+    collect()
     return out[:n]
 
 
@@ -347,6 +348,9 @@ SECOND_CORRECT = Path(__file__).resolve().parents[1] / "tests" / "impls" / "seco
 
 def load_second_correct(path: Path | str = SECOND_CORRECT) -> Callable:
     """``grads`` of the independently written second correct implementation (a file in the repository)."""
+    if not Path(path).is_file():
+        raise SpecError("second_correct", f"{path} is not there (it ships with the repository, not the package)",
+                        "run from a clone of the repository")
     spec = importlib.util.spec_from_file_location("bp_oracle_second_correct", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -513,12 +517,12 @@ def rates_markdown(result: dict) -> str:
 
 
 def write_reports(result: dict, folder: str | Path = "reports/mutants") -> tuple[Path, Path]:
-    """Write ``detection-rates.md`` and ``detection-rates.json`` into ``folder``."""
+    """Write ``detection-rates.md`` and ``detection-rates.json`` into ``folder`` (replacing them atomically)."""
+    from .report import write_atomic_files
+
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
     md, js = folder / "detection-rates.md", folder / "detection-rates.json"
-    md.write_text(rates_markdown(result), encoding="utf-8")
-    js.write_text(json.dumps(result, indent=2, default=_json_default) + "\n", encoding="utf-8")
+    write_atomic_files({md: rates_markdown(result), js: json.dumps(result, indent=2, default=_json_default) + "\n"})
     return md, js
 
 
@@ -528,6 +532,12 @@ def _json_default(obj):
     if isinstance(obj, Counter):
         return dict(obj)
     raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
+
+
+def verdict_summary(result: dict) -> bool:
+    """True when every cell reaches the threshold and no correct implementation was flagged."""
+    fa_ok = result.get("false_alarms", {}).get("total_false_alarms", 0) == 0
+    return bool(result["detection"]["passed"]) and fa_ok
 
 
 def main(argv=None) -> int:
@@ -555,8 +565,7 @@ def main(argv=None) -> int:
         md, js = write_reports(result, args.out)
         print(f"wrote {md} and {js}")
     print(rates_markdown(result))
-    fa_ok = result.get("false_alarms", {}).get("total_false_alarms", 0) == 0
-    return 0 if result["detection"]["passed"] and fa_ok else 1
+    return 0 if verdict_summary(result) else 1
 
 
 if __name__ == "__main__":

@@ -885,6 +885,24 @@ def write_atomically(final, files: dict) -> Path:
     return final
 
 
+def write_atomic_files(files: dict) -> list:
+    """Replace each file ``{path: text}`` atomically (a temporary file beside it, then a rename), leaving
+    the other files of its folder alone; any OSError becomes one ``SpecError('--report')``."""
+    written = []
+    for path, text in files.items():
+        path = Path(path)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp.write_text(text, encoding="utf-8")
+            os.replace(tmp, path)
+        except OSError as err:
+            _remove(str(tmp))
+            raise _report_error(f"cannot write {path} ({_why(err)})", "choose a writable --report folder") from None
+        written.append(path)
+    return written
+
+
 def npz_bytes(arrays: dict) -> bytes:
     buf = io.BytesIO()
     np.savez(buf, **arrays)
