@@ -65,6 +65,7 @@ class Allowance:
     z_error: list         # E_z per layer: how far a correct implementation's z may be from torch's
     output_error: np.ndarray  # E_a at the output (the loss's input)
     kink_masks: list      # per layer: elements within E_z of a kink (either one-sided slope is valid there)
+    scales: list = None   # per layer: (M_g, M_g') of its activation (None for softmax-like), see _scales
 
 
 def derivatives(act, z: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -260,7 +261,7 @@ def allowance(spec: Spec, params: dict, x: np.ndarray, y: np.ndarray, ref, dtype
     L = len(spec.layers)
     A = [np.abs(x)]
     Ea = [np.zeros_like(x)]
-    Ez, d1s, Egs, kink_masks = [], [], [], []
+    Ez, d1s, Egs, kink_masks, scales = [], [], [], [], []
     for i, layer in enumerate(spec.layers):
         W = np.abs(params[f"layers.{i}.weight"])
         b = np.abs(params[f"layers.{i}.bias"]) if layer.bias else 0.0
@@ -271,10 +272,12 @@ def allowance(spec: Spec, params: dict, x: np.ndarray, y: np.ndarray, ref, dtype
             spread = ez + (a * ez).sum(axis=-1, keepdims=True)
             ea = a * spread + cu * a + ULPS * eta
             d1 = d2 = eg = None
+            scales.append(None)
         elif act.name == "log_softmax":
             p = np.exp(a)
             ea = ez + (p * ez).sum(axis=-1, keepdims=True) + cu * (np.abs(a) + np.abs(z) + np.abs(z).max(axis=-1, keepdims=True))
             d1 = d2 = eg = None
+            scales.append(None)
         else:
             d1, d2 = derivatives(act, z)
             slope = np.abs(d1)
@@ -287,6 +290,7 @@ def allowance(spec: Spec, params: dict, x: np.ndarray, y: np.ndarray, ref, dtype
             mg, mgp = _scales(act, z, a, d1, us)
             ea = slope * ez + cu * mg + ULPS * eta
             eg = np.abs(d2) * ez + cu * mgp + ULPS * eta
+            scales.append((mg, mgp))
         Ez.append(ez)
         d1s.append(d1)
         Egs.append(eg)
@@ -346,5 +350,5 @@ def allowance(spec: Spec, params: dict, x: np.ndarray, y: np.ndarray, ref, dtype
         Eup = _rss(edelta, W) + _gamma(W.shape[0] + 1, u) * (ad @ W) + (W.shape[0] + 1) * eta
         up = ref.upstream[i - 1] if i > 0 else ref.grad_input
     bounds["input.grad"] = Eup
-    return Allowance(bounds, Ez, Ea[L], kink_masks)
+    return Allowance(bounds, Ez, Ea[L], kink_masks, scales)
 

@@ -1,0 +1,150 @@
+r"""Rounding noise measured on the case itself: torch re-run with every rounding a correct implementation
+could make injected at random, and every non-smooth choice held fixed.
+
+The analytic bound (``oracle.rounding``) is a worst case: it adds every error with one sign, so over a
+deep float32 network it compounds to a large share of the gradient and would let real bugs pass.
+Real rounding errors have random signs and partly cancel, *with* the correlations of the network (one
+rounded probability moves a whole softmax row; one rounded activation feeds every unit above it).
+An ensemble reproduces exactly that: each run perturbs every intermediate by a random fraction of the
+rounding its formula can make, and autograd carries the perturbations through the real structure.
+
+What is injected (u = unit roundoff of the candidate's dtype plus float64's, ξ ~ N(0, 1) fresh per
+element and run):
+
+* z = a θᵀ + b gets √(n+2)·u·(|a||θ|ᵀ + |b|)·ξ (an n-term dot product, random-sign roundings);
+* a = g(z) gets c·u·M_g·ξ and δ = ∇ₐC ⊙ g′ gets c·u·(|∇ₐC|·M_g′ + |δ|)·ξ (M from ``rounding._scales``:
+  the cancellations of each formula, e.g. σ′ = a(1 − a) from a rounded a);
+* ∂C/∂a = δθ, ∂C/∂θ = δᵀa and ∂C/∂b = Σδ get √(k+1)·u·(their |terms|)·ξ;
+* ∇ₐC of the loss gets c·u·|∇ₐC|·ξ; its dependence on the rounded a is autograd's own.
+
+Held fixed: at elements within rounding of a kink, g is replaced by its tangent at torch's z with
+torch's slope, so the slope cannot flip; the loss's guard elements are judged by the convention rule.
+The allowance is ``FACTOR`` times the largest deviation any run makes, element by element, and never
+more than the analytic worst case.
+"""
+
+from __future__ import annotations
+
+import math
+import zlib
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .rounding import ULPS, UNIT_ROUNDOFF
+from .twin import activation_fn, loss_fn
+
+RUNS = 6      # ensemble size
+FACTOR = 10   # allowance = FACTOR × the largest deviation seen
+EVAL = 2.0    # ulps per formula evaluation in the jitter (the analytic bound allows ULPS)
+
+
+def _gauss(rng, shape):
+    return torch.from_numpy(rng.standard_normal(tuple(shape)))
+
+
+def jittered_run(spec, params: dict, x: np.ndarray, y, ref, allow, u: float, rng) -> dict:
+    """One torch run in float64 with rounding-sized noise injected everywhere (see the module docstring).
+
+    Returns ``{name: array}`` keyed like the comparisons: loss, layers.{i}.delta/.weight/.bias, input.grad.
+    """
+    weights = {name: torch.tensor(params[name], dtype=torch.float64, requires_grad=True) for name in spec.param_shapes()}
+    xt = torch.tensor(x, dtype=torch.float64, requires_grad=True)
+    a, zs, acts, ins = xt, [], [], []
+    cu = EVAL * u
+    for i, layer in enumerate(spec.layers):
+        W, b = weights[f"layers.{i}.weight"], weights.get(f"layers.{i}.bias")
+        a_in = a.detach().abs()
+        mag = F.linear(a_in, W.detach().abs(), None if b is None else b.detach().abs())
+        z = F.linear(a, W, b) + math.sqrt(W.shape[1] + 2) * u * mag * _gauss(rng, mag.shape)
+        act = layer.activation
+        g = activation_fn(act)
+        mask = allow.kink_masks[i]
+        if mask.any():  # hold the slope: the tangent at torch's z, with torch's slope
+            z_ref = torch.from_numpy(ref.z[i])
+            with torch.enable_grad():
+                zr = z_ref.clone().requires_grad_(True)
+                ar = g(zr)
+                (slope,) = torch.autograd.grad(ar.sum(), zr)
+            tangent = ar.detach() + slope * (z - z_ref)
+            a = torch.where(torch.from_numpy(mask), tangent, g(z))
+        else:
+            a = g(z)
+        sc = allow.scales[i]
+        size = torch.from_numpy(np.broadcast_to(sc[0], a.shape).copy()) if sc is not None else a.detach().abs()
+        jolt = cu * size * _gauss(rng, a.shape)
+        if spec.loss.name == "bce" and i == len(spec.layers) - 1:  # probabilities stay probabilities
+            jolt = torch.maximum(torch.minimum(jolt, 1 - a.detach()), -a.detach())
+        a = a + jolt
+        zs.append(z)
+        acts.append(a)
+        ins.append(a_in)
+
+    stash: dict = {}
+    L = len(spec.layers)
+    for i, (z, a) in enumerate(zip(zs, acts)):
+        z.retain_grad()
+        sc = allow.scales[i]
+        mgp = torch.from_numpy(np.broadcast_to(0.0 if sc is None else sc[1], z.shape).copy())
+
+        def on_a(g, i=i):
+            stash[("up", i)] = g.detach()
+            return g + cu * g.abs() * _gauss(rng, g.shape) if i == L - 1 else g
+
+        def on_z(g, i=i, mgp=mgp):
+            up = stash.get(("up", i), g).abs()
+            g = g + cu * (up * mgp + g.abs()) * _gauss(rng, g.shape)
+            stash[("delta", i)] = g.detach()
+            return g
+
+        if a is not z:
+            a.register_hook(on_a)
+        z.register_hook(on_z)
+    for i in range(L):  # the input of layer i is a_{i-1} (or x): its gradient is δ_i θ_i, rounded
+        W = weights[f"layers.{i}.weight"]
+        target = xt if i == 0 else acts[i - 1]
+
+        def on_input(g, i=i, W=W):
+            d = stash[("delta", i)].abs()
+            return g + math.sqrt(W.shape[0] + 1) * u * (d @ W.detach().abs()) * _gauss(rng, g.shape)
+
+        target.register_hook(on_input)
+
+        def on_weight(g, i=i):
+            d = stash[("delta", i)].abs()
+            return g + math.sqrt(d.shape[0] + 1) * u * (d.T @ ins[i]) * _gauss(rng, g.shape)
+
+        W.register_hook(on_weight)
+        if f"layers.{i}.bias" in weights:
+            weights[f"layers.{i}.bias"].register_hook(
+                lambda g, i=i: g + math.sqrt(stash[("delta", i)].shape[0] + 1) * u
+                * stash[("delta", i)].abs().sum(0) * _gauss(rng, g.shape))
+    yt = torch.from_numpy(np.asarray(y)) if spec.loss.targets == "classes" else torch.tensor(y, dtype=torch.float64)
+    loss = loss_fn(spec.loss)(acts[-1], yt)
+    loss.backward()
+    out = {"loss": np.array(float(loss.item())), "input.grad": xt.grad.numpy()}
+    for i in range(L):
+        out[f"layers.{i}.delta"] = zs[i].grad.numpy()
+    out.update({name: t.grad.numpy() for name, t in weights.items()})
+    return out
+
+
+def measured_allowance(spec, params: dict, x: np.ndarray, y, ref, allow, dtype, runs: int = RUNS) -> dict:
+    """FACTOR × the largest deviation of ``runs`` jittered runs from ``ref``, capped by the analytic bound.
+
+    Seeded from the case itself, so the same case always gets the same allowance.
+    """
+    u = UNIT_ROUNDOFF[np.dtype(dtype)] + UNIT_ROUNDOFF[np.dtype(np.float64)]
+    seed = zlib.crc32(np.ascontiguousarray(x).tobytes() + spec.describe().encode())
+    rng = np.random.default_rng(seed)
+    reference = {"loss": np.array(ref.loss), "input.grad": ref.grad_input, **ref.grads,
+                 **{f"{k}.delta": v for k, v in ref.deltas.items()}}
+    worst = {k: np.zeros(np.shape(v)) for k, v in reference.items()}
+    with np.errstate(invalid="ignore", over="ignore"):
+        for _ in range(runs):
+            run = jittered_run(spec, params, x, y, ref, allow, u, rng)
+            for k, v in run.items():
+                dev = np.abs(v - reference[k])
+                worst[k] = np.maximum(worst[k], np.where(np.isfinite(dev), dev, np.inf))
+    return {k: np.minimum(FACTOR * worst[k], allow.bounds[k]) for k in allow.bounds}
