@@ -72,7 +72,13 @@ def jittered_run(spec, params: dict, x: np.ndarray, y, ref, allow, u: float, rng
         else:
             a = g(z)
         sc = allow.scales[i]
-        size = torch.from_numpy(np.broadcast_to(sc[0], a.shape).copy()) if sc is not None else a.detach().abs()
+        if sc is not None:
+            size = torch.from_numpy(np.broadcast_to(sc[0], a.shape).copy())
+        elif act.name == "log_softmax":  # (z − max) − log Σ e^{z − max}: the log of a sum ≥ 1 errs by u
+            zd = z.detach()
+            size = (zd - zd.max(dim=-1, keepdim=True).values).abs() + math.log(zd.shape[-1]) + 1
+        else:                            # softmax: every p to a few ulps of itself
+            size = a.detach().abs()
         jolt = cu * size * _gauss(rng, a.shape)
         if spec.loss.name == "bce" and i == len(spec.layers) - 1:  # probabilities stay probabilities
             jolt = torch.maximum(torch.minimum(jolt, 1 - a.detach()), -a.detach())
@@ -92,9 +98,18 @@ def jittered_run(spec, params: dict, x: np.ndarray, y, ref, allow, u: float, rng
             stash[("up", i)] = g.detach()
             return g + cu * g.abs() * _gauss(rng, g.shape) if i == L - 1 else g
 
-        def on_z(g, i=i, mgp=mgp):
+        name = spec.layers[i].activation.name
+        p = torch.softmax(z.detach(), dim=-1) if name in ("softmax", "log_softmax") else None
+
+        def on_z(g, i=i, mgp=mgp, name=name, p=p):
             up = stash.get(("up", i), g).abs()
-            g = g + cu * (up * mgp + g.abs()) * _gauss(rng, g.shape)
+            if name == "softmax":        # p ⊙ (up − Σ up p): the terms, not the result, set the rounding
+                size = p * (up + (up * p).sum(-1, keepdim=True))
+            elif name == "log_softmax":  # up − p Σ up
+                size = up + p * up.sum(-1, keepdim=True)
+            else:
+                size = up * mgp + g.abs()
+            g = g + cu * size * _gauss(rng, g.shape)
             stash[("delta", i)] = g.detach()
             return g
 
