@@ -23,14 +23,16 @@ within the strict elementwise bound plus the *rounding allowance* B:
 
 .. math::  |g_i - \hat g_i| \;\le\; \mathrm{atol}\cdot S + \mathrm{rtol}\,|\hat g_i| + f\cdot B_i
 
-B (``oracle.rounding``) is a first-order bound on how far any correct implementation computing in
-the candidate's dtype can land from the exact value, derived from this network's own magnitudes:
-it grows where the problem is ill-conditioned (a saturated unit, a residual far smaller than the
-activations it is the difference of, a sum that cancels) and nowhere else. It is computed with every
-non-smooth choice held fixed (the side of a kink, whether a guard is active), so a discontinuity can
-never inflate it; those elements are judged by the convention rule (``oracle.conventions``). It
-scales with the intermediates, not with S, so when every gradient is tiny but the activations are
-not, a correct implementation still passes. f = ``rounding_factor`` (2) is the safety margin.
+B is how far a correct implementation computing in the candidate's dtype lands from torch on *this*
+case. It is measured (``oracle.noise``): torch is re-run six times with every rounding a correct
+implementation could make injected at random, sized by the formula that makes it (a dot product's
+√n·u·Σ|terms|, σ' = a(1 − a) from a rounded a, the terms of a softmax backward), and B is 10× the
+largest deviation, element by element. Every non-smooth choice is held fixed in those runs (the slope
+at elements within rounding of a kink; guard elements are judged by the convention rule,
+``oracle.conventions``), so a discontinuity can never inflate B. B never exceeds the first-order
+worst case (``oracle.rounding``), which adds every error with one sign. Both scale with the
+intermediates, not with S, so when every gradient is tiny but the activations are not, a correct
+implementation still passes. f = ``rounding_factor`` (2) is the safety margin.
 """
 
 from __future__ import annotations
