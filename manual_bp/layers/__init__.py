@@ -1,0 +1,28 @@
+r"""Layer types, one module per family: what a layer's spec holds, its parameters, and its forward
+and backward equations. ``base`` states the contract every layer class keeps and where the four
+parts of a new layer type go (this package, ``oracle/twin.py``, ``oracle/strategies.py``,
+``oracle/mutants.py``).
+
+* ``dense``: :class:`Dense` (``torch.nn.Linear``);
+* ``conv``: :class:`Conv1d`, :class:`Conv2d`;
+* ``pool``: :class:`MaxPool1d`, :class:`MaxPool2d`, :class:`AvgPool1d`, :class:`AvgPool2d`;
+* ``reshape``: :class:`Flatten`;
+* ``windows``: the padding / sliding-window index maps conv and pooling share.
+
+Each layer type registers itself in ``LAYER_TYPES`` under its spec ``"type"``; old specs keep working.
+"""
+
+from .base import MAX_SIZE, parse_named, positive_int, reject_unknown
+from .conv import Conv1d, Conv2d
+from .dense import Dense
+from .pool import AvgPool1d, AvgPool2d, MaxPool1d, MaxPool2d
+from .reshape import Flatten
+
+#: spec "type" -> layer class. The conv, pool and flatten classes join when the spec gives input
+#: shapes (format version 2); until then a spec holds dense layers only.
+LAYER_TYPES: dict[str, type] = {Dense.type: Dense}
+
+__all__ = [
+    "MAX_SIZE", "parse_named", "positive_int", "reject_unknown", "LAYER_TYPES",
+    "Dense", "Conv1d", "Conv2d", "MaxPool1d", "MaxPool2d", "AvgPool1d", "AvgPool2d", "Flatten",
+]
