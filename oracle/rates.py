@@ -212,6 +212,17 @@ def _worst_message(result) -> str:
         return result.message()
 
 
+def _tally(entry: dict, examples: str, keep: int, classification: str, passed, info) -> None:
+    """Count one verdict of a correct implementation into ``entry``; keep the first ``keep`` false alarms."""
+    entry["checks"] += 1
+    entry["classifications"][classification] += 1
+    entry["refused"] += passed is None
+    if passed is False:
+        entry["false_alarms"] += 1
+        if len(entry[examples]) < keep:
+            entry[examples].append(info())
+
+
 def _case_info(spec, regime, dtype, batch, data_seed, **extra) -> dict:
     return {"spec": spec.to_dict(), "describe": spec.describe(), "regime": regime, "dtype": dtype,
             "batch": batch, "data_seed": data_seed, **extra}
@@ -266,17 +277,9 @@ def detection_rates(per_cell: int, seed: int, progress: Callable | None = None, 
                     for name, impl in control_impls:
                         classification, passed, r = verdict(spec, params, x, y, impl.grads_fn)
                         checks += 1
-                        entry = ctrl[name]
-                        entry["checks"] += 1
-                        entry["classifications"][classification] += 1
-                        entry["refused"] += passed is None
-                        if passed is False:
-                            entry["false_alarms"] += 1
-                            if len(entry["first_false_alarms"]) < keep:
-                                entry["first_false_alarms"].append(_case_info(
-                                    spec, regime, dtype, batch, data_seed, classification=classification,
-                                    drawn_for=mutant.name, case_index=k, hypothesis_seed=hseed,
-                                    message=_worst_message(r)))
+                        _tally(ctrl[name], "first_false_alarms", keep, classification, passed, lambda: _case_info(
+                            spec, regime, dtype, batch, data_seed, classification=classification,
+                            drawn_for=mutant.name, case_index=k, hypothesis_seed=hseed, message=_worst_message(r)))
                     if not changes_something(mutant, spec, params, x, y, dtype):
                         continue
                     classification, passed, r = verdict(spec, params, x, y, mutant.grads_fn)
@@ -394,15 +397,9 @@ def false_alarms(n: int, seed: int, impls: dict | None = None, progress: Callabl
             for source, case in drawn:
                 classification, passed, r = verdict(case.spec, case.params, case.x, case.y, fn)
                 checks += 1
-                entry["checks"] += 1
-                entry["classifications"][classification] += 1
-                entry["refused"] += passed is None
-                if passed is False:
-                    entry["false_alarms"] += 1
-                    if len(entry["examples"]) < keep:
-                        entry["examples"].append(_case_info(
-                            case.spec, case.regime, case.dtype, case.x.shape[0], case.seed, source=source,
-                            classification=classification, message=_worst_message(r)))
+                _tally(entry, "examples", keep, classification, passed, lambda: _case_info(
+                    case.spec, case.regime, case.dtype, case.x.shape[0], case.seed, source=source,
+                    classification=classification, message=_worst_message(r)))
                 if progress:
                     progress(name, dtype, case, r)
             entry["classifications"] = dict(entry["classifications"])
