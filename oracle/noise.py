@@ -44,6 +44,26 @@ def _gauss(rng, shape):
     return torch.from_numpy(rng.standard_normal(tuple(shape)))
 
 
+def _loss_gradient_terms(loss, a, y, upstream) -> torch.Tensor:
+    """The size of the terms ∇ₐC is formed from (its rounding is u times that, not u times the result):
+    softmax(a) − onehot for cross-entropy, a − y for the squared and Huber losses, σ(a) − y, ..."""
+    N, m = a.numel(), a.shape[0]
+    name = loss.name
+    if name == "cross_entropy":
+        onehot = torch.zeros_like(a)
+        onehot[torch.arange(m), y] = 1.0
+        return (torch.softmax(a, dim=-1) + onehot) / m
+    if name == "nll":
+        return torch.zeros_like(a)
+    if name == "bce_with_logits":
+        return (torch.sigmoid(a) + y.abs()) / N
+    scale = {"half_sse": 1.0, "sse": 2.0, "half_mse": 1.0 / m, "mse": 2.0 / N, "huber": 1.0 / N,
+             "smooth_l1": 1.0 / (loss.params.get("beta", 1.0) * N), "l1": 0.0}.get(name)
+    if scale is None:  # bce: the composite bound covers it; the result's own size
+        return torch.from_numpy(np.abs(upstream))
+    return scale * (a.abs() + y.abs())
+
+
 def jittered_run(spec, params: dict, x: np.ndarray, y, ref, allow, u: float, rng) -> dict:
     """One torch run in float64 with rounding-sized noise injected everywhere (see the module docstring).
 
@@ -89,6 +109,8 @@ def jittered_run(spec, params: dict, x: np.ndarray, y, ref, allow, u: float, rng
 
     stash: dict = {}
     L = len(spec.layers)
+    yt = torch.from_numpy(np.asarray(y)) if spec.loss.targets == "classes" else torch.tensor(y, dtype=torch.float64)
+    loss_terms = _loss_gradient_terms(spec.loss, acts[-1].detach(), yt, ref.upstream[-1])
     for i, (z, a) in enumerate(zip(zs, acts)):
         z.retain_grad()
         sc = allow.scales[i]
@@ -96,7 +118,7 @@ def jittered_run(spec, params: dict, x: np.ndarray, y, ref, allow, u: float, rng
 
         def on_a(g, i=i):
             stash[("up", i)] = g.detach()
-            return g + cu * g.abs() * _gauss(rng, g.shape) if i == L - 1 else g
+            return g + cu * loss_terms * _gauss(rng, g.shape) if i == L - 1 else g
 
         name = spec.layers[i].activation.name
         p = torch.softmax(z.detach(), dim=-1) if name in ("softmax", "log_softmax") else None
@@ -135,8 +157,9 @@ def jittered_run(spec, params: dict, x: np.ndarray, y, ref, allow, u: float, rng
             weights[f"layers.{i}.bias"].register_hook(
                 lambda g, i=i: g + math.sqrt(stash[("delta", i)].shape[0] + 1) * u
                 * stash[("delta", i)].abs().sum(0) * _gauss(rng, g.shape))
-    yt = torch.from_numpy(np.asarray(y)) if spec.loss.targets == "classes" else torch.tensor(y, dtype=torch.float64)
     loss = loss_fn(spec.loss)(acts[-1], yt)
+    # the loss value's own rounding (a sum of N terms, a log-sum-exp): the analytic bound's size, at random
+    loss = loss + float(allow.bounds["loss"]) * EVAL / ULPS * float(rng.standard_normal())
     loss.backward()
     out = {"loss": np.array(float(loss.item())), "input.grad": xt.grad.numpy()}
     for i in range(L):
