@@ -114,10 +114,17 @@ def check_params(spec: Spec, params: Mapping[str, np.ndarray]) -> np.dtype:
 
 
 def as_batch(spec: Spec, x: np.ndarray) -> tuple[np.ndarray, bool]:
-    """x as (m, input_size) rows, and whether it came as the seed's single column."""
+    """x as (m, *input_shape), batch first, and whether it came as the seed's single column
+    (a vector input only: (n,) or (n, 1))."""
     if not isinstance(x, np.ndarray):
         raise SpecError("x", f"is a {type(x).__name__}, not a NumPy array", "pass a numpy array")
-    n = spec.input_size
+    shape = tuple(spec.input_shape)
+    if len(shape) > 1:
+        if x.ndim == len(shape) + 1 and x.shape[1:] == shape and x.shape[0] >= 1:
+            return x, False
+        want = ", ".join(str(d) for d in shape)
+        raise SpecError("x", f"has shape {x.shape}", f"give (batch, {want}): the batch first, then the spec's input shape")
+    n = shape[0]
     if x.ndim == 1 and x.shape[0] == n:
         return x[None, :], True
     if x.ndim == 2 and x.shape == (n, 1) and n > 1:
@@ -187,11 +194,11 @@ def check_data(spec: Spec, params, x: np.ndarray, y: np.ndarray):
 
 def _widest(spec: Spec) -> int:
     """The most values one example takes in any layer (input included)."""
-    return max([spec.input_size] + [layer.units for layer in spec.layers])
+    return max([spec.input_size] + [math.prod(spec.out_shape(i)) for i in range(len(spec.layers))])
 
 
 def init_params(spec: Spec, rng: np.random.Generator, dtype="float64", scale: float = 1.0) -> dict[str, np.ndarray]:
-    """Parameters drawn like ``torch.nn.Linear``'s default: U(−k, k), k = scale/√fan_in."""
+    """Parameters drawn like ``torch.nn.Linear``'s and ``Conv``'s default: U(−k, k), k = scale/√fan_in."""
     dt = dtype_of(dtype)
     if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not (math.isfinite(scale) and scale > 0):
         raise SpecError("scale", f"{show(scale)} is not a positive number", "give scale > 0 (1 draws like torch.nn.Linear)")
@@ -201,7 +208,8 @@ def init_params(spec: Spec, rng: np.random.Generator, dtype="float64", scale: fl
     params = {}
     try:
         for name, shape in shapes.items():
-            fan_in = shape[1] if len(shape) == 2 else params[name.replace("bias", "weight")].shape[1]
+            weight = shape if name.endswith("weight") else shapes[name.replace("bias", "weight")]
+            fan_in = math.prod(weight[1:])  # in (dense) or in/groups · kernel (conv), as torch counts it
             k = scale / np.sqrt(fan_in)
             params[name] = rng.uniform(-k, k, size=shape).astype(dt)
     except MemoryError:
@@ -236,7 +244,7 @@ def random_batch(spec: Spec, rng: np.random.Generator, batch: int = 4, dtype="fl
     batch = _batch_size(spec, batch)
     n_out = spec.output_size
     try:
-        x = rng.standard_normal((batch, spec.input_size)).astype(dt)
+        x = rng.standard_normal((batch, *spec.input_shape)).astype(dt)
         if spec.loss.targets == "classes":
             y = rng.integers(0, n_out, size=batch).astype(np.int64)
         elif spec.loss.name in ("bce", "bce_with_logits"):

@@ -37,7 +37,9 @@ from .losses import Loss, make_loss
 from .named import count, show
 
 FORMAT_VERSION = 1
-SPEC_FIELDS = ("format_version", "name", "description", "input_size", "layers", "loss")
+SPEC_FIELDS = ("format_version", "name", "description", "input_size", "input", "layers", "loss")
+#: version 1: {"input_size": n}, dense layers; version 2: {"input": {"shape": [C, H, W]}}, any layer type
+FORMAT_VERSIONS = (1, 2)
 #: most parameters (weights and biases, all layers together) a spec may have: 16 GiB in float64
 MAX_PARAMETERS = 2**31
 #: deepest nesting of lists and objects a spec may have; a valid one nests 4 deep (spec, layers, layer,
@@ -51,60 +53,81 @@ MAX_NAME_BYTES = 200
 
 @dataclass(frozen=True)
 class Spec:
-    input_size: int
+    input_size: int                  # the number of input features (the product of input_shape)
     layers: tuple
     loss: Loss
     name: str = ""
     description: str = ""
     format_version: int = FORMAT_VERSION
+    input_shape: tuple = None        # one example's shape, batch first omitted: (n,), (C, L), (C, H, W)
     _shapes: dict = field(default=None, repr=False, compare=False)  # type: ignore[assignment]
+    _out_shapes: tuple = field(default=None, repr=False, compare=False)  # type: ignore[assignment]
 
     def __post_init__(self):
-        shapes, n_in, total = {}, self.input_size, 0
+        if self.input_shape is None:
+            object.__setattr__(self, "input_shape", (self.input_size,))
+        shapes, shape, total, outs = {}, tuple(self.input_shape), 0, []
         for i, layer in enumerate(self.layers):
-            layer_shapes = layer.param_shapes(n_in)
-            n = sum(math.prod(shape) for shape in layer_shapes.values())
+            where = f"layers.{i}"
+            layer_shapes = layer.param_shapes(shape, where)
+            n = sum(math.prod(s) for s in layer_shapes.values())
             if n > MAX_PARAMETERS:
-                dims = " + ".join(" × ".join(str(d) for d in shape) for shape in layer_shapes.values())
+                dims = " + ".join(" × ".join(str(d) for d in s) for s in layer_shapes.values())
                 raise SpecError(f"layers[{i}]", f"{count(n)} parameters ({dims}) is too large",
                                 f"a spec may have at most {MAX_PARAMETERS} (2^31) parameters; use fewer units")
             total += n
-            for pname, shape in layer_shapes.items():
-                shapes[f"layers.{i}.{pname}"] = shape
-            n_in = layer.units
+            for pname, s in layer_shapes.items():
+                shapes[f"{where}.{pname}"] = s
+            shape = layer.out_shape(shape, where)
+            outs.append(shape)
         if total > MAX_PARAMETERS:
             raise SpecError("layers", f"{count(total)} parameters in all is too large",
                             f"a spec may have at most {MAX_PARAMETERS} (2^31) parameters; use fewer or narrower layers")
+        if len(outs[-1]) != 1:
+            raise SpecError(f"layers.{len(self.layers) - 1}", f"the network ends in {outs[-1]}, but a loss needs a vector (n,)",
+                            "end with a flatten and a dense layer")
         object.__setattr__(self, "_shapes", shapes)
+        object.__setattr__(self, "_out_shapes", tuple(outs))
 
     def __repr__(self) -> str:  # paste-able, e.g. into a Hypothesis falsifying example
         return f"Spec.from_json({json.dumps(self.to_dict(), ensure_ascii=False)!r})"
 
     @property
     def output_size(self) -> int:
-        return self.layers[-1].units
+        return self._out_shapes[-1][0]
+
+    def out_shape(self, i: int) -> tuple[int, ...]:
+        """The shape of layer i's output (and of its δ), one example, batch first omitted."""
+        return self._out_shapes[i]
+
+    def in_shape(self, i: int) -> tuple[int, ...]:
+        """The shape of layer i's input, one example."""
+        return tuple(self.input_shape) if i == 0 else self._out_shapes[i - 1]
 
     def param_shapes(self) -> dict[str, tuple[int, ...]]:
         """Every parameter's name and shape, in layer order: ``{"layers.0.weight": (out, in), ...}``."""
         return dict(self._shapes)
 
     def describe(self) -> str:
-        """One line: ``3 -> 4 sigmoid -> 4 sigmoid -> 1 identity, half_sse``."""
-        parts = [str(self.input_size)] + [
-            f"{l.units} {l.activation.name}{'' if l.bias else ' (no bias)'}" for l in self.layers
-        ]
+        """One line: ``3 -> 4 sigmoid -> 4 sigmoid -> 1 identity, half_sse``; ``3x8x8 -> conv2d 4 relu -> ...``."""
+        parts = ["x".join(str(d) for d in self.input_shape)]
+        for layer in self.layers:
+            if layer.type == "dense":
+                parts.append(f"{layer.units} {layer.activation.name}{'' if layer.bias else ' (no bias)'}")
+            elif hasattr(layer, "out_channels"):
+                parts.append(f"{layer.type} {layer.out_channels} {layer.activation.name}{'' if layer.bias else ' (no bias)'}")
+            else:
+                parts.append(layer.type)
         return " -> ".join(parts) + f", {self.loss.name}"
 
     # -- JSON --------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "format_version": self.format_version,
-            "name": self.name,
-            "description": self.description,
-            "input_size": self.input_size,
-            "layers": [layer.to_json() for layer in self.layers],
-            "loss": self.loss.to_json(),
-        }
+        head = {"format_version": self.format_version, "name": self.name, "description": self.description}
+        if self.format_version == 1:
+            head["input_size"] = self.input_size
+        else:
+            head["input"] = {"shape": list(self.input_shape)}
+        return {**head, "layers": [layer.to_json() for layer in self.layers], "loss": self.loss.to_json()}
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, ensure_ascii=False) + "\n"
@@ -116,12 +139,20 @@ class Spec:
             raise SpecError(source, f"the top level is a {type(obj).__name__}, not an object", "write a JSON object {...}")
         check_depth(obj, source)
         reject_unknown(obj, SPEC_FIELDS, "")
-        for key in ("format_version", "input_size", "layers", "loss"):
-            if key not in obj:
-                raise SpecError(key, "missing", f"a spec needs {', '.join(('format_version', 'input_size', 'layers', 'loss'))}")
+        if "format_version" not in obj:
+            raise SpecError("format_version", "missing", "a spec starts with \"format_version\": 1 (vector input) or 2 (input shape)")
         version = obj["format_version"]
-        if type(version) is not int or version != FORMAT_VERSION:  # not True, not 1.0, not "1"
-            raise SpecError("format_version", f"{show(version)} is not supported", f"this version reads format_version {FORMAT_VERSION} (the integer)")
+        if type(version) is not int or version not in FORMAT_VERSIONS:  # not True, not 1.0, not "1"
+            raise SpecError("format_version", f"{show(version)} is not supported",
+                            f"this version reads format_version {' or '.join(map(str, FORMAT_VERSIONS))} (the integer)")
+        size_key = "input_size" if version == 1 else "input"
+        wrong_key = "input" if version == 1 else "input_size"
+        if wrong_key in obj:
+            raise SpecError(wrong_key, f"is not a field of format_version {version}",
+                            'version 1 gives "input_size": n, version 2 gives "input": {"shape": [...]}')
+        for key in (size_key, "layers", "loss"):
+            if key not in obj:
+                raise SpecError(key, "missing", f"a spec needs format_version, {size_key}, layers and loss")
         for key in ("name", "description"):
             check_text(obj.get(key, ""), key)
         layers_json = obj["layers"]
@@ -135,6 +166,9 @@ class Spec:
             kind = lj.get("type")
             if not isinstance(kind, str) or kind not in LAYER_TYPES:
                 raise SpecError(f"{where}.type", f"unknown layer type {show(kind)}", f"choose one of: {', '.join(LAYER_TYPES)}")
+            if version == 1 and kind != "dense":
+                raise SpecError(f"{where}.type", f"{kind} needs the input's shape",
+                                'write format_version 2 with "input": {"shape": [C, H, W]} (or [C, L])')
             layer = LAYER_TYPES[kind].from_json(lj, where)
             if layer.activation.output_only and i != len(layers_json) - 1:
                 raise SpecError(
@@ -143,17 +177,20 @@ class Spec:
                 )
             layers.append(layer)
         loss = parse_named(obj["loss"], "loss", make_loss)
-        misfit = loss.check_output(layers[-1].activation, layers[-1].units)
-        if misfit:
-            raise SpecError("loss", f"{loss.name!r} does not fit the output layer: {misfit[0]}", misfit[1])
-        return cls(
-            input_size=positive_int(obj["input_size"], "input_size"),
+        input_shape = (positive_int(obj["input_size"], "input_size"),) if version == 1 else _input_shape(obj["input"])
+        spec = cls(
+            input_size=math.prod(input_shape),
             layers=tuple(layers),
             loss=loss,
             name=obj.get("name", ""),
             description=obj.get("description", ""),
             format_version=version,
+            input_shape=input_shape,
         )
+        misfit = loss.check_output(layers[-1].activation, spec.output_size)
+        if misfit:
+            raise SpecError("loss", f"{loss.name!r} does not fit the output layer: {misfit[0]}", misfit[1])
+        return spec
 
     @classmethod
     def from_json(cls, text: str | bytes, source: str = "spec") -> "Spec":
@@ -205,6 +242,17 @@ def check_text(value: Any, field: str) -> str:
         if bad is not None:
             raise SpecError(field, f"{show(value)} holds {bad!r}", "a name labels the report folder: no '/', '\\' or control characters")
     return value
+
+
+def _input_shape(obj: Any) -> tuple[int, ...]:
+    """``{"shape": [C, H, W]}`` (1 to 3 positive sizes) as a tuple."""
+    if not isinstance(obj, dict):
+        raise SpecError("input", f"{show(obj)} is not an object", 'write "input": {"shape": [3, 32, 32]}')
+    reject_unknown(obj, ("shape",), "input")
+    shape = obj.get("shape")
+    if not isinstance(shape, list) or not 1 <= len(shape) <= 3:
+        raise SpecError("input.shape", f"{show(shape)} is not a list of 1 to 3 sizes", "write [n], [C, L] or [C, H, W]")
+    return tuple(positive_int(d, f"input.shape[{k}]") for k, d in enumerate(shape))
 
 
 def load_spec(path: str | Path) -> Spec:

@@ -236,8 +236,8 @@ def _decode_map(node, arrays):
 def _byte_budget(spec, m: int) -> dict:
     """The most bytes the worker may send per returned array name (and ``"*"``: in all)."""
     limits = {k: math.prod(s) * BYTES_PER_ELEMENT + 64 for k, s in spec.param_shapes().items()}
-    for i, layer in enumerate(spec.layers):
-        limits[f"layers.{i}"] = m * layer.units * BYTES_PER_ELEMENT + 64
+    for i in range(len(spec.layers)):
+        limits[f"layers.{i}"] = m * math.prod(spec.out_shape(i)) * BYTES_PER_ELEMENT + 64
     limits["input.grad"] = m * spec.input_size * BYTES_PER_ELEMENT + 64
     limits["loss"] = BYTES_PER_ELEMENT + 64
     limits["*"] = sum(limits.values())

@@ -67,14 +67,40 @@ def loss_fn(loss):
     }[loss.name]
 
 
+def _padding(layer):
+    return layer.padding if layer.padding == "same" else tuple(layer.padding)
+
+
+#: The torch twin of every layer type, registered by its spec "type": ``fn(layer, w, a) -> z`` with
+#: ``w`` the layer's parameters by short name ("weight", "bias"). Built from torch.nn.functional only,
+#: never from manual_bp's code. A new layer type adds its line here (see manual_bp/layers/base.py).
+TWIN_LAYERS = {
+    "dense": lambda l, w, a: F.linear(a, w["weight"], w.get("bias")),
+    "conv1d": lambda l, w, a: F.conv1d(a, w["weight"], w.get("bias"), l.stride, _padding(l), l.dilation, l.groups),
+    "conv2d": lambda l, w, a: F.conv2d(a, w["weight"], w.get("bias"), l.stride, _padding(l), l.dilation, l.groups),
+    "max_pool1d": lambda l, w, a: F.max_pool1d(a, l.kernel_size, l.stride, l.padding),
+    "max_pool2d": lambda l, w, a: F.max_pool2d(a, l.kernel_size, l.stride, l.padding),
+    "avg_pool1d": lambda l, w, a: F.avg_pool1d(a, l.kernel_size, l.stride, l.padding, count_include_pad=l.count_include_pad),
+    "avg_pool2d": lambda l, w, a: F.avg_pool2d(a, l.kernel_size, l.stride, l.padding, count_include_pad=l.count_include_pad),
+    "flatten": lambda l, w, a: a.flatten(1),
+}
+
+
+def layer_weights(weights: dict, i: int) -> dict:
+    """Layer i's parameters by short name, from ``{"layers.{i}.weight": ...}``."""
+    prefix = f"layers.{i}."
+    return {k[len(prefix):]: v for k, v in weights.items() if k.startswith(prefix)}
+
+
 def twin_forward(spec: Spec, weights: dict, x):
-    """The twin's forward, z = F.linear(a, θ, b) (what ``nn.Linear`` calls) then torch's g.
+    """The twin's forward: each layer's torch twin (``TWIN_LAYERS``: F.linear for dense, as
+    ``nn.Linear`` calls it; F.conv2d, F.max_pool2d, ...) then torch's g.
 
     Returns (ỹ, [z_0, ..., z_{L-1}], [a_1, ..., a_L]).
     """
     zs, acts, a = [], [], x
     for i, layer in enumerate(spec.layers):
-        z = F.linear(a, weights[f"layers.{i}.weight"], weights.get(f"layers.{i}.bias"))
+        z = TWIN_LAYERS[layer.type](layer, layer_weights(weights, i), a)
         a = activation_fn(layer.activation)(z)
         zs.append(z)
         acts.append(a)

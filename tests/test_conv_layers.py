@@ -324,13 +324,13 @@ def test_bad_fields_are_refused_with_the_field_named(cls, obj, message):
 
 
 # -- the package ------------------------------------------------------------------------------------------
-def test_the_package_keeps_the_old_names_and_registers_only_dense():
+def test_the_package_keeps_the_old_names_and_registers_every_type():
     from manual_bp.layers import MAX_SIZE, parse_named, positive_int, reject_unknown
     assert MAX_SIZE == 2**31 and positive_int(3, "units") == 3
     assert parse_named("tanh", "activation", make_activation).name == "tanh"
     with pytest.raises(SpecError, match="layers.0.units: unknown field"):
         reject_unknown({"units": 1}, ("type",), "layers.0")
     assert bp.Dense is Dense and bp.LAYER_TYPES is LAYER_TYPES
-    assert LAYER_TYPES == {"dense": Dense}  # the new types join with spec format 2
     assert {cls.type for cls in (Conv1d, Conv2d, MaxPool1d, MaxPool2d, AvgPool1d, AvgPool2d, Flatten)} == {
         "conv1d", "conv2d", "max_pool1d", "max_pool2d", "avg_pool1d", "avg_pool2d", "flatten"}
+    assert LAYER_TYPES == {cls.type: cls for cls in (Dense, Conv1d, Conv2d, MaxPool1d, MaxPool2d, AvgPool1d, AvgPool2d, Flatten)}

@@ -18,9 +18,10 @@ from .dense import Dense
 from .pool import AvgPool1d, AvgPool2d, MaxPool1d, MaxPool2d
 from .reshape import Flatten
 
-#: spec "type" -> layer class. The conv, pool and flatten classes join when the spec gives input
-#: shapes (format version 2); until then a spec holds dense layers only.
-LAYER_TYPES: dict[str, type] = {Dense.type: Dense}
+#: spec "type" -> layer class. Format version 1 specs hold dense layers only (a vector input);
+#: version 2 gives the input's shape, so any of these can follow it.
+LAYER_TYPES: dict[str, type] = {cls.type: cls for cls in (Dense, Conv1d, Conv2d, MaxPool1d, MaxPool2d,
+                                                          AvgPool1d, AvgPool2d, Flatten)}
 
 __all__ = [
     "MAX_SIZE", "parse_named", "positive_int", "reject_unknown", "LAYER_TYPES",

@@ -9,7 +9,7 @@ import numpy as np
 
 from ..activations import Activation, make_activation
 from ..errors import SpecError
-from .base import parse_named, positive_int, reject_unknown
+from .base import parse_named, positive_int, reject_unknown, shape_text
 
 
 @dataclass(frozen=True)
@@ -49,7 +49,16 @@ class Dense:
     def to_json(self) -> dict[str, Any]:
         return {"type": self.type, "units": self.units, "activation": self.activation.to_json(), "bias": self.bias}
 
-    def param_shapes(self, n_in: int) -> dict[str, tuple[int, ...]]:
+    def out_shape(self, in_shape, where: str = "") -> tuple[int, ...]:
+        """(units,) from a vector input (n,); anything else needs a flatten first."""
+        shape = (int(in_shape),) if isinstance(in_shape, (int, np.integer)) else tuple(int(d) for d in in_shape)
+        if len(shape) != 1:
+            raise SpecError(where, f"dense needs (n,) input, got {shape_text(shape)}", "put a flatten layer before it")
+        return (self.units,)
+
+    def param_shapes(self, in_shape, where: str = "") -> dict[str, tuple[int, ...]]:
+        self.out_shape(in_shape, where)
+        n_in = int(in_shape) if isinstance(in_shape, (int, np.integer)) else int(in_shape[0])
         shapes = {"weight": (self.units, n_in)}
         if self.bias:
             shapes["bias"] = (self.units,)
