@@ -91,7 +91,7 @@ def find(spec, ref, allow, y64, guards: Guards) -> Special:
         act = layer.activation
         kink_points.append([(k, *one_sided_slopes(act, k)) for k in act.kink_points()] if not act.output_only else [])
     loss_kink = None
-    if spec.loss.name == "l1" and not spec.layers[-1].activation.output_only:
+    if spec.loss.name == "l1":
         loss_kink = np.abs(ref.output - y64) <= allow.output_error
     return Special(allow.kink_masks, kink_points, loss_kink, guards.mask, guards.deltas, guards.losses)
 
@@ -178,9 +178,11 @@ class Adopter:
                 lk = torch.from_numpy(sp.loss_kink)
                 N = up.numel()
                 a = torch.from_numpy(self.ref.acts[i])
+                # behind a softmax the choice moves the whole row of δ, so the whole row is the option
+                rows = lk.any(dim=-1, keepdim=True).expand_as(lk) if act.output_only else lk
                 for label, c in (("+", 1.0), ("-", -1.0), ("0", 0.0)):
                     alt_up = torch.where(lk, torch.full_like(up, c / N), up)
-                    out.append(("loss", label, lk, _vjp(act, z, a, alt_up, self._d1_of(i))))
+                    out.append(("loss", label, rows, _vjp(act, z, a, alt_up, self._d1_of(i))))
             if sp.guard is not None:
                 gm = sp.guard.any(axis=-1, keepdims=True) & np.ones_like(sp.guard) if act.output_only else sp.guard
                 gm = torch.from_numpy(gm)
