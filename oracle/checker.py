@@ -30,7 +30,7 @@ from manual_bp import Spec, SpecError
 from manual_bp.data import check_params, check_x, check_y, dtype_of, ensure_real
 
 from . import conventions
-from .compare import TOLERANCES, TensorComparison, Tolerance, compare_tensor
+from .compare import TOLERANCES, TensorComparison, Tolerance, compare_tensor, gradient_scale
 from .noise import measured_allowance
 from .rounding import allowance
 from .twin import run_twin
@@ -197,9 +197,10 @@ def _user_traceback(err: BaseException) -> str:
     return "".join(traceback.format_exception(type(err), err, tb))
 
 
-def _scale(ref) -> float:
+def _scale(ref, dt, tol) -> float:
     tensors = list(ref.grads.values()) + list(ref.deltas.values()) + [ref.grad_input]
-    return max(float(np.max(np.abs(t))) if t.size else 0.0 for t in tensors) or np.finfo(np.float64).tiny
+    largest = max(float(np.max(np.abs(t))) if t.size else 0.0 for t in tensors)
+    return gradient_scale(largest, ref.loss, dt, tol)
 
 
 def _compare_all(spec, cand: Candidate, ref, bounds: dict, tol: Tolerance, scale: float, arrays: dict) -> list:
@@ -309,7 +310,7 @@ def check(
         return CheckResult(spec, dt.name, False, "crash", tol, 0.0, None, [], None,
                            f"the candidate did not return ({crash.kind}): {crash.message}", crash=crash.to_dict())
 
-    scale = _scale(ref)
+    scale = _scale(ref, dt, tol)
     notes: list = []
     if not np.isfinite(cand.loss) or any(not np.all(np.isfinite(g)) for g in cand.grads.values()):
         notes.append("The candidate returned NaN or Inf values.")

@@ -69,6 +69,14 @@ TOLERANCES: dict[str, Tolerance] = {
 }
 
 
+def gradient_scale(largest: float, loss: float, dtype, tol: Tolerance) -> float:
+    """S: the largest |element| of any reference gradient or δ, but never below the dtype's resolution
+    of this loss, ε²·max(1, |C|)/atol: where saturation drives every gradient to the underflow range,
+    torch's exact 0 and an exact implementation's 1e-45 are the same answer."""
+    eps = float(np.finfo(dtype).eps)
+    return max(largest, eps * eps * max(1.0, abs(loss)) / max(tol.atol, 1e-300), float(np.finfo(np.float64).tiny))
+
+
 @dataclass(frozen=True)
 class TensorComparison:
     """How one candidate tensor compares with the reference."""

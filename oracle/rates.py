@@ -48,7 +48,7 @@ import manual_bp as bp
 from manual_bp import Spec, SpecError
 
 from .checker import CandidateError, check
-from .compare import TOLERANCES
+from .compare import TOLERANCES, gradient_scale
 from .mutants import CATALOGUE, CORRECT, Mutant
 from .strategies import cases, draw_data, draw_params, specs
 
@@ -141,12 +141,12 @@ def changes_something(mutant: Mutant, spec: Spec, params: dict, x, y, dtype: str
             return True
         # a change below the dtype's smallest normal number cannot be represented there: not counted
         floor = float(np.finfo(dtype).tiny)
-        if not _differ(got, ref, TOLERANCES[dtype], floor):
+        if not _differ(got, ref, TOLERANCES[dtype], floor, dtype):
             return False
         # a mutant that only takes the other one-sided slope at elements exactly on a kink is a valid
         # convention there (the kink mutant is one): no oracle can call that a bug, so it is not counted
         other = _as_triple(_other_slopes_at_kinks(spec, p64, x64, y64))
-        return _differ(got, other, TOLERANCES[dtype], floor)
+        return _differ(got, other, TOLERANCES[dtype], floor, dtype)
 
 
 def _other_slopes_at_kinks(spec: Spec, params: dict, x, y):
@@ -167,11 +167,12 @@ def _other_slopes_at_kinks(spec: Spec, params: dict, x, y):
     return faulty_gradients(spec, params, x, y, Hooks(vjp=vjp, loss_grad=loss_grad))
 
 
-def _differ(got, ref, tol, floor: float = 0.0) -> bool:
+def _differ(got, ref, tol, floor: float = 0.0, dtype="float64") -> bool:
     (loss, grads, deltas), (ref_loss, ref_grads, ref_deltas) = got, ref
     refs = list(ref_grads.values()) + list(ref_deltas.values())
-    scale = max((float(np.max(np.abs(t))) for t in refs if np.size(t)), default=0.0) or np.finfo(np.float64).tiny
     ref_loss = float(ref_loss)
+    largest = max((float(np.max(np.abs(t))) for t in refs if np.size(t)), default=0.0)
+    scale = gradient_scale(largest, ref_loss, dtype, tol)
     if _beyond([float(loss)], [ref_loss], tol.rtol, tol.atol, abs(ref_loss) or 1.0, floor):
         return True
     for name, r in ref_grads.items():
