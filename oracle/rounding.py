@@ -84,7 +84,7 @@ def derivatives(act, z: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 def one_sided_slopes(act, k: float) -> tuple[float, float]:
     """The slopes of g just left and just right of the kink point k."""
-    h = 1e-9 * max(1.0, abs(k))
+    h = 4 * float(np.finfo(np.float64).eps) * max(1.0, abs(k))  # a few ulps: the one-sided limit, to rounding
     d1, _ = derivatives(act, np.array([k - h, k + h]))
     return float(d1[0]), float(d1[1])
 

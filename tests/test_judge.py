@@ -1362,3 +1362,22 @@ def test_the_worst_case_allowance_covers_real_roundings_and_is_not_loose(case, d
         if well_scaled:
             size = max(float(np.max(np.abs(want[name]))), 1e-300)
             assert float(np.max(b)) <= 3e4 * eps * size, (name, float(np.max(b)) / size / eps)
+
+
+def test_selu_left_slope_where_torchs_z_is_a_rounding_above_the_kink_is_a_kink():
+    """z = 2⁻⁵² exactly (1 + 2⁻⁵² − 1): torch takes the right slope λ; a candidate whose sum rounds to ≤ 0 takes
+    the left one, λα (λα e^z to the last bit). Both are valid within rounding of the kink."""
+    spec = _spec(2, [(2, "selu", False), (1, "identity", False)], "half_sse")
+    params = {"layers.0.weight": np.array([[1.0, -1.0], [0.5, 1.0]]), "layers.1.weight": np.array([[1.0, -2.0]])}
+    x = np.array([[1.0, 0.5], [1.0 + 2.0 ** -52, 1.0], [0.5, -1.0]])
+    y = np.array([[0.25], [-0.5], [1.0]])
+    selu = spec.layers[0].activation
+    z0 = x @ params["layers.0.weight"].T
+    assert z0[1, 0] == 2.0 ** -52
+    up = _bp_delta1(spec, params, x, y) @ params["layers.1.weight"]
+    mask = np.zeros_like(up, dtype=bool)
+    mask[1, 0] = True
+    left = _candidate(delta_fault=(0, lambda d: np.where(mask, up * selu.alpha * selu.scale * np.exp(z0), d)))
+    assert oracle.check(spec, params, x, y, _candidate()).classification == "match"
+    result = oracle.check(spec, params, x, y, left)
+    assert result.passed and result.classification == "kink", result.message()
