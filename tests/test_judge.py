@@ -42,6 +42,37 @@ def _act(act, z, work, tanh_sigmoid=False):
         return sc * np.where(z > 0, z, al * (e - 1)), np.where(z > 0, sc, sc * al * e)
     if name == "identity":
         return z, np.ones_like(z)
+    p = {} if isinstance(act, str) else act.params
+    one = work(1)
+    if name == "elu":
+        al = work(p["alpha"])
+        return np.where(z > 0, z, al * np.expm1(np.minimum(z, 0))), np.where(z > 0, one, al * np.exp(np.minimum(z, 0)))
+    if name == "softplus":
+        b, t = work(p["beta"]), work(p["threshold"])
+        bz = b * z
+        s = np.where(bz >= 0, one / (one + np.exp(-np.abs(bz))), np.exp(-np.abs(bz)) / (one + np.exp(-np.abs(bz))))
+        return np.where(bz > t, z, np.log1p(np.exp(np.minimum(bz, t))) / b), np.where(bz > t, one, s)
+    if name == "gelu":
+        cdf = (one + np.vectorize(math.erf, otypes=[np.float64])(z.astype(np.float64) / math.sqrt(2)).astype(z.dtype)) / 2
+        pdf = np.exp(-z * z / 2) / work(math.sqrt(2 * math.pi))
+        return z * cdf, cdf + z * pdf
+    if name == "gelu_tanh":
+        k, c = work(math.sqrt(2 / math.pi)), work(0.044715)
+        t = np.tanh(k * (z + c * z ** 3))
+        return z * (one + t) / 2, (one + t) / 2 + z * (one - t * t) * k * (one + 3 * c * z * z) / 2
+    if name in ("silu", "mish"):
+        e = np.exp(-np.abs(z))
+        s = np.where(z >= 0, one / (one + e), e / (one + e))
+        if name == "silu":
+            return z * s, s * (one + z * (one - s))
+        sp = np.maximum(z, 0) + np.log1p(e)
+        t = np.tanh(sp)
+        return z * t, t + z * (one - t * t) * s
+    if name == "softsign":
+        return z / (one + np.abs(z)), one / (one + np.abs(z)) ** 2
+    if name == "hardtanh":
+        lo, hi = work(p["min_val"]), work(p["max_val"])
+        return np.clip(z, lo, hi), ((z > lo) & (z < hi)).astype(z.dtype)
     if name == "tanh":
         a = np.tanh(z)
         return a, 1 - a * a
@@ -980,6 +1011,8 @@ def test_derivatives_are_g_prime_and_g_second_in_closed_form():
     ({"name": "hardtanh", "min_val": -0.5, "max_val": 0.5}, 0.5, (1.0, 0.0)),
     ({"name": "hardtanh", "min_val": -0.5, "max_val": 0.5}, -0.5, (0.0, 1.0)),
     ({"name": "hardtanh", "min_val": -2e5, "max_val": 1e5}, 1e5, (1.0, 0.0)),
+    ("selu", 0.0, (1.6732632423543772 * 1.0507009873554805, 1.0507009873554805)),
+    ({"name": "elu", "alpha": 2.5}, 0.0, (2.5, 1.0)),
 ])
 def test_one_sided_slopes_are_the_slopes_just_left_and_right_of_the_kink(act, k, slopes):
     from oracle.rounding import one_sided_slopes
@@ -987,7 +1020,8 @@ def test_one_sided_slopes_are_the_slopes_just_left_and_right_of_the_kink(act, k,
     act = bp.make_activation(act) if isinstance(act, str) else bp.make_activation(act["name"], **{
         key: v for key, v in act.items() if key != "name"})
     left, right = one_sided_slopes(act, k)
-    assert left == pytest.approx(slopes[0], abs=1e-6) and right == pytest.approx(slopes[1], abs=1e-6)
+    # the one-sided limits to rounding: the convention re-run adopts them verbatim under a 1e-10 bound
+    assert left == pytest.approx(slopes[0], rel=1e-13, abs=1e-300) and right == pytest.approx(slopes[1], rel=1e-13, abs=1e-300)
 
 
 def test_the_allowances_sigmoid_is_sigma_at_both_ends():
@@ -1381,3 +1415,98 @@ def test_selu_left_slope_where_torchs_z_is_a_rounding_above_the_kink_is_a_kink()
     assert oracle.check(spec, params, x, y, _candidate()).classification == "match"
     result = oracle.check(spec, params, x, y, left)
     assert result.passed and result.classification == "kink", result.message()
+
+
+def test_the_allowances_closed_form_helpers():
+    """``_sech2`` is 1 − tanh² without the cancellation; ``_cancel`` is u·terms, or the exact result itself where
+    that is below u²·terms (saturated: every implementation returns the limit exactly)."""
+    from oracle.rounding import _cancel, _sech2
+
+    x = np.array([-3.0, -0.5, 0.0, 0.25, 2.0])
+    np.testing.assert_allclose(_sech2(x), 1 - np.tanh(x) ** 2, rtol=1e-13)
+    assert _sech2(np.array([40.0]))[0] == pytest.approx(4 * math.exp(-80), rel=1e-13)
+    us = (2.0 ** -24, 2.0 ** -53)
+    # in units of u = Σ u_k: 0.5 and 1e-9 are above both u_k² (3.6e-15, 1.2e-32): u_k·1 each, 1 in all;
+    # 1e-20 is below u32² only: (1e-20 + u64)/u; 1e-40 is below both: 2·1e-40/u
+    got = _cancel(1.0, np.array([0.5, 1e-9, 1e-20, 1e-40]), us)
+    want = np.array([1.0, 1.0, (1e-20 + us[1]) / sum(us), 2e-40 / sum(us)])
+    np.testing.assert_allclose(got, want, rtol=1e-13)
+    np.testing.assert_allclose(_cancel(np.array([2.0, 4.0]), np.array([1.0, 1e-60]), us), [2.0, 2e-60 / sum(us)], rtol=1e-13)
+
+
+def test_the_gradient_scale_has_a_floor_at_the_dtypes_resolution_of_the_loss():
+    """S = max(largest gradient, ε²·max(1, |C|)/atol): gradients below the loss's resolution are all 'zero'."""
+    from oracle.compare import gradient_scale
+
+    f64, f32 = TOLERANCES["float64"], TOLERANCES["float32"]
+    e64, e32 = float(np.finfo(np.float64).eps), float(np.finfo(np.float32).eps)
+    assert gradient_scale(3.0, 5.0, np.float64, f64) == 3.0
+    assert gradient_scale(1e-30, 5.0, np.float64, f64) == pytest.approx(e64 ** 2 * 5.0 / 1e-10, rel=1e-14)
+    assert gradient_scale(1e-30, 0.25, np.float64, f64) == pytest.approx(e64 ** 2 / 1e-10, rel=1e-14)
+    assert gradient_scale(1e-30, -5.0, np.float32, f32) == pytest.approx(e32 ** 2 * 5.0 / 1e-6, rel=1e-14)
+    assert gradient_scale(0.0, 1.0, np.float64, Tolerance(rtol=1e-10, atol=0.0)) == pytest.approx(e64 ** 2 / 1e-300, rel=1e-14)
+    assert gradient_scale(0.0, 0.0, np.float64, Tolerance(rtol=1e-10, atol=1e300)) == float(np.finfo(np.float64).tiny)
+
+
+def test_a_saturated_net_whose_gradients_underflow_is_judged_on_the_losss_resolution():
+    """σ(−800) ≈ e^−800 underflows: torch's gradients are exactly 0, an exact implementation's are ~1e-300
+    (below the loss's resolution, the same answer), but a gradient of the loss's own size is a bug."""
+    spec = _spec(2, [(1, "sigmoid", True)], "half_sse")
+    params = {"layers.0.weight": np.array([[0.5, -0.25]]), "layers.0.bias": np.array([-800.0])}
+    x = np.array([[1.0, 2.0], [0.5, -1.0]])
+    y = np.array([[0.25], [0.5]])
+    loss, grads, deltas = _backprop(spec, params, x, y)
+    assert all(np.all(g == 0) for g in grads.values())
+    tiny = {k: np.full_like(v, 1e-300) for k, v in grads.items()}
+    result = oracle.check(spec, params, x, y, lambda *a: (loss, tiny))
+    assert result.passed and result.classification == "match", result.message()
+    big = {**grads, "layers.0.bias": np.array([1e-3])}
+    assert oracle.check(spec, params, x, y, lambda *a: (loss, big)).classification == "bug"
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_complex_data_with_a_dtype_is_refused_naming_the_array(dtype):
+    spec, params, x, y = _tanh_case()
+    for field, xx, yy in (("x", x + 1j, y), ("y", x, y + 1j)):
+        with pytest.raises(bp.SpecError) as info:
+            oracle.check(spec, params, xx, yy, _candidate(), dtype=dtype)
+        assert info.value.field == field and "complex" in info.value.problem
+
+
+ACTIVATIONS = ["identity", "sigmoid", "tanh", "relu", {"name": "leaky_relu", "negative_slope": 0.1},
+               {"name": "elu", "alpha": 0.7}, "selu", {"name": "softplus", "beta": 2.0, "threshold": 10.0}, "gelu",
+               "gelu_tanh", "silu", "mish", "softsign", {"name": "hardtanh", "min_val": -2.0, "max_val": 1.5}]
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+@pytest.mark.parametrize("act", ACTIVATIONS, ids=lambda a: a if isinstance(a, str) else a["name"])
+def test_every_activations_allowance_covers_a_correct_implementation(act, dtype):
+    """Per activation, on a net driven into its saturated (and cancelling) ranges: the usual formulas, written
+    here in NumPy and run in the candidate's dtype, land within B of torch (float64 truth), element by element
+    and without the safety factor; B stays within 3e4 ulps of each tensor's size; and oracle.check agrees."""
+    from oracle.rounding import allowance
+    from oracle.twin import run_twin
+
+    spec = _spec(3, [(6, act, True), (4, act, True), (2, "identity", True)], "half_sse")
+    rng = np.random.default_rng(11)
+    dt = np.dtype(dtype)
+    p = {k: v.astype(dt) for k, v in bp.init_params(spec, rng, scale=5.0).items()}
+    x = (4 * rng.standard_normal((6, 3))).astype(dt)
+    y = rng.standard_normal((6, 2)).astype(dt)
+    p64, x64, y64 = {k: v.astype(np.float64) for k, v in p.items()}, x.astype(np.float64), y.astype(np.float64)
+    ref = run_twin(spec, p64, x64, y64, np.float64)
+    bounds = allowance(spec, p64, x64, y64, ref, dt).bounds
+    with np.errstate(over="ignore"):
+        loss, grads, deltas = _backprop(spec, p, x, y)
+    got = {"loss": np.float64(loss), **grads, **{f"{k}.delta": v for k, v in deltas.items()}}
+    want = {"loss": ref.loss, **ref.grads, **{f"{k}.delta": v for k, v in ref.deltas.items()}}
+    eps = float(np.finfo(dt).eps)
+    for name in got:
+        b = np.asarray(bounds[name])
+        assert np.all(np.isfinite(b)) and np.all(b >= 0), name
+        err = np.abs(np.asarray(got[name], dtype=np.float64) - want[name])
+        assert np.all(err <= b), (name, float(np.max(err / np.maximum(b, 1e-300))))
+        size = max(float(np.max(np.abs(want[name]))), 1e-300)
+        assert float(np.max(b)) <= 3e4 * eps * size, (name, float(np.max(b)) / size / eps)
+    result = oracle.check(spec, p, x, y, lambda *a: (loss, grads, deltas))
+    assert result.passed, result.message()
