@@ -326,11 +326,6 @@ def check(
 
     if loss_cmp.passed and all(t.passed for t in tensors):
         return result(True, "match")
-    if any(layer.type != "dense" for layer in spec.layers):
-        first = next(t for t in [loss_cmp, *tensors] if not t.passed)
-        raise SpecError("layers", f"{first.name} differs from torch's beyond the strict bound, and this version judges "
-                        "rounding and conventions for dense layers only (conv, pool and flatten match strictly or "
-                        "are not judged)", "compare in float64 on well-conditioned data, or use dense layers")
     # Only now are the rounding allowance and the multi-valued elements worth computing.
     guard = conventions.find_guards(spec, ref, params, x, y, y64, dt)
     allow = allowance(spec, params64, x64, y64, ref, dt, guard=guard.mask)
@@ -344,29 +339,38 @@ def check(
     tensors = _compare_all(spec, cand, ref, bounds, tol, scale, arrays)
     if loss_cmp.passed and all(t.passed for t in tensors):
         return result(True, "match" if all(t.verdict == "match" for t in [loss_cmp, *tensors]) else "rounding")
-    if special.any:  # follow the candidate's valid choices at kinks and guards, then judge everything again
-        tries = [None] if cand.deltas else conventions.choices(special)
+    routings = conventions.routings(spec, allow, dt)
+    if special.any or routings:  # follow the candidate's valid choices at kinks, guards and ties; judge all again
+        tries = ([None] if cand.deltas else conventions.choices(special)) if special.any else []
         best = None
-        for choice in tries:
-            adopter = conventions.Adopter(spec, ref, special, cand.deltas, choice or {})
-            again = run_twin(spec, params64, x64, y64, np.float64, adopt=adopter)
-            if not adopter.taken:
-                continue
-            # the re-run's own magnitudes bound its rounding (a guarded δ may be far larger than torch's)
-            bounds2 = allowance(spec, params64, x64, y64, again, dt, guard=guard.mask, alternatives=guard.deltas).bounds
-            arrays2: dict = {}
-            t2 = _compare_all(spec, cand, again, bounds2, tol, scale, arrays2)
-            failing = sum(not t.passed for t in t2)
-            if best is None or failing < best[0]:
-                best = (failing, t2, arrays2, adopter, bounds2)
-            if failing == 0 and loss_cmp.passed:
+        for label, routes in [(None, None), *routings]:
+            for choice in ([None, *tries] if routes is not None else tries):
+                adopter = conventions.Adopter(spec, ref, special, cand.deltas, choice or {}) if special.any else None
+                again = run_twin(spec, params64, x64, y64, np.float64, adopt=adopter, routes=routes)
+                if routes is None and not adopter.taken:
+                    continue
+                # the re-run's own magnitudes bound its rounding (a guarded δ may be far larger than torch's)
+                bounds2 = allowance(spec, params64, x64, y64, again, dt, guard=guard.mask, alternatives=guard.deltas,
+                                    routes=routes).bounds
+                arrays2: dict = {}
+                t2 = _compare_all(spec, cand, again, bounds2, tol, scale, arrays2)
+                failing = sum(not t.passed for t in t2)
+                if best is None or failing < best[0]:
+                    best = (failing, t2, arrays2, adopter, bounds2, label, routes)
+                if failing == 0 and loss_cmp.passed:
+                    break
+            if best is not None and best[0] == 0 and loss_cmp.passed:
                 break
-        failing, t2, arrays2, adopter, bounds2 = best if best is not None else (len(tensors), tensors, arrays, None, bounds)
-        if failing == 0 and loss_cmp.passed and adopter is not None:
+        failing, t2, arrays2, adopter, bounds2, label, routes = (
+            best if best is not None else (len(tensors), tensors, arrays, None, bounds, None, None))
+        taken = adopter.taken if adopter is not None else {}
+        if failing == 0 and loss_cmp.passed and (taken or routes is not None):
             layer, where = localize(spec, tensors)  # where the candidate's choice first departs from torch's
             tensors[:], arrays, bounds = t2, arrays2, bounds2
-            notes.extend(conventions.notes(spec, adopter.taken))
-            kind = "convention" if any(cat == "guard" for _, cat, _ in adopter.taken) else "kink"
+            notes.extend(conventions.notes(spec, taken))
+            if routes is not None:
+                notes.append(conventions.routing_note(spec, label, routes))
+            kind = "convention" if any(cat == "guard" for _, cat, _ in taken) else "kink"
             return result(True, kind, layer, where)
         if cand.deltas or failing < sum(not t.passed for t in tensors):
             tensors[:], arrays, bounds = t2, arrays2, bounds2  # localize against the re-run following the candidate

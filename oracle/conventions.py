@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from .rounding import derivatives, one_sided_slopes
-from .twin import run_twin
+from .twin import route_weights, run_twin
 
 #: torch's guard in the BCE backward: max(a(1 − a), EPS), EPS = 1e-12 stored as a float32 constant
 BCE_GUARD = float(np.float32(1e-12))
@@ -249,3 +249,34 @@ def notes(spec, taken: dict) -> list[str]:
                        f"max(a(1 − a), 1e-12) or its log clamp at −100 is active, the candidate follows {what}; "
                        f"both are accepted.")
     return out
+
+
+ROUTING_MODES = ("first", "last", "split")
+
+
+def routings(spec, allow, dtype) -> list[tuple[str, dict]]:
+    """The max-pool routings to try where windows tie: ``[(label, {layer: weights})]``, empty without ties.
+
+    Which elements tie is taken two ways: those equal once the reference input is rounded to the candidate's
+    dtype (what a float32 implementation sees: saturated tanh gives 1.0 twice), and those within the
+    rounding allowance of the max. Each is routed to the first, the last, or split evenly; torch's own
+    routing is the reference already. Every choice is judged in full, so a bug still fails under all.
+    """
+    tied = {i: t for i, t in enumerate(allow.ties or []) if t is not None}
+    if not tied:
+        return []
+    rounded = {i: m for i in tied if (m := allow.magnitudes[i].contenders(dtype=dtype)) is not None}
+    out = []
+    for label, masks in (("tied in the candidate's dtype", rounded), ("tied within rounding", tied)):
+        for mode in ROUTING_MODES:
+            if masks:
+                out.append((f"{mode} of the elements {label}",
+                            {i: route_weights(m, len(spec.layers[i].kernel_size), mode) for i, m in masks.items()}))
+    return out
+
+
+def routing_note(spec, label: str, routes: dict) -> str:
+    layers = ", ".join(str(i) for i in sorted(routes))
+    return (f"Tie convention: at max-pool layer(s) {layers}, where a window's maximum is tied (or tied within "
+            f"rounding), the candidate routes δ to the {label}, not to torch's pick; any of them (or a convex "
+            f"split) is a valid subgradient. Layers below are judged from the candidate's choice.")

@@ -11,7 +11,8 @@ rounding its formula can make, and autograd carries the perturbations through th
 What is injected (u = unit roundoff of the candidate's dtype plus float64's, ξ ~ N(0, 1) fresh per
 element and run):
 
-* z = a θᵀ + b gets √(n+2)·u·(|a||θ|ᵀ + |b|)·ξ (an n-term dot product, random-sign roundings);
+* z = a θᵀ + b gets √(n+2)·u·(|a||θ|ᵀ + |b|)·ξ (an n-term dot product, random-sign roundings), and every
+  other layer type its own sums' sizes and counts (``oracle.magnitudes``); a max pool keeps torch's winners;
 * a = g(z) gets c·u·M_g·ξ and δ = ∇ₐC ⊙ g′ gets c·u·(|∇ₐC|·M_g′ + |δ|)·ξ (M from ``rounding._scales``:
   the cancellations of each formula, e.g. σ′ = a(1 − a) from a rounded a);
 * ∂C/∂a = δθ, ∂C/∂θ = δᵀa and ∂C/∂b = Σδ get √(k+1)·u·(their |terms|)·ξ;
@@ -30,10 +31,9 @@ import zlib
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from .rounding import ULPS, UNIT_ROUNDOFF
-from .twin import activation_fn, loss_fn
+from .twin import TWIN_LAYERS, activation_fn, layer_weights, loss_fn
 
 RUNS = 6      # ensemble size
 FACTOR = 10   # allowance = FACTOR × the largest deviation seen
@@ -73,11 +73,16 @@ def jittered_run(spec, params: dict, x: np.ndarray, y, ref, allow, u: float, rng
     xt = torch.tensor(x, dtype=torch.float64, requires_grad=True)
     a, zs, acts, ins = xt, [], [], []
     cu = EVAL * u
+    mags = allow.magnitudes
     for i, layer in enumerate(spec.layers):
-        W, b = weights[f"layers.{i}.weight"], weights.get(f"layers.{i}.bias")
-        a_in = a.detach().abs()
-        mag = F.linear(a_in, W.detach().abs(), None if b is None else b.detach().abs())
-        z = F.linear(a, W, b) + math.sqrt(W.shape[1] + 2) * u * mag * _gauss(rng, mag.shape)
+        mag = mags[i]
+        a_in = a.detach().abs().numpy()
+        z = mag.held(a)
+        if z is None:
+            z = TWIN_LAYERS[layer.type](layer, layer_weights(weights, i), a)
+        if mag.k_z:
+            terms = torch.from_numpy(mag.terms(a_in))
+            z = z + math.sqrt(mag.k_z) * u * terms * _gauss(rng, terms.shape)
         act = layer.activation
         g = activation_fn(act)
         mask = allow.kink_masks[i]
@@ -138,25 +143,20 @@ def jittered_run(spec, params: dict, x: np.ndarray, y, ref, allow, u: float, rng
         if a is not z:
             a.register_hook(on_a)
         z.register_hook(on_z)
+    def rounded(g, size, k):  # a result that adds up k rounded terms of the given size
+        return g + math.sqrt(k) * u * torch.from_numpy(size) * _gauss(rng, g.shape)
+
     for i in range(L):  # the input of layer i is a_{i-1} (or x): its gradient is δ_i θ_i, rounded
-        W = weights[f"layers.{i}.weight"]
-        target = xt if i == 0 else acts[i - 1]
-
-        def on_input(g, i=i, W=W):
-            d = stash[("delta", i)].abs()
-            return g + math.sqrt(W.shape[0] + 1) * u * (d @ W.detach().abs()) * _gauss(rng, g.shape)
-
-        target.register_hook(on_input)
-
-        def on_weight(g, i=i):
-            d = stash[("delta", i)].abs()
-            return g + math.sqrt(d.shape[0] + 1) * u * (d.T @ ins[i]) * _gauss(rng, g.shape)
-
-        W.register_hook(on_weight)
+        mag, target = mags[i], xt if i == 0 else acts[i - 1]
+        if mag.k_in:
+            target.register_hook(lambda g, i=i, mag=mag: rounded(
+                g, mag.back_input(stash[("delta", i)].abs().numpy()), mag.k_in))
+        if f"layers.{i}.weight" in weights:
+            weights[f"layers.{i}.weight"].register_hook(lambda g, i=i, mag=mag: rounded(
+                g, mag.back_weight(stash[("delta", i)].abs().numpy(), ins[i]), mag.k_w))
         if f"layers.{i}.bias" in weights:
-            weights[f"layers.{i}.bias"].register_hook(
-                lambda g, i=i: g + math.sqrt(stash[("delta", i)].shape[0] + 1) * u
-                * stash[("delta", i)].abs().sum(0) * _gauss(rng, g.shape))
+            weights[f"layers.{i}.bias"].register_hook(lambda g, i=i, mag=mag: rounded(
+                g, mag.back_bias(stash[("delta", i)].abs().numpy()), mag.k_w))
     loss = loss_fn(spec.loss)(acts[-1], yt)
     # the loss value's own rounding (a sum of N terms, a log-sum-exp): the analytic bound's size, at random
     loss = loss + float(allow.bounds["loss"]) * EVAL / ULPS * float(rng.standard_normal())

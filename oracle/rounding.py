@@ -23,6 +23,11 @@ Backward, from ∇_a C at the output (loss-specific: its Hessian times E_{a_L} p
     E_{∂b_i} = \textstyle\sum E_{δ_i} + γ_{m+1}\sum|δ_i|
     E_{up_{i-1}} = E_{δ_i}|θ_i| + γ_{n+1}|δ_i||θ_i|
 
+Written here for dense layers; every other layer type replaces E|θ|ᵀ, v|θ|, vᵀa, Σv and the counts k of
+γ_k by its own maps (``oracle.magnitudes``). Errors already made are moved through |θ| as a worst case:
+they are not independent (one rounded probability moves a whole softmax row of δ, and that row feeds
+every unit below), so they may add up with one sign.
+
 M_g and M_g' are the magnitudes of the intermediate terms of each activation's usual formulas (the
 rounding that evaluating *that formula* can really make): σ′ = a(1 − a) computed from a rounded a has
 an absolute error of order u·a, not u·σ′; 1 − tanh² cancels where |tanh| ≈ 1; gelu's
@@ -47,7 +52,8 @@ import torch
 
 from manual_bp import Spec
 
-from .twin import activation_fn
+from .magnitudes import Magnitudes
+from .twin import activation_fn, layer_weights
 
 #: unit roundoff of each dtype: the largest relative error of one correctly rounded operation
 UNIT_ROUNDOFF = {np.dtype(np.float32): 2.0 ** -24, np.dtype(np.float64): 2.0 ** -53}
@@ -66,6 +72,8 @@ class Allowance:
     output_error: np.ndarray  # E_a at the output (the loss's input)
     kink_masks: list      # per layer: elements within E_z of a kink (either one-sided slope is valid there)
     scales: list = None   # per layer: (M_g, M_g') of its activation (None for softmax-like), see _scales
+    magnitudes: list = None  # per layer: its magnitude maps (oracle.magnitudes.Magnitudes)
+    ties: list = None     # per layer: a max pool's windows with several contenders for the max (else None)
 
 
 def derivatives(act, z: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -99,16 +107,6 @@ def _gamma(n: int, u: float) -> float:
     """The rounding of an n-term sum, relative to the sum of its |terms|: λ√n·u (probabilistic, see above),
     or the worst case n·u where that is smaller."""
     return min(n, LAMBDA * math.sqrt(n)) * u
-
-
-def _rss(E: np.ndarray, W: np.ndarray) -> np.ndarray:
-    """How errors E already made add up through the linear map W: E |W|, the worst case.
-
-    They are not independent: every error below a layer is a combination of the same few roundings
-    above it (one rounded probability moves a whole row of a softmax's δ, and that row feeds every
-    unit below), so they may add up with one sign.
-    """
-    return E @ np.abs(W)
 
 
 def _cancel(terms, result, us):
@@ -244,14 +242,15 @@ def _softmax_bce_bound(p, y, Ea, G, cu, cu64, u_c):
 
 
 def allowance(spec: Spec, params: dict, x: np.ndarray, y: np.ndarray, ref, dtype, guard=None,
-              alternatives: dict | None = None) -> Allowance:
+              alternatives: dict | None = None, routes: dict | None = None) -> Allowance:
     """The rounding allowance of every compared tensor for a candidate computing in ``dtype``.
 
     ``params``, ``x``, ``y`` are the float64 values of the case; ``ref`` the float64 torch reference
     (``twin.run_twin``, or its re-run following a candidate's conventions); ``guard`` an optional boolean
     mask of output elements where a numerical guard of the loss is active, and ``alternatives`` the δ_L
     accepted there (``conventions.Guards.deltas``): each is computed by a formula whose terms are as large
-    as the values, so its rounding, relative to them, is allowed on the guarded rows too.
+    as the values, so its rounding, relative to them, is allowed on the guarded rows too. ``routes`` are the
+    max-pool routings ``ref`` was computed with (``twin.run_twin(routes=...)``), if not torch's.
     """
     us = (UNIT_ROUNDOFF[np.dtype(dtype)], UNIT_ROUNDOFF[np.dtype(np.float64)])
     u = sum(us)
@@ -262,10 +261,14 @@ def allowance(spec: Spec, params: dict, x: np.ndarray, y: np.ndarray, ref, dtype
     A = [np.abs(x)]
     Ea = [np.zeros_like(x)]
     Ez, d1s, Egs, kink_masks, scales = [], [], [], [], []
+    mags, ties = [], []
     for i, layer in enumerate(spec.layers):
-        W = np.abs(params[f"layers.{i}.weight"])
-        b = np.abs(params[f"layers.{i}.bias"]) if layer.bias else 0.0
-        ez = _rss(Ea[i], W.T) + _gamma(W.shape[1] + 2, u) * (A[i] @ W.T + b) + (W.shape[1] + 2) * eta
+        mag = Magnitudes(layer, layer_weights(params, i), x if i == 0 else ref.acts[i - 1], (routes or {}).get(i))
+        mags.append(mag)
+        ties.append(mag.contenders(Ea[i]))
+        ez = mag.forward(Ea[i])
+        if mag.k_z:
+            ez = ez + _gamma(mag.k_z, u) * mag.terms(A[i]) + mag.k_z * eta
         z, a, act = ref.z[i], ref.acts[i], layer.activation
         mask = np.zeros(z.shape, dtype=bool)
         if act.name == "softmax":
@@ -338,17 +341,18 @@ def allowance(spec: Spec, params: dict, x: np.ndarray, y: np.ndarray, ref, dtype
             for alt in alternatives.values():
                 big = np.abs(alt)
                 edelta = edelta + np.where(rows, cu * (big + big.sum(axis=-1, keepdims=True) * act.output_only), 0.0)
-        W = np.abs(params[f"layers.{i}.weight"])
-        m = delta.shape[0]
+        mag, kw = mags[i], mags[i].k_w
         edelta = edelta + ULPS * eta
         bounds[f"layers.{i}.delta"] = edelta
-        bounds[f"layers.{i}.weight"] = (_rss(edelta.T, A[i]) + _rss(ad.T, Ea[i])
-                                        + _gamma(m + 1, u) * (ad.T @ A[i]) + (m + 1) * eta)
-        if layer.bias:
-            bounds[f"layers.{i}.bias"] = (edelta.sum(axis=0) + _gamma(m + 1, u) * ad.sum(axis=0)
-                                          + (m + 1) * eta)
-        Eup = _rss(edelta, W) + _gamma(W.shape[0] + 1, u) * (ad @ W) + (W.shape[0] + 1) * eta
+        if f"layers.{i}.weight" in params:
+            bounds[f"layers.{i}.weight"] = (mag.back_weight(edelta, A[i]) + mag.back_weight(ad, Ea[i])
+                                            + _gamma(kw, u) * mag.back_weight(ad, A[i]) + kw * eta)
+        if f"layers.{i}.bias" in params:
+            bounds[f"layers.{i}.bias"] = mag.back_bias(edelta) + _gamma(kw, u) * mag.back_bias(ad) + kw * eta
+        Eup = mag.back_input(edelta)
+        if mag.k_in:
+            Eup = Eup + _gamma(mag.k_in, u) * mag.back_input(ad) + mag.k_in * eta
         up = ref.upstream[i - 1] if i > 0 else ref.grad_input
     bounds["input.grad"] = Eup
-    return Allowance(bounds, Ez, Ea[L], kink_masks, scales)
+    return Allowance(bounds, Ez, Ea[L], kink_masks, scales, mags, ties)
 

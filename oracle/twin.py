@@ -17,6 +17,7 @@ matches this reference differs from torch only by a convention at non-differenti
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -86,21 +87,66 @@ TWIN_LAYERS = {
 }
 
 
+def pool_windows(layer, t: torch.Tensor, fill: float) -> torch.Tensor:
+    """The windows a pool reads, (m, C, *out, *kernel), from t padded with ``fill`` (−∞ for max, 0 for sums)."""
+    t = F.pad(t, [p for p in reversed(layer.padding) for _ in (0, 1)], value=fill)
+    for axis, (k, s) in enumerate(zip(layer.kernel_size, layer.stride)):
+        t = t.unfold(2 + axis, k, s)
+    return t
+
+
+def route_weights(contenders: torch.Tensor, nd: int, mode: str) -> torch.Tensor:
+    """How a max pool may share each window's δ among the elements that tie for its max (``contenders``,
+    a bool mask of the windows): all to the ``first`` in row-major order (torch's CPU kernel, and NumPy's
+    argmax), all to the ``last``, or ``split`` evenly. Each window's weights sum to 1."""
+    flat = contenders.flatten(-nd).to(torch.float64)
+    if mode == "split":
+        w = flat / flat.sum(-1, keepdim=True).clamp(min=1)
+    else:
+        order = torch.arange(flat.shape[-1], dtype=torch.float64)
+        score = torch.where(flat > 0, order if mode == "last" else -order, -math.inf)
+        w = torch.zeros_like(flat).scatter_(-1, score.argmax(-1, keepdim=True), 1.0)
+    return w.view(contenders.shape)
+
+
+class _RoutedMaxPool(torch.autograd.Function):
+    """torch's max pool forward; backward sends each window's δ by the given weights (``route_weights``)."""
+
+    @staticmethod
+    def forward(ctx, a, layer, weights):
+        ctx.layer = layer
+        ctx.save_for_backward(a, weights)
+        return TWIN_LAYERS[layer.type](layer, {}, a)
+
+    @staticmethod
+    def backward(ctx, g):
+        a, weights = ctx.saved_tensors
+        nd = len(ctx.layer.kernel_size)
+        with torch.enable_grad():  # lay each window's share back onto the input positions it read
+            probe = torch.zeros_like(a).requires_grad_(True)
+            (grad,) = torch.autograd.grad(pool_windows(ctx.layer, probe, 0.0), probe, g[(..., *(None,) * nd)] * weights)
+        return grad, None, None
+
+
 def layer_weights(weights: dict, i: int) -> dict:
     """Layer i's parameters by short name, from ``{"layers.{i}.weight": ...}``."""
     prefix = f"layers.{i}."
     return {k[len(prefix):]: v for k, v in weights.items() if k.startswith(prefix)}
 
 
-def twin_forward(spec: Spec, weights: dict, x):
+def twin_forward(spec: Spec, weights: dict, x, routes=None):
     """The twin's forward: each layer's torch twin (``TWIN_LAYERS``: F.linear for dense, as
-    ``nn.Linear`` calls it; F.conv2d, F.max_pool2d, ...) then torch's g.
+    ``nn.Linear`` calls it; F.conv2d, F.max_pool2d, ...) then torch's g. ``routes`` may give a max pool
+    layer i the routing weights its backward uses at ties (``route_weights``), instead of torch's.
 
     Returns (ỹ, [z_0, ..., z_{L-1}], [a_1, ..., a_L]).
     """
     zs, acts, a = [], [], x
     for i, layer in enumerate(spec.layers):
-        z = TWIN_LAYERS[layer.type](layer, layer_weights(weights, i), a)
+        if routes and i in routes:
+            z = _RoutedMaxPool.apply(a, layer, routes[i])
+        else:
+            z = TWIN_LAYERS[layer.type](layer, layer_weights(weights, i), a)
         a = activation_fn(layer.activation)(z)
         zs.append(z)
         acts.append(a)
@@ -141,19 +187,20 @@ class Reference:
     exact_kinks: int     # how many elements lie exactly on a kink (activations and the l1 loss)
 
 
-def run_twin(spec: Spec, params: dict, x: np.ndarray, y: np.ndarray, dtype, adopt=None) -> Reference:
+def run_twin(spec: Spec, params: dict, x: np.ndarray, y: np.ndarray, dtype, adopt=None, routes=None) -> Reference:
     """Run the twin in ``dtype`` (float32/float64) on copies of params and data, and backprop with autograd.
 
     ``x`` are rows (m, input_size); ``y`` the loss's targets (m, n_out) or (m,) class indices.
     ``adopt(i, up, delta)``, if given, may replace δ_i (a torch tensor) given the upstream ∂C/∂a_{i+1}
     as the backward reaches layer i; everything below is then computed from the replaced δ_i.
-    That is how the oracle follows a candidate's equally valid choice at a kink or a numerical guard.
+    That is how the oracle follows a candidate's equally valid choice at a kink or a numerical guard;
+    ``routes`` (see ``twin_forward``) its choice among a max pool's tied elements.
     """
     tdt = {np.dtype(np.float32): torch.float32, np.dtype(np.float64): torch.float64}[np.dtype(dtype)]
     weights = {name: torch.tensor(params[name], dtype=tdt, requires_grad=True) for name in spec.param_shapes()}
     xt = torch.tensor(x, dtype=tdt, requires_grad=True)
     yt = torch.from_numpy(np.asarray(y)) if spec.loss.targets == "classes" else torch.tensor(y, dtype=tdt)
-    out, zs, acts = twin_forward(spec, weights, xt)
+    out, zs, acts = twin_forward(spec, weights, xt, routes)
     for t in (*zs, *acts):
         if t.requires_grad:
             t.retain_grad()

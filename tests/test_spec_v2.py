@@ -41,8 +41,8 @@ def test_lenet_manual_bp_matches_torch_autograd(dtype):
     assert {t.name for t in result.tensors} >= {"layers.0.weight", "layers.2.delta", "layers.1.delta", "input.grad"}
 
 
-def test_a_conv_bug_is_not_passed():
-    """A dropped bias gradient in a conv layer: never a pass (judging rounding for conv comes next)."""
+def test_a_conv_bug_is_a_bug_at_its_layer():
+    """A dropped bias gradient in a conv layer is judged like any dense bug, and located."""
     spec = bp.example("lenet")
     params, x, y = bp.random_case(spec, 4, batch=2)
 
@@ -50,8 +50,9 @@ def test_a_conv_bug_is_not_passed():
         r = bp.gradients(s, p, xx, yy)
         return r.loss, {**r.grads, "layers.2.bias": np.zeros_like(r.grads["layers.2.bias"])}
 
-    with pytest.raises(bp.SpecError, match="layers.2.bias differs"):
-        oracle.check(spec, params, x, y, no_conv_bias)
+    result = oracle.check(spec, params, x, y, no_conv_bias)
+    assert not result.passed and result.classification == "bug"
+    assert result.first_divergent_layer == 2 and "layers.2.bias" in {t.name for t in result.failed_tensors}
 
 
 @pytest.mark.parametrize("shape,layers,words", [

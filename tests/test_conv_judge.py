@@ -1,0 +1,114 @@
+"""The judge on convolution and pooling nets: the rounding allowance of every layer type (oracle.magnitudes)
+covers a correct implementation computing in float32 or float64, element by element, against float64
+torch; it stays small enough to catch bugs; and a wrong conv backward is a bug in both dtypes."""
+
+import numpy as np
+import pytest
+
+import manual_bp as bp
+import oracle
+from oracle.noise import measured_allowance
+from oracle.rounding import allowance
+from oracle.twin import run_twin
+
+
+def _spec(layers, shape, loss="half_sse"):
+    return bp.Spec.from_dict({"format_version": 2, "input": {"shape": shape}, "loss": loss, "layers": layers})
+
+
+NETS = {
+    "conv2d-avg-conv-dense": _spec([
+        {"type": "conv2d", "out_channels": 4, "kernel_size": 3, "padding": 1, "activation": "tanh"},
+        {"type": "avg_pool2d", "kernel_size": 2},
+        {"type": "conv2d", "out_channels": 3, "kernel_size": 2, "stride": 2, "activation": "softplus"},
+        {"type": "flatten"}, {"type": "dense", "units": 3, "activation": "identity"}], [2, 8, 8]),
+    "conv1d-same-groups-bce": _spec([
+        {"type": "conv1d", "out_channels": 4, "kernel_size": 3, "dilation": 2, "padding": "same", "activation": "sigmoid"},
+        {"type": "avg_pool1d", "kernel_size": 3, "stride": 2, "padding": 1, "count_include_pad": False},
+        {"type": "conv1d", "out_channels": 4, "kernel_size": 2, "groups": 2, "activation": "gelu"},
+        {"type": "max_pool1d", "kernel_size": 3, "stride": 1},
+        {"type": "flatten"}, {"type": "dense", "units": 2, "activation": "sigmoid"}], [2, 12], "bce"),
+    "conv2d-rect-ce": _spec([
+        {"type": "conv2d", "out_channels": 3, "kernel_size": [3, 2], "activation": "elu"},
+        {"type": "avg_pool2d", "kernel_size": 2, "stride": 1},
+        {"type": "flatten"}, {"type": "dense", "units": 4, "activation": "identity"}], [1, 6, 5], "cross_entropy"),
+}
+
+
+def _case(spec, dtype, scale, seed):
+    rng = np.random.default_rng(seed)
+    dt = np.dtype(dtype)
+    params = {k: (scale * v).astype(dt) for k, v in bp.init_params(spec, rng).items()}
+    x = (scale * rng.standard_normal((3, *spec.input_shape))).astype(dt)
+    if spec.loss.targets == "classes":
+        y = rng.integers(0, spec.layers[-1].units, 3)
+    elif spec.loss.name == "bce":
+        y = rng.random((3, spec.layers[-1].units)).astype(dt)
+    else:
+        y = rng.standard_normal((3, spec.layers[-1].units)).astype(dt)
+    return params, x, y
+
+
+def _f64(params, x, y, spec):
+    return ({k: v.astype(np.float64) for k, v in params.items()}, x.astype(np.float64),
+            y if spec.loss.targets == "classes" else y.astype(np.float64))
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+@pytest.mark.parametrize("scale", [1.0, 5.0], ids=["well", "saturated"])
+@pytest.mark.parametrize("name", NETS)
+def test_the_allowance_covers_a_correct_implementation_in_its_dtype(name, scale, dtype):
+    spec = NETS[name]
+    params, x, y = _case(spec, dtype, scale, seed=1)
+    p64, x64, y64 = _f64(params, x, y, spec)
+    ref = run_twin(spec, p64, x64, y64, np.float64)
+    allow = allowance(spec, p64, x64, y64, ref, np.dtype(dtype))
+    measured = measured_allowance(spec, p64, x64, y64, ref, allow, np.dtype(dtype))
+    with np.errstate(over="ignore"):
+        g = bp.gradients(spec, params, x, y)
+    got = {"loss": g.loss, **g.grads, **{f"{k}.delta": v for k, v in g.deltas.items()}, "input.grad": g.grad_input}
+    want = {"loss": ref.loss, **ref.grads, **{f"{k}.delta": v for k, v in ref.deltas.items()}, "input.grad": ref.grad_input}
+    eps = float(np.finfo(np.dtype(dtype)).eps)
+    for key, value in got.items():
+        err = np.abs(np.asarray(value, dtype=np.float64) - want[key])
+        bound = np.asarray(allow.bounds[key])
+        assert np.all(err <= bound), (key, float(np.max(err / np.maximum(bound, 1e-300))))
+        size = max(float(np.max(np.abs(want[key]))), 1e-300)
+        # what the verdict uses: measured, so a few thousand ulps at most, where bugs are far larger
+        assert float(np.max(measured[key])) <= 1e4 * eps * size, (key, float(np.max(measured[key])) / size / eps)
+    assert oracle.check(spec, params, x, y).passed
+
+
+def _flipped_kernel_weight_grad(spec, params, x, y):
+    """A common conv mistake: ∂C/∂θ computed with the kernel's spatial axes reversed (a convolution where
+    the forward is a correlation)."""
+    g = bp.gradients(spec, params, x, y)
+    grads = dict(g.grads)
+    for i, layer in enumerate(spec.layers):
+        if layer.type.startswith("conv"):
+            w = grads[f"layers.{i}.weight"]
+            grads[f"layers.{i}.weight"] = w[(..., *(slice(None, None, -1),) * (w.ndim - 2))].copy()
+            break
+    return g.loss, grads
+
+
+def _bias_summed_over_batch_only(spec, params, x, y):
+    """∂C/∂b of the first conv summed over the batch at one position only, not over every position."""
+    g = bp.gradients(spec, params, x, y)
+    grads = dict(g.grads)
+    i = next(i for i, layer in enumerate(spec.layers) if layer.type.startswith("conv"))
+    delta = g.deltas[f"layers.{i}"]
+    grads[f"layers.{i}.bias"] = delta.reshape(*delta.shape[:2], -1)[:, :, 0].sum(axis=0)
+    return g.loss, grads
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+@pytest.mark.parametrize("scale", [1.0, 5.0], ids=["well", "saturated"])
+@pytest.mark.parametrize("name", NETS)
+@pytest.mark.parametrize("mistake", [_flipped_kernel_weight_grad, _bias_summed_over_batch_only])
+def test_a_wrong_conv_backward_is_a_bug_at_its_layer(mistake, name, scale, dtype):
+    spec = NETS[name]
+    params, x, y = _case(spec, dtype, scale, seed=2)
+    result = oracle.check(spec, params, x, y, mistake)
+    assert not result.passed and result.classification == "bug", result.message()
+    assert result.first_divergent_layer == 0

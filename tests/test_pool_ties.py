@@ -1,0 +1,109 @@
+"""Max-pool ties are a convention, like the side of a kink: any tied element (or a convex split) may take a
+window's δ, and the oracle follows the candidate's choice before judging the layers below. Routing δ to
+*every* tied element (the mask ``a == max`` without sharing) counts it twice and stays a bug.
+
+The candidates here are written independently of manual_bp's pooling: one loop per window.
+"""
+
+import numpy as np
+import pytest
+
+import manual_bp as bp
+import oracle
+
+
+def _pool_backward(layer, a, delta, mode):
+    """∂C/∂a of a 2-D max pool, window by window, sending δ to the first / last tied element, splitting it
+    evenly among them, or (a bug) giving all of it to each."""
+    (kh, kw), (sh, sw), (ph, pw) = layer.kernel_size, layer.stride, layer.padding
+    grad = np.zeros_like(a)
+    m, C, H, W = a.shape
+    for n in range(m):
+        for c in range(C):
+            for i in range(delta.shape[2]):
+                for j in range(delta.shape[3]):
+                    cells = [(r, q) for r in range(i * sh - ph, i * sh - ph + kh) for q in range(j * sw - pw, j * sw - pw + kw)
+                             if 0 <= r < H and 0 <= q < W]
+                    best = max(a[n, c, r, q] for r, q in cells)
+                    tied = [cell for cell in cells if a[n, c, cell[0], cell[1]] == best]
+                    share = {"first": [(tied[0], 1.0)], "last": [(tied[-1], 1.0)],
+                             "split": [(t, 1.0 / len(tied)) for t in tied], "all": [(t, 1.0) for t in tied]}[mode]
+                    for (r, q), w in share:
+                        grad[n, c, r, q] += w * delta[n, c, i, j]
+    return grad
+
+
+def _candidate(mode, double_conv_weight=False):
+    def grads_fn(spec, params, x, y):
+        cache = bp.forward(spec, params, x)
+        loss = spec.loss.value(cache.output, y)
+        grads, deltas = {}, {}
+        up = spec.loss.grad(cache.output, y)
+        for i in reversed(range(len(spec.layers))):
+            layer = spec.layers[i]
+            delta = layer.activation.vjp(cache.z[i], cache.a[i + 1], up)
+            deltas[f"layers.{i}"] = delta
+            if layer.type == "max_pool2d":
+                nabla, up = {}, _pool_backward(layer, cache.a[i], delta, mode)
+            else:
+                nabla, up = layer.backward(cache.layer_params(i), cache.a[i], delta)
+            for name, g in nabla.items():
+                grads[f"layers.{i}.{name}"] = 2 * g if double_conv_weight and layer.type == "conv2d" and name == "weight" else g
+        return loss, grads, deltas  # δ of the conv layer shows the routing
+    return grads_fn
+
+
+def _tied_case(seed=0):
+    """Integer data whose 2×2 windows tie: a 1×1 conv (identity), a max pool, a dense head."""
+    layers = [{"type": "conv2d", "out_channels": 2, "kernel_size": 1, "activation": "identity"},
+              {"type": "max_pool2d", "kernel_size": 2},
+              {"type": "flatten"},
+              {"type": "dense", "units": 3, "activation": "identity"}]
+    spec = bp.Spec.from_dict({"format_version": 2, "input": {"shape": [2, 4, 4]}, "loss": "half_sse", "layers": layers})
+    rng = np.random.default_rng(seed)
+    params = {k: rng.integers(-3, 4, v.shape).astype(np.float64) + (k.endswith("weight") and v.ndim == 4) * 4
+              for k, v in bp.init_params(spec, rng).items()}
+    x = rng.integers(0, 3, (3, 2, 4, 4)).astype(np.float64)  # values 0..2: most windows tie
+    y = rng.standard_normal((3, 3))
+    return spec, params, x, y
+
+
+@pytest.mark.parametrize("mode", ["last", "split"])
+def test_another_valid_routing_at_ties_passes_as_a_kink_with_a_note(mode):
+    spec, params, x, y = _tied_case()
+    strict = oracle.check(spec, params, x, y, _candidate("first"))
+    assert strict.classification == "match", strict.message()       # torch's CPU kernel takes the first
+    result = oracle.check(spec, params, x, y, _candidate(mode))
+    assert result.passed and result.classification == "kink", result.message()
+    assert any("Tie convention" in n and mode in n for n in result.notes), result.notes
+
+
+def test_routing_delta_to_every_tied_element_is_a_bug():
+    spec, params, x, y = _tied_case()
+    result = oracle.check(spec, params, x, y, _candidate("all"))
+    assert not result.passed and result.classification == "bug", result.message()
+
+
+@pytest.mark.parametrize("mode", ["first", "last", "split"])
+def test_a_bug_below_a_tie_is_a_bug_whichever_routing_the_candidate_takes(mode):
+    spec, params, x, y = _tied_case()
+    result = oracle.check(spec, params, x, y, _candidate(mode, double_conv_weight=True))
+    assert not result.passed and result.classification == "bug", result.message()
+    assert result.first_divergent_layer == 0
+
+
+def test_float32_saturated_tanh_before_a_max_pool_is_judged_on_float64_truth():
+    """tanh saturates to 1.0 in float32, so the candidate sees ties where float64 torch sees a winner:
+    a correct float32 implementation (manual_bp, first of its ties) and the other routings all pass."""
+    spec = bp.Spec.from_dict({"format_version": 2, "input": {"shape": [1, 6, 6]}, "loss": "half_sse", "layers": [
+        {"type": "conv2d", "out_channels": 3, "kernel_size": 3, "padding": 1, "activation": "tanh"},
+        {"type": "max_pool2d", "kernel_size": 2},
+        {"type": "flatten"},
+        {"type": "dense", "units": 2, "activation": "identity"}]})
+    rng = np.random.default_rng(4)
+    params = {k: (6 * v).astype(np.float32) for k, v in bp.init_params(spec, rng).items()}
+    x = (4 * rng.standard_normal((2, 1, 6, 6))).astype(np.float32)
+    y = rng.standard_normal((2, 2)).astype(np.float32)
+    for grads_fn in (None, _candidate("last"), _candidate("split")):
+        result = oracle.check(spec, params, x, y, grads_fn)
+        assert result.passed, result.message()
