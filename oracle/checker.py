@@ -238,6 +238,27 @@ def _refuse_overflow(spec: Spec, ref, dt: np.dtype) -> None:
                         "scale the inputs, weights or targets down")
 
 
+def _input_step(layer, k: int) -> str:
+    """∂C/∂a that layer k hands down, from its δ_k, written for its type."""
+    kind = layer.type
+    if kind.startswith("conv"):
+        return f"δ_{k} fully convolved with the flipped kernel θ_{k}"
+    if kind.startswith("max_pool"):
+        return f"δ_{k} routed to each window's maximum"
+    if kind.startswith("avg_pool"):
+        return f"δ_{k} / N spread over each window"
+    if kind == "flatten":
+        return f"δ_{k} reshaped back"
+    return f"δ_{k} θ_{k}"
+
+
+def _param_step(layer) -> str:
+    """The parameter-gradient equations of a layer type."""
+    if layer.type.startswith("conv"):
+        return "∂C/∂θ = δ ⋆ a, δ correlated with the layer's input; ∂C/∂b = Σ δ over the batch and every position"
+    return "∂C/∂θ = δᵀa, ∂C/∂b = Σ δ"
+
+
 def localize(spec: Spec, tensors: list) -> tuple[int | None, str]:
     """Walk back from the loss: the first layer whose δ (or, without δ, parameter gradient) diverges."""
     by_layer: dict = {}
@@ -255,18 +276,18 @@ def localize(spec: Spec, tensors: list) -> tuple[int | None, str]:
                 return i, (f"the output δ (layer {i}) diverges: ∇_a C of the loss ({spec.loss.name}) "
                            f"or the output activation's derivative ({act}) is wrong")
             return i, (f"δ of layer {i + 1} matches, δ of layer {i} diverges: the backward step through "
-                       f"layer {i} ({act}) is wrong: (δ_{i + 1} θ_{i + 1}) ⊙ g'(z_{i})")
+                       f"layer {i} ({act}) is wrong: ({_input_step(spec.layers[i + 1], i + 1)}) ⊙ g'(z_{i})")
         if params_bad:
             if has_deltas:
                 return i, (f"δ of layer {i} matches but {', '.join(params_bad)} does not: the parameter-gradient "
-                           f"step of layer {i} (∂C/∂θ = δᵀa, ∂C/∂b = Σ δ) is wrong")
+                           f"step of layer {i} ({_param_step(spec.layers[i])}) is wrong")
             later = "" if i == L - 1 else (f"layer {L - 1} matches; " if i == L - 2 else f"layers {i + 1}..{L - 1} match; ")
             where = (f"the output layer: check ∇_a C of {spec.loss.name} and the derivative of {act}"
                      if i == L - 1 else f"the backward step through layer {i} ({act}) or its parameter gradients")
             return i, f"{later}layer {i} is the first to diverge ({', '.join(params_bad)}): {where}"
     bad_input = [t for t in tensors if t.layer is None and not t.passed]
     if bad_input:
-        return None, "every parameter gradient matches, ∂C/∂x does not: the last step δ_0 θ_0 is wrong"
+        return None, f"every parameter gradient matches, ∂C/∂x does not: the last step {_input_step(spec.layers[0], 0)} is wrong"
     return None, ""
 
 

@@ -66,6 +66,7 @@ def hints(name: str, cand, ref, *, batch: int | None, others: dict | None = None
         out.append(ratio)
     if cand.ndim == 2 and cand.shape[0] == cand.shape[1] and not _close(cand, ref) and _close(cand.T, ref):
         out.append("it equals torch's gradient transposed: a missing or extra transpose")
+    out += _spatial_hints(name, cand, ref)
     for other, arr in (others or {}).items():
         if other != name and np.shape(arr) == cand.shape and np.any(arr) and _close(cand, arr):
             out.append(f"it equals torch's {other}: the δ or gradient of the wrong layer was used")
@@ -77,12 +78,42 @@ def hints(name: str, cand, ref, *, batch: int | None, others: dict | None = None
         allowed = 1e-8 * (np.max(np.abs(ref)) if ref.size else 0)
     bad = np.abs(cand - ref) > allowed
     if name.endswith(".delta") or name == "input.grad":
-        rows = np.flatnonzero(bad.any(axis=1)) if bad.ndim == 2 else []
-        m = bad.shape[0] if bad.ndim == 2 else 0
+        rows = np.flatnonzero(bad.reshape(bad.shape[0], -1).any(axis=1)) if bad.ndim >= 2 else []
+        m = bad.shape[0] if bad.ndim >= 2 else 0
         if m > 1 and len(rows) == 1:
             out.append(f"the error is confined to batch row {int(rows[0])}")
         elif m > 1 and len(rows) == m - 1 and 0 not in rows:
             out.append("only batch row 0 is right: only the first example was back-propagated?")
+    if bad.ndim >= 3 and bad.any() and (name.endswith(".delta") or name == "input.grad"):
+        out += _where_on_the_map(bad)
     if kink_mask is not None and bad.any() and np.all(np.asarray(kink_mask)[bad]):
         out.append("the error is confined to elements whose z lies on a kink")
+    return out
+
+
+def _spatial_hints(name: str, cand, ref) -> list[str]:
+    """A conv weight (out, in, *kernel) that equals torch's with its kernel flipped, or with the in and out
+    channels swapped."""
+    if not name.endswith(".weight") or cand.ndim < 3 or _close(cand, ref):
+        return []
+    out = []
+    flipped = ref[(..., *(slice(None, None, -1),) * (ref.ndim - 2))]
+    if not _close(ref, flipped) and _close(cand, flipped):
+        out.append("it equals torch's gradient with the kernel flipped: the forward is a cross-correlation, "
+                   "so ∂C/∂θ is δ correlated with the input, not convolved")
+    if ref.shape[0] == ref.shape[1] and _close(cand, np.swapaxes(ref, 0, 1)):
+        out.append("it equals torch's gradient with the in and out channels swapped (θ is (out, in, *kernel))")
+    return out
+
+
+def _where_on_the_map(bad: np.ndarray) -> list[str]:
+    """Where on a feature map (m, C, *spatial) the wrong elements lie: one channel, or only the border."""
+    out = []
+    channels = np.flatnonzero(bad.any(axis=tuple(k for k in range(bad.ndim) if k != 1)))
+    if bad.shape[1] > 1 and len(channels) == 1:
+        out.append(f"the error is confined to channel {int(channels[0])}")
+    inner = bad[(slice(None), slice(None), *(slice(1, -1),) * (bad.ndim - 2))]
+    if all(n > 2 for n in bad.shape[2:]) and not inner.any():
+        out.append("the error is confined to the border of the feature map: padding (or the positions the "
+                   "kernel reaches only partly) handled wrongly")
     return out

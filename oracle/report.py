@@ -403,6 +403,11 @@ def _pooled(codes: np.ndarray) -> tuple:
 
 
 def _axis_names(name: str, ndim: int) -> tuple:
+    if ndim > 2:  # tiles: see ``tiled``
+        inner = "one kernel" if name.endswith(".weight") else "one feature map"
+        rows = "output channel" if name.endswith(".weight") else "example"
+        cols = "input channel" if name.endswith(".weight") else "channel"
+        return f"{rows} (tiles)", f"{cols} (tiles; each tile is {inner})"
     if name.endswith(".weight"):
         return "output unit", "input unit"
     if name.endswith(".bias"):
@@ -414,6 +419,26 @@ def _axis_names(name: str, ndim: int) -> tuple:
     return ("", "element") if ndim < 2 else ("row", "column")
 
 
+SEPARATOR = -2  # a grid cell between tiles, not an element
+
+
+def tiled(codes: np.ndarray) -> tuple:
+    """A rank-3 or rank-4 tensor laid out as a 2-D grid of tiles, one blank cell between tiles:
+    (A, B, L) as A rows (a blank row between) of B tiles of L cells; (A, B, H, W) as A × B tiles of H × W cells (a conv weight:
+    one kernel per output × input channel; a δ: one feature map per example × channel).
+    Returns (grid, (tile rows, tile columns)); rank ≤ 2 is returned as a grid of rows."""
+    if codes.ndim <= 2:
+        return (codes.reshape(1, -1) if codes.ndim < 2 else codes), (1, 1)
+    if codes.ndim == 3:
+        codes = codes[:, :, None, :]
+    A, B, H, W = codes.shape
+    grid = np.full((A * (H + 1) - 1, B * (W + 1) - 1), SEPARATOR, dtype=np.int8)
+    for a in range(A):
+        for b in range(B):
+            grid[a * (H + 1): a * (H + 1) + H, b * (W + 1): b * (W + 1) + W] = codes[a, b]
+    return grid, (H, W)
+
+
 def heatmap_figure(result, t) -> tuple:
     """(Figure, caption): one tensor's element errors in units of their elementwise bound."""
     from matplotlib.patches import Patch
@@ -423,19 +448,27 @@ def heatmap_figure(result, t) -> tuple:
     extra = _element_allowance(result, t.name)
     codes = element_classes(cand, ref, result.tolerance, result.scale, extra)
     ndim = codes.ndim
-    grid = codes.reshape(1, -1) if ndim < 2 else codes.reshape(codes.shape[0], -1)
+    grid, (th, tw) = tiled(codes)
     rows, cols = grid.shape
     shown, (br, bc) = _pooled(grid)
     colours = np.array([_rgb(c) for c, _ in ELEMENT_CLASSES])
-    image = colours[shown]
+    image = np.where((shown < 0)[..., None], _rgb("#ffffff"), colours[np.maximum(shown, 0)])
     fig, ax = _figure(7.0, min(6.0, max(1.4, 0.28 * shown.shape[0] + 1.2)))
     ax.imshow(image, interpolation="nearest", aspect="auto", extent=(-0.5, cols - 0.5, rows - 0.5, -0.5))
     ylabel, xlabel = _axis_names(t.name, ndim)
     ax.set_xlabel(xlabel)
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True, nbins=12))
-    if rows == 1:
-        ax.set_yticks([])
+    if ndim > 2:  # one tick per tile, at its centre, numbered by its channel (or example)
+        tiles_x = np.arange(codes.shape[1]) * (tw + 1) + (tw - 1) / 2
+        tiles_y = np.arange(codes.shape[0]) * (th + 1) + (th - 1) / 2
+        step_x, step_y = max(1, len(tiles_x) // 12), max(1, len(tiles_y) // 10)
+        ax.set_xticks(tiles_x[::step_x], [str(k) for k in range(0, len(tiles_x), step_x)])
+        ax.set_yticks(tiles_y[::step_y], [str(k) for k in range(0, len(tiles_y), step_y)])
+        ax.set_ylabel(ylabel)
     else:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True, nbins=12))
+    if ndim <= 2 and rows == 1:
+        ax.set_yticks([])
+    elif ndim <= 2:
         ax.set_ylabel(ylabel)
         ax.yaxis.set_major_locator(MaxNLocator(integer=True, nbins=10))
     if br == 1 and bc == 1 and rows <= 40 and cols <= 60:  # thin lines between cells, so white cells show
@@ -443,7 +476,7 @@ def heatmap_figure(result, t) -> tuple:
         ax.set_yticks(np.arange(-0.5, rows), minor=True)
         ax.grid(which="minor", color="#bdbdbd", linewidth=0.5)
         ax.tick_params(which="minor", length=0)
-    counts = np.bincount(grid.ravel(), minlength=len(ELEMENT_CLASSES))
+    counts = np.bincount(codes.ravel(), minlength=len(ELEMENT_CLASSES))
     n_nan, n_inf = int(counts[8]), int(counts[7])
     title = f"{t.name} {tuple(t.shape)}: |g − ĝ| ÷ (atol·S + rtol·|ĝ|) per element"
     if n_nan or n_inf:
@@ -460,6 +493,8 @@ def heatmap_figure(result, t) -> tuple:
                    "which these colours do not include.")
     else:
         caption = "Allowed per element: atol·S + rtol·|ĝ|."
+    if ndim > 2:
+        caption += f" Each tile is one {'kernel' if t.name.endswith('.weight') else 'feature map'} ({th}×{tw}); blank lines separate the tiles."
     if (br, bc) != (1, 1):
         caption += (f" {rows}×{cols} elements shown in blocks of {br}×{bc}; each block takes the colour of its worst "
                     "element (the axes give element indices).")

@@ -112,3 +112,57 @@ def test_a_wrong_conv_backward_is_a_bug_at_its_layer(mistake, name, scale, dtype
     result = oracle.check(spec, params, x, y, mistake)
     assert not result.passed and result.classification == "bug", result.message()
     assert result.first_divergent_layer == 0
+
+
+def _lenet_with(change):
+    spec = bp.example("lenet")
+    params, x, y = bp.random_case(spec, 3, batch=2)
+
+    def grads_fn(s, p, xx, yy):
+        g = bp.gradients(s, p, xx, yy)
+        grads, deltas = dict(g.grads), {k: v.copy() for k, v in g.deltas.items()}
+        change(grads, deltas)
+        return g.loss, grads, deltas
+
+    return oracle.check(spec, params, x, y, grads_fn)
+
+
+def test_a_flipped_kernel_is_named_and_the_equation_is_the_convs():
+    def flip(grads, deltas):
+        grads["layers.2.weight"] = grads["layers.2.weight"][..., ::-1, ::-1].copy()
+
+    result = _lenet_with(flip)
+    assert result.classification == "bug" and result.first_divergent_layer == 2
+    assert "δ ⋆ a" in result.localization and "δᵀa" not in result.localization
+    assert any("kernel flipped" in h for h in result.hints["layers.2.weight"])
+
+
+def test_an_error_on_the_border_of_a_feature_map_is_named():
+    def border(grads, deltas):
+        deltas["layers.0"][:, :, 0, :] = 0.0
+
+    result = _lenet_with(border)
+    assert result.first_divergent_layer == 0 and "routed to each window's maximum" in result.localization
+    assert any("border of the feature map" in h for h in result.hints["layers.0.delta"])
+
+
+def test_an_error_in_one_channel_is_named():
+    def channel(grads, deltas):
+        deltas["layers.1"][:, 3] *= 2
+
+    result = _lenet_with(channel)
+    assert result.first_divergent_layer == 1
+    assert "the error is confined to channel 3" in result.hints["layers.1.delta"]
+
+
+def test_rank_four_tensors_are_drawn_as_tiles_one_kernel_or_map_each():
+    from oracle.report import SEPARATOR, tiled
+
+    codes = np.arange(2 * 3 * 4 * 5).reshape(2, 3, 4, 5) % 7
+    grid, tile = tiled(codes)
+    assert grid.shape == (2 * 5 - 1, 3 * 6 - 1) and tile == (4, 5)
+    np.testing.assert_array_equal(grid[5:9, 12:17], codes[1, 2])
+    assert np.all(grid[4, :] == SEPARATOR) and np.all(grid[:, 5] == SEPARATOR)
+    line, tile = tiled(codes[0])          # rank 3: (A, B, L) → A rows of B tiles, a blank row between
+    assert line.shape == (3 * 2 - 1, 4 * 6 - 1) and tile == (1, 5)
+    np.testing.assert_array_equal(line[2, 6:11], codes[0, 1, 1])
