@@ -30,6 +30,33 @@ def mlp_spec(widths):
     return bp.Spec.from_dict({"format_version": 1, "name": name, "input_size": widths[0], "layers": layers, "loss": "mse"})
 
 
+#: the CNN row: two conv-relu-pool blocks and a dense head on 3×32×32 images, batch 64
+CNN = {"format_version": 2, "name": "cnn-3x32x32", "input": {"shape": [3, 32, 32]}, "loss": "cross_entropy", "layers": [
+    {"type": "conv2d", "out_channels": 16, "kernel_size": 3, "padding": 1, "activation": "relu"},
+    {"type": "max_pool2d", "kernel_size": 2},
+    {"type": "conv2d", "out_channels": 32, "kernel_size": 3, "padding": 1, "activation": "relu"},
+    {"type": "max_pool2d", "kernel_size": 2},
+    {"type": "flatten"},
+    {"type": "dense", "units": 10, "activation": "identity"}]}
+CNN_BATCH = 64
+
+
+def cnn_rows(repeats: int, progress=print) -> list:
+    """manual_bp vs torch (forward + backward, every δ kept) on the CNN, float64 and float32."""
+    import manual_bp as bp
+
+    spec = bp.Spec.from_dict(CNN)
+    rows = []
+    for dtype in ("float64", "float32"):
+        params, x, y = bp.random_case(spec, 0, batch=CNN_BATCH, dtype=dtype)
+        t = interleaved({"manual_bp": lambda: bp.gradients(spec, params, x, y),
+                         "torch": _torch_step(spec, params, x, y)}, repeats)
+        rows.append({"size": spec.describe().split(",")[0], "batch": CNN_BATCH, "dtype": dtype, "manual_s": t["manual_bp"],
+                     "torch_s": t["torch"], "time_ratio": t["manual_bp"] / t["torch"]})
+        progress(f"  CNN 3x32x32 b{CNN_BATCH} {dtype}: manual/torch time {rows[-1]['time_ratio']:.2f}")
+    return rows
+
+
 def _case(widths, batch, dtype, seed=0):
     import manual_bp as bp
 
@@ -68,7 +95,7 @@ def _torch_step(spec, params, x, y):
     def step():  # the same outputs as manual_bp.gradients: ∂C/∂θ, ∂C/∂b, ∂C/∂x and every δ
         model.zero_grad(set_to_none=True)
         xt.grad = None
-        out, zs, _ = model(xt)
+        out, zs, _ = model.forward_all(xt)
         for z in zs:
             z.retain_grad()
         loss(out, yt).backward()
@@ -188,6 +215,8 @@ def run(quick: bool = False, progress=print) -> dict:
             progress(f"  {row['size']:>22s} b{batch:<4d} {dtype}: manual/torch time {row['time_ratio']:.2f}, "
                      f"backward {row['backward_gflops']:.1f} GFLOP/s = {100 * row['backward_vs_matmul']:.0f}% of matmul")
 
+    cnn = cnn_rows(repeats, progress)
+
     # a full check vs its halves alone, and vs gradcheck
     checks = []
     for widths, batch in SIZES[1:3] if not quick else SIZES[1:2]:
@@ -207,7 +236,7 @@ def run(quick: bool = False, progress=print) -> dict:
     progress(f"  Hypothesis: {hypo:.0f} examples/s on small random nets")
     suite = None if quick else _suite_time()
     return {"schema": "bp-oracle/bench", "schema_version": 1, "quick": quick, "machine": machine_facts(),
-            "mlp": rows, "check": checks, "hypothesis_examples_per_s": hypo, "test_suite_s": suite,
+            "mlp": rows, "cnn": cnn, "check": checks, "hypothesis_examples_per_s": hypo, "test_suite_s": suite,
             "torch_threads": torch.get_num_threads()}
 
 
@@ -224,7 +253,7 @@ def _gradcheck(spec, params, x, y, quick) -> dict:
     lf = loss_fn(spec.loss)
 
     def loss_of(*flat):
-        out = torch.func.functional_call(model, dict(zip(names, flat)), (xt,))[0]
+        out = torch.func.functional_call(model, dict(zip(names, flat)), (xt,))
         return lf(out, yt)
 
     inputs = tuple(torch.tensor(params[n], requires_grad=True) for n in names)
@@ -292,6 +321,11 @@ def markdown(res: dict) -> str:
         mem = f"{r['memory_ratio']:.2f}" if r.get("memory_ratio") else "—"
         lines.append(f"| {r['size']} | {r['batch']} | {r['dtype']} | {1e3 * r['manual_s']:.3f} ms | {1e3 * r['torch_s']:.3f} ms | "
                      f"**{r['time_ratio']:.2f}** | {mem} | {r['backward_gflops']:.2f} | {100 * r['backward_vs_matmul']:.0f}% |")
+    lines += ["", f"### CNN: 3×32×32 images, batch {CNN_BATCH} (target: manual/torch ≤ 2)", "",
+              "| net | batch | dtype | manual_bp | torch | manual/torch |", "|---|---|---|---|---|---|"]
+    for r in res.get("cnn", []):
+        lines.append(f"| {r['size']} | {r['batch']} | {r['dtype']} | {1e3 * r['manual_s']:.1f} ms | {1e3 * r['torch_s']:.1f} ms | "
+                     f"**{r['time_ratio']:.2f}** |")
     lines += ["", "### A full oracle check vs its halves and vs gradcheck (float64)", "",
               "| MLP | batch | check | halves alone | overhead | gradcheck | gradcheck fast_mode |", "|---|---|---|---|---|---|---|"]
     for r in res["check"]:

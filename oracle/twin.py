@@ -18,6 +18,7 @@ matches this reference differs from torch only by a convention at non-differenti
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -72,13 +73,23 @@ def _padding(layer):
     return layer.padding if layer.padding == "same" else tuple(layer.padding)
 
 
+def _conv(fn, l, w, a):
+    """F.conv1d/F.conv2d with the layer's fields. torch warns that "same" padding with an even kernel
+    pads one side more; that is the layer's documented behaviour, not news for every check."""
+    if l.padding != "same":
+        return fn(a, w["weight"], w.get("bias"), l.stride, _padding(l), l.dilation, l.groups)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Using padding='same'")
+        return fn(a, w["weight"], w.get("bias"), l.stride, "same", l.dilation, l.groups)
+
+
 #: The torch twin of every layer type, registered by its spec "type": ``fn(layer, w, a) -> z`` with
 #: ``w`` the layer's parameters by short name ("weight", "bias"). Built from torch.nn.functional only,
 #: never from manual_bp's code. A new layer type adds its line here (see manual_bp/layers/base.py).
 TWIN_LAYERS = {
     "dense": lambda l, w, a: F.linear(a, w["weight"], w.get("bias")),
-    "conv1d": lambda l, w, a: F.conv1d(a, w["weight"], w.get("bias"), l.stride, _padding(l), l.dilation, l.groups),
-    "conv2d": lambda l, w, a: F.conv2d(a, w["weight"], w.get("bias"), l.stride, _padding(l), l.dilation, l.groups),
+    "conv1d": lambda l, w, a: _conv(F.conv1d, l, w, a),
+    "conv2d": lambda l, w, a: _conv(F.conv2d, l, w, a),
     "max_pool1d": lambda l, w, a: F.max_pool1d(a, l.kernel_size, l.stride, l.padding),
     "max_pool2d": lambda l, w, a: F.max_pool2d(a, l.kernel_size, l.stride, l.padding),
     "avg_pool1d": lambda l, w, a: F.avg_pool1d(a, l.kernel_size, l.stride, l.padding, count_include_pad=l.count_include_pad),
@@ -153,23 +164,57 @@ def twin_forward(spec: Spec, weights: dict, x, routes=None):
     return a, zs, acts
 
 
-class Twin(torch.nn.Module):
-    """The twin as an ``nn.Module``: ``layers`` is a ModuleList of ``nn.Linear`` (names ``layers.{i}.weight``).
+#: The same twins as ``torch.nn`` modules, so that a user can see, load and run the identical model:
+#: ``build(layer, in_shape, dtype) -> nn.Module`` with parameters named as the spec names them.
+TWIN_MODULES = {
+    "dense": lambda l, shape, dt: torch.nn.Linear(shape[0], l.units, bias=l.bias, dtype=dt),
+    "conv1d": lambda l, shape, dt: torch.nn.Conv1d(shape[0], l.out_channels, l.kernel_size, l.stride, _padding(l),
+                                                   l.dilation, l.groups, l.bias, dtype=dt),
+    "conv2d": lambda l, shape, dt: torch.nn.Conv2d(shape[0], l.out_channels, l.kernel_size, l.stride, _padding(l),
+                                                   l.dilation, l.groups, l.bias, dtype=dt),
+    "max_pool1d": lambda l, shape, dt: torch.nn.MaxPool1d(l.kernel_size, l.stride, l.padding),
+    "max_pool2d": lambda l, shape, dt: torch.nn.MaxPool2d(l.kernel_size, l.stride, l.padding),
+    "avg_pool1d": lambda l, shape, dt: torch.nn.AvgPool1d(l.kernel_size, l.stride, l.padding,
+                                                          count_include_pad=l.count_include_pad),
+    "avg_pool2d": lambda l, shape, dt: torch.nn.AvgPool2d(l.kernel_size, l.stride, l.padding,
+                                                          count_include_pad=l.count_include_pad),
+    "flatten": lambda l, shape, dt: torch.nn.Flatten(1),
+}
 
-    ``run_twin`` uses the same ``twin_forward`` on plain leaf tensors (no module to build per check);
-    the benchmark uses this class, as a torch user would.
+
+class Twin(torch.nn.Module):
+    """The twin as an ``nn.Module``: ``layers`` is a ModuleList of torch's own modules (``nn.Linear``,
+    ``nn.Conv2d``, ``nn.MaxPool2d``, ...), so ``state_dict()`` names are the spec's (``layers.{i}.weight``)
+    and ``load_state_dict`` takes the same params the oracle checks; each layer's activation follows it.
+
+    ``run_twin`` evaluates the functional twins (``TWIN_LAYERS``) on plain leaf tensors (no module to build
+    per check); this class is the same model as a torch user would write it (the benchmark uses it).
     """
 
-    def __init__(self, spec: Spec, dtype: torch.dtype):
+    def __init__(self, spec: Spec, dtype: torch.dtype = torch.float64):
         super().__init__()
         self.spec = spec
-        sizes = [spec.input_size] + [layer.units for layer in spec.layers]
         self.layers = torch.nn.ModuleList(
-            torch.nn.Linear(sizes[i], layer.units, bias=layer.bias, dtype=dtype) for i, layer in enumerate(spec.layers)
-        )
+            TWIN_MODULES[layer.type](layer, spec.in_shape(i), dtype) for i, layer in enumerate(spec.layers))
+
+    def load_params(self, params: dict) -> "Twin":
+        """Load NumPy params keyed ``layers.{i}.weight``/``.bias`` (``load_state_dict``, strict)."""
+        self.load_state_dict({k: torch.as_tensor(np.asarray(v), dtype=next(self.parameters()).dtype)
+                              for k, v in params.items()}, strict=True)
+        return self
 
     def forward(self, x):
-        return twin_forward(self.spec, dict(self.named_parameters()), x)
+        """ỹ for a batch x, (m, *input shape)."""
+        return self.forward_all(x)[0]
+
+    def forward_all(self, x):
+        """(ỹ, [z_0, ..., z_{L-1}], [a_1, ..., a_L]), as ``twin_forward``."""
+        zs, acts = [], []
+        for layer, module in zip(self.spec.layers, self.layers):
+            zs.append(module(x))
+            x = activation_fn(layer.activation)(zs[-1])
+            acts.append(x)
+        return x, zs, acts
 
 
 @dataclass(frozen=True)

@@ -166,3 +166,25 @@ def test_rank_four_tensors_are_drawn_as_tiles_one_kernel_or_map_each():
     line, tile = tiled(codes[0])          # rank 3: (A, B, L) → A rows of B tiles, a blank row between
     assert line.shape == (3 * 2 - 1, 4 * 6 - 1) and tile == (1, 5)
     np.testing.assert_array_equal(line[2, 6:11], codes[0, 1, 1])
+
+
+@pytest.mark.parametrize("name", ["lenet", "seed-nielsen"])
+def test_the_twin_is_a_real_module_that_loads_the_same_params(name):
+    """oracle.twin.Twin: torch's own nn modules, state_dict names as the spec's, strict load_state_dict;
+    its loss and autograd gradients are manual_bp's."""
+    import torch
+
+    from oracle.twin import Twin, loss_fn
+
+    spec = bp.example(name)
+    params, x, y = bp.random_case(spec, 5, batch=3)
+    model = Twin(spec).load_params(params)
+    assert {k: tuple(v.shape) for k, v in model.state_dict().items()} == {k: tuple(s) for k, s in spec.param_shapes().items()}
+    loss = loss_fn(spec.loss)(model(torch.from_numpy(x)), torch.from_numpy(y))
+    loss.backward()
+    ours = bp.gradients(spec, params, x, y)
+    assert loss.item() == pytest.approx(float(ours.loss), rel=1e-12)
+    for k, p in model.named_parameters():
+        np.testing.assert_allclose(p.grad.numpy(), ours.grads[k], rtol=1e-9, atol=1e-12)
+    with pytest.raises(RuntimeError):
+        model.load_params({k: v for k, v in params.items() if k != "layers.0.weight"})
