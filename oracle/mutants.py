@@ -2,7 +2,11 @@ r"""The fault catalogue: realistic wrong backprops ("mutants"), each a one-step 
 
 ``faulty_gradients`` is the correct δ recursion with a hook at every step where a real mistake
 happens: the loss gradient, the step through an activation, the recursion :math:`δθ`, the parameter
-gradients :math:`δ^T a` and :math:`Σδ`, and the cache backward reads. A mutant replaces one hook.
+gradients :math:`δ^T a` and :math:`Σδ`, and the cache backward reads; a layer that is not dense
+(conv, pool, flatten) takes its whole backward through one hook, ``layer_backward``, which a conv/pool
+mutant replaces for one layer type (kernel not flipped, stride or dilation ignored, padding cropped
+off by one, groups ignored, channels swapped, bias averaged, max-pool δ misrouted, avg-pool divisor
+wrong, flatten unflattened channels-last). A mutant replaces one hook.
 Each declares what it corrupts first, walking back from the loss (``corrupts(spec) -> (layer, tensor)``),
 which networks expose it (a Hypothesis strategy), and whether it is a ``bug`` or merely a ``kink``
 convention (which the oracle must classify as such and never fail).
@@ -15,8 +19,9 @@ the oracle catches each mutant, per weight/data regime and dtype, is measured by
 
 from __future__ import annotations
 
+import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable
 
 import numpy as np
@@ -27,9 +32,10 @@ from hypothesis import strategies as st
 import manual_bp as bp
 from manual_bp.activations import GELUTanh
 from manual_bp.data import check_y
+from manual_bp.layers.windows import col2im, pad, unpad, windows
 
 from .checker import check
-from .strategies import REGIMES, VALUE_LOSSES, draw_data, draw_params, specs
+from .strategies import REGIMES, VALUE_LOSSES, cnn_specs, draw_data, draw_params, specs
 
 
 @dataclass(frozen=True)
@@ -43,10 +49,16 @@ class Hooks:
     bias_grad: Callable = lambda c, i, delta, deltas: delta.sum(axis=0)
     cache_x: Callable = lambda x: x   # the input the backward's cache was computed from
     forward_params: Callable = lambda spec, params: params
+    # the backward of a layer that is not dense (conv, pool, flatten): (grads, ∂C/∂a_prev)
+    layer_backward: Callable = lambda c, i, layer, p, a_prev, delta: layer.backward(p, a_prev, delta)
 
 
 def faulty_gradients(spec, params, x, y, hooks: Hooks):
-    """(loss, grads, deltas) by the δ recursion, with every step taken through ``hooks``."""
+    """(loss, grads, deltas) by the δ recursion, with every step taken through ``hooks``.
+
+    A dense layer takes its steps through the finer hooks (``weight_grad``, ``bias_grad``, ``recurse``);
+    any other layer type through ``layer_backward``.
+    """
     loss_cache = bp.forward(spec, hooks.forward_params(spec, params), x)
     y = check_y(spec, y, loss_cache.output.shape[0], False, loss_cache.output.dtype)
     loss = spec.loss.value(loss_cache.output, y)
@@ -57,6 +69,10 @@ def faulty_gradients(spec, params, x, y, hooks: Hooks):
         layer = spec.layers[i]
         delta = hooks.vjp(cache, i, layer.activation, cache.z[i], cache.a[i + 1], grad_a)
         deltas[f"layers.{i}"] = delta
+        if layer.type != "dense":
+            nabla, grad_a = hooks.layer_backward(cache, i, layer, cache.layer_params(i), cache.a[i], delta)
+            grads.update({f"layers.{i}.{name}": g for name, g in nabla.items()})
+            continue
         theta = params[f"layers.{i}.weight"]
         grads[f"layers.{i}.weight"] = hooks.weight_grad(cache, i, delta, cache.a[i], deltas)
         if layer.bias:
@@ -105,6 +121,167 @@ class Mutant:
 
     def grads_fn(self, spec, params, x, y):
         return faulty_gradients(spec, params, x, y, self.hooks)
+
+
+# -- helpers of the conv/pool mutants: the correct backward's pieces, one of them taken wrong ---------
+def _backward_of(types, mistake):
+    """A ``layer_backward`` hook: ``mistake(layer, p, a, delta) -> (grads, grad_a)`` on the layers of these
+    types (a real implementation has one backward per layer type, used everywhere), correct elsewhere."""
+    def layer_backward(c, i, layer, p, a, delta):
+        return mistake(layer, p, a, delta) if layer.type in types else layer.backward(p, a, delta)
+    return layer_backward
+
+
+def _input_grad(wrong):
+    """A mistake in ∂C/∂a only: ``wrong(layer, p, a, delta) -> grad_a``; the parameter gradients are right."""
+    def mistake(layer, p, a, delta):
+        return layer.backward(p, a, delta)[0], wrong(layer, p, a, delta)
+    return mistake
+
+
+def _param_grad(name, wrong):
+    """A mistake in one parameter gradient only: ``wrong(layer, p, a, delta, right) -> ∂C/∂p[name]``."""
+    def mistake(layer, p, a, delta):
+        grads, grad_a = layer.backward(p, a, delta)
+        if name in grads:
+            grads[name] = wrong(layer, p, a, delta, grads[name])
+        return grads, grad_a
+    return mistake
+
+
+def _window_grads(layer, theta, delta, channels, ungrouped=False):
+    r"""∂C/∂(the windows of â) of a conv, (m, C, *out, *kernel): per group θᵀδ, laid out as windows.
+
+    ``ungrouped``: every input channel c gathers :math:`Σ_o δ[o] θ[o, c \bmod C/G]` from *all* output
+    channels, as a backward written for groups = 1 would, tiled over the groups."""
+    nd, G, O = layer.nd, layer.groups, layer.out_channels
+    m, out = delta.shape[0], delta.shape[2:]
+    if ungrouped:
+        dcols = theta.reshape(O, -1).T @ delta.reshape(m, O, -1).swapaxes(0, 1).reshape(O, -1)
+        dcols = np.broadcast_to(dcols, (G, *dcols.shape))
+    else:
+        d = delta.reshape(m, O, -1).swapaxes(0, 1).reshape(G, O // G, -1)
+        dcols = theta.reshape(G, O // G, -1).swapaxes(1, 2) @ d
+    dw = dcols.reshape(channels, *layer.kernel_size, m, *out)
+    return dw.transpose(1 + nd, 0, *range(2 + nd, 2 + 2 * nd), *range(1, 1 + nd))
+
+
+def _padded_shape(a, pads):
+    return (*a.shape[:2], *(n + lo + hi for n, (lo, hi) in zip(a.shape[2:], pads)))
+
+
+def _conv_input_grad(layer, p, a, delta, *, theta=None, stride=None, dilation=None, crop=None, ungrouped=False):
+    """The conv's ∂C/∂a with one piece replaceable: the kernel, the stride or dilation that ``col2im``
+    scatters with, the crop that drops the padding (``crop(g, pads)``), the grouping."""
+    theta = p["weight"] if theta is None else theta
+    dw = _window_grads(layer, theta, delta, a.shape[1], ungrouped)
+    g = col2im(dw, _padded_shape(a, layer.pads), stride or layer.stride, dilation or layer.dilation)
+    return (crop or unpad)(g, layer.pads)
+
+
+def _crop_one_off(g, pads):
+    """The padding cropped one position off: the window [lo − 1, lo − 1 + n) (or [lo + 1, …) with lo = 0)."""
+    def window(t, lo, hi):
+        n = g.shape[2 + t] - lo - hi
+        start = lo - 1 if lo else lo + 1 if hi else lo
+        return slice(start, start + n)
+    return g[(slice(None), slice(None), *(window(t, lo, hi) for t, (lo, hi) in enumerate(pads)))]
+
+
+def _max_windows(layer, a):
+    """The max pool's windows of â (−∞ padded), flattened row-major: (m, C, *out, K)."""
+    w = windows(pad(a, layer.pads, -np.inf), layer.kernel_size, layer.stride, (1,) * layer.nd)
+    return w.reshape(*w.shape[:2 + layer.nd], -1)
+
+
+def _max_routed(route):
+    """A max pool backward that shares each window's δ by ``route(w) -> weights`` over its K elements."""
+    def wrong(layer, p, a, delta):
+        dw = route(_max_windows(layer, a)) * delta[..., None]
+        dw = dw.reshape(*dw.shape[:-1], *layer.kernel_size)
+        return unpad(col2im(dw, _padded_shape(a, layer.pads), layer.stride, (1,) * layer.nd), layer.pads)
+    return wrong
+
+
+def _window_start(w):
+    """δ to the first element of the window (its top-left corner), wherever the max is."""
+    first = np.zeros_like(w)
+    first[..., 0] = 1
+    return first
+
+
+def _every_max(w):
+    """δ to every element equal to the window's max: ``mask = (w == w.max())``, not normalised."""
+    return (w == w.max(axis=-1, keepdims=True)).astype(w.dtype)
+
+
+def _split_among_ties(w):
+    """δ shared evenly among the elements tied for the window's max (a valid subgradient)."""
+    mask = _every_max(w)
+    return mask / mask.sum(axis=-1, keepdims=True)
+
+
+def _avg_spread(divisor):
+    """An avg pool backward that spreads δ/``divisor(layer, a)`` over each window."""
+    def wrong(layer, p, a, delta):
+        share = delta / divisor(layer, a)
+        dw = np.broadcast_to(share.reshape(*share.shape, *(1,) * layer.nd), (*share.shape, *layer.kernel_size))
+        return unpad(col2im(dw, _padded_shape(a, layer.pads), layer.stride, (1,) * layer.nd), layer.pads)
+    return wrong
+
+
+def _other_count(layer, a):
+    """The divisor of the other ``count_include_pad`` setting."""
+    return replace(layer, count_include_pad=not layer.count_include_pad).divisor(a.shape[1:], a.dtype)
+
+
+def _channels_last(layer, p, a, delta):
+    """Flatten's δ unflattened as if the forward had flattened (m, *S, C) (channels last, NumPy/TF habit)."""
+    return np.moveaxis(delta.reshape(a.shape[0], *a.shape[2:], a.shape[1]), -1, 1)
+
+
+def _flip(theta):
+    return np.flip(theta, axis=tuple(range(2, theta.ndim)))
+
+
+CONVS, MAX_POOLS, AVG_POOLS = ("conv1d", "conv2d"), ("max_pool1d", "max_pool2d"), ("avg_pool1d", "avg_pool2d")
+
+
+def _shows(spec, i, layer, mistake, tensor: str, ties: bool) -> bool:
+    """Whether ``mistake`` changes layer i's ∂C/∂a (``tensor`` "delta") or its parameter gradient
+    ``tensor`` on a random probe of the layer's shapes (4 examples; with ``ties``, 0/1 inputs, so that
+    max-pool windows tie). Exact where a formula cannot say it: a kernel flip is invisible where only
+    its centre tap meets the input, a missing 1/k where the padding leaves one element in every window."""
+    rng = np.random.default_rng(0)
+    a = (rng.integers(0, 2, (4, *spec.in_shape(i))) if ties else rng.standard_normal((4, *spec.in_shape(i)))).astype(float)
+    p = {k: rng.standard_normal(s) for k, s in layer.param_shapes(spec.in_shape(i)).items()}
+    delta = rng.standard_normal((4, *spec.out_shape(i)))
+    right, wrong = layer.backward(p, a, delta), mistake(layer, p, a, delta)
+    got, want = (wrong[1], right[1]) if tensor == "delta" else (wrong[0].get(tensor), right[0].get(tensor))
+    return want is not None and not np.allclose(got, want, rtol=1e-9, atol=1e-12)
+
+
+def _first_shown(types, mistake, tensor: str, ties: bool):
+    """corrupts() of a conv/pool mistake: walking back, the first tensor it changes. A mistake in ∂C/∂a of
+    layer i shows first in the δ of layer i − 1 (so only for i ≥ 1); one in a parameter gradient, there."""
+    lowest = 1 if tensor == "delta" else 0
+
+    def corrupts(spec, cache):
+        shown = [i for i, l in enumerate(spec.layers)
+                 if i >= lowest and l.type in types and _shows(spec, i, l, mistake, tensor, ties)]
+        if not shown:
+            return None, tensor
+        return (max(shown) - 1, tensor) if tensor == "delta" else (max(shown), tensor)
+    return corrupts
+
+
+def _cnn_mutant(name, mistake_text, types, mistake, strategy, *, tensor="delta", ties=False, **kw) -> Mutant:
+    """A mutant whose ``mistake(layer, p, a, delta) -> (grads, grad_a)`` replaces the backward of ``types``."""
+    return Mutant(name, mistake_text, Hooks(layer_backward=_backward_of(types, mistake)),
+                  _first_shown(types, mistake, tensor, ties), strategy, **kw)
+
+
+TIE_REGIMES = ("near_kinks", "exact_kinks")
 
 
 SQUARE = dict(square=True, max_width=8)
@@ -209,6 +386,66 @@ CATALOGUE = [
            Hooks(vjp=_vjp_with({"relu"}, lambda act, z, a: (z >= 0).astype(z.dtype))),
            lambda s, c: (_last(s, {"relu"}, c, lambda g, z: z == 0), "delta"), _hidden(["relu"], bias=False),
            kind="kink", regimes=("near_kinks", "exact_kinks")),
+    # -- convolution and pooling (cnn_specs), each restricted to networks where the mistake can show -------
+    _cnn_mutant("conv_kernel_not_flipped", "∂C/∂a as the full *correlation* of δ with θ: the kernel not flipped "
+                "(the full convolution needs θ[k − 1 − j])",
+                CONVS, _input_grad(lambda l, p, a, d: _conv_input_grad(l, p, a, d, theta=_flip(p["weight"]))),
+                cnn_specs(min_convs=2, max_convs=2, kernel=(2, 4), pools=(None,), min_side=5)),
+    _cnn_mutant("conv_stride_ignored_in_backward", "∂C/∂a without spreading δ out by the stride: δ[x] sent to "
+                "x + d·j instead of s·x + d·j (no s − 1 zeros between its entries)",
+                CONVS, _input_grad(lambda l, p, a, d: _conv_input_grad(l, p, a, d, stride=(1,) * l.nd)),
+                cnn_specs(min_convs=2, max_convs=2, stride=(2, 3), padding=(1, 2), pools=(None,), min_side=8)),
+    _cnn_mutant("conv_padding_crop_off_by_one", "the padding cropped off by one: ∂C/∂a read from ∂C/∂â one "
+                "position early (â[i + lo − 1] where â[i + lo] belongs)",
+                CONVS, _input_grad(lambda l, p, a, d: _conv_input_grad(l, p, a, d, crop=_crop_one_off)),
+                cnn_specs(min_convs=2, max_convs=2, padding=(1, 2), pools=(None,), min_side=4)),
+    _cnn_mutant("conv_dilation_ignored_in_backward", "∂C/∂a scattered with dilation 1: kernel tap j sent to "
+                "s·x + j instead of s·x + d·j",
+                CONVS, _input_grad(lambda l, p, a, d: _conv_input_grad(l, p, a, d, dilation=(1,) * l.nd)),
+                cnn_specs(min_convs=2, kernel=(2, 3), dilation=(2, 3), padding=(1, 2), stride=(1, 2))),
+    _cnn_mutant("conv_groups_ignored_in_backward", "∂C/∂a of a grouped conv as if groups = 1: every input "
+                "channel gathers δ from every output channel, not only its own group's",
+                CONVS, _input_grad(lambda l, p, a, d: _conv_input_grad(l, p, a, d, ungrouped=True)),
+                cnn_specs(min_convs=2, groups="grouped", in_channels=(2, 3))),
+    _cnn_mutant("conv_weight_grad_channels_swapped", "∂C/∂θ with the in and out channels swapped (a ⋆ δ laid "
+                "out as (C, O, k) and stored as (O, C, k); square channels)",
+                CONVS, _param_grad("weight", lambda l, p, a, d, g: g.swapaxes(0, 1)),
+                cnn_specs(square_channels=True, groups="ungrouped", in_channels=(2, 3)), tensor="weight"),
+    _cnn_mutant("conv_bias_averaged_over_positions", "∂C/∂b summed over the batch but averaged over the "
+                "output positions (Σ_m mean_x δ instead of Σ_{m,x} δ)",
+                CONVS, _param_grad("bias", lambda l, p, a, d, g: d.sum(axis=0).reshape(l.out_channels, -1).mean(axis=1)),
+                cnn_specs(bias=True, pools=(None,), min_side=3), tensor="bias"),
+    _cnn_mutant("max_pool_grad_to_window_start", "max pool's δ routed to the first element of each window "
+                "instead of its argmax",
+                MAX_POOLS, _input_grad(_max_routed(_window_start)), cnn_specs(pools=("max",), pool_kernel=(2, 3))),
+    _cnn_mutant("max_pool_grad_to_every_tie", "max pool's δ sent in full to every element equal to the window's "
+                "max (mask = (w == max), not normalised): tied elements get δ each",
+                MAX_POOLS, _input_grad(_max_routed(_every_max)), cnn_specs(pools=("max",), pool_kernel=(2, 3)),
+                ties=True, regimes=TIE_REGIMES),
+    _cnn_mutant("avg_pool_missing_one_over_k", "avg pool's δ spread over the window without the 1/k (δ copied "
+                "to every element)",
+                AVG_POOLS, _input_grad(_avg_spread(lambda l, a: 1.0)), cnn_specs(pools=("avg",), pool_kernel=(2, 3))),
+    _cnn_mutant("avg_pool_count_include_pad_flipped", "avg pool's backward divides border windows by the other "
+                "count: k where count_include_pad=False asks for the elements inside, or the reverse",
+                AVG_POOLS, _input_grad(_avg_spread(_other_count)),
+                cnn_specs(pools=("avg",), pool_kernel=(2, 3), pool_stride=(1, 2), pool_padding=(1, 1))),
+    _cnn_mutant("flatten_backward_channels_last", "flatten's backward unflattens δ channels-last, (m, H, W, C), "
+                "where the forward flattened (m, C, H, W)",
+                ("flatten",), _input_grad(_channels_last),
+                cnn_specs(in_channels=(2, 3), channels=(2, 4), kernel=(1, 3), stride=(1, 1), dilation=(1, 1), pools=(None,), min_side=4)),
+]
+
+#: Valid conventions of conv/pool layers, run like the kink mutant (the oracle must call them ``kink``,
+#: never ``bug``), but kept out of CATALOGUE: ``bp-oracle rates`` runs every kink mutant as a control on
+#: every draw. Splitting a window's δ among elements tied for its max is a convex combination of the
+#: one-hot routings, so an element of max's (Clarke) subdifferential: a valid gradient, torch's
+#: first-element choice being another. Routing the full δ to *every* tie is not (the shares sum to more
+#: than 1): that is the bug ``max_pool_grad_to_every_tie``.
+CNN_KINKS = [
+    _cnn_mutant("max_pool_ties_split", "max pool's δ split evenly among the elements tied for the window's max "
+                "(torch sends it all to the first) — a convention at ties, not a bug",
+                MAX_POOLS, _input_grad(_max_routed(_split_among_ties)), cnn_specs(pools=("max",), pool_kernel=(2, 3)),
+                ties=True, kind="kink", regimes=TIE_REGIMES),
 ]
 
 @dataclass

@@ -15,12 +15,18 @@ that Hypothesis chooses, in one of five named regimes, so large tensors stay che
   on the same grid make l1/huber residuals exactly 0. All arithmetic through piecewise-linear layers
   is exact here (dyadic numbers), so every implementation sees the same elements on a kink.
 
+Signals and images (``cnn_specs``: conv, pool and flatten layers, format version 2) draw in the same
+regimes, with x of shape (m, *input_shape) and fan_in = prod(θ.shape[1:]); in ``exact_kinks`` an
+example made constant along its last axis, or two equal neighbouring positions, make max-pool windows
+tie. Dense specs draw exactly what they drew before.
+
 Targets are random (not ones), so the upstream gradient is a random direction: a sum would hide a
 transposed or permuted gradient.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -127,6 +133,206 @@ def specs(
                      st.integers(1, max_input), width)
 
 
+# -- convolutional networks (format version 2) --------------------------------------------------------
+def _divisors(n: int) -> list:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def _groups(c_in: int, out: int, pick: int, groups: str, square: bool) -> tuple[int, int]:
+    """(groups, out_channels) from the drawn ``out`` and ``pick``: groups divide both channel counts.
+
+    ``groups`` is "any" (a common divisor, 1 first), "ungrouped" (1) or "grouped" (≥ 2 wherever
+    c_in allows it; out_channels then a multiple of it); ``square`` makes out_channels = c_in.
+    """
+    c_out = c_in if square else out
+    if groups == "ungrouped":
+        return 1, c_out
+    if groups == "grouped":
+        big = [d for d in _divisors(c_in) if d >= 2]
+        if big:
+            g = big[pick % len(big)]
+            return g, c_in if square else g * (1 + (out - 1) % 2)
+    common = _divisors(math.gcd(c_in, c_out))
+    return common[pick % len(common)], c_out
+
+
+def _conv_fields(raw, nd: int, c_in: int, opts: dict) -> tuple[dict, int]:
+    """A conv layer's fields (kernel, stride, padding, dilation as per-axis lists) and its out channels."""
+    act, kernel, stride, dilation, padding, same, out, pick, bias = raw
+    stride = list(stride[:nd])
+    same = same and opts["same"] and all(s == 1 for s in stride)
+    g, c_out = _groups(c_in, out, pick, opts["groups"], opts["square_channels"])
+    return {"type": f"conv{nd}d", "out_channels": c_out, "kernel_size": list(kernel[:nd]), "stride": stride,
+            "padding": "same" if same else list(padding[:nd]), "dilation": list(dilation[:nd]), "groups": g,
+            "activation": act, "bias": bias}, c_out
+
+
+def _pool_fields(raw, nd: int) -> dict | None:
+    """A pooling layer's fields (padding ≤ kernel/2, as torch requires), or None for no pool."""
+    kind, kernel, stride, padding, include = raw
+    if kind is None:
+        return None
+    kernel = list(kernel[:nd])
+    fields = {"type": f"{kind}_pool{nd}d", "kernel_size": kernel, "stride": list(kernel) if stride is None else list(stride[:nd]),
+              "padding": [min(p, k // 2) for p, k in zip(padding[:nd], kernel)]}
+    if kind == "avg":
+        fields["count_include_pad"] = include
+    return fields
+
+
+def _extent(layer: dict, t: int) -> tuple[int, int, int, int]:
+    """(e, s, lo + hi, same) along axis t: the window's extent d(k − 1) + 1, stride, total padding."""
+    k, s = layer["kernel_size"][t], layer["stride"][t]
+    d = layer["dilation"][t] if "dilation" in layer else 1
+    if layer["padding"] == "same":
+        return d * (k - 1) + 1, 1, d * (k - 1), True
+    return d * (k - 1) + 1, s, 2 * layer["padding"][t], False
+
+
+def _least_input(layers: list, t: int) -> int:
+    """The smallest size of axis t for which every layer has an output: walk back from one position,
+    n_in = s(n_out − 1) + e − (lo + hi) (n_in = n_out for "same")."""
+    need = 1
+    for layer in reversed(layers):
+        e, s, pads, same = _extent(layer, t)
+        need = need if same else max(1, s * (need - 1) + e - pads)
+    return need
+
+
+def _fit(layer: dict, t: int, n: int) -> int:
+    """Shrink layer's dilation, then kernel, on axis t until its output is not empty; the output size.
+
+    Only needed where the drawn layers want a larger input than ``max_side``; kernel 1 always fits."""
+    while True:
+        e, s, pads, same = _extent(layer, t)
+        out = n if same else (n + pads - e) // s + 1
+        if out >= 1:
+            return out
+        if layer.get("dilation", [1] * 3)[t] > 1:
+            layer["dilation"][t] -= 1
+        else:
+            layer["kernel_size"][t] -= 1
+            if "dilation" not in layer:  # a pool: padding ≤ kernel/2
+                layer["padding"][t] = min(layer["padding"][t], layer["kernel_size"][t] // 2)
+
+
+def _range(bounds) -> st.SearchStrategy:
+    lo, hi = bounds
+    return st.integers(lo, hi)
+
+
+def cnn_specs(
+    *,
+    nd=(1, 2),
+    min_convs: int = 1,
+    max_convs: int = 3,
+    min_side: int = 1,
+    max_side: int = 10,
+    in_channels=(1, 3),
+    channels=(1, 4),
+    kernel=(1, 4),
+    stride=(1, 3),
+    dilation=(1, 2),
+    padding=(0, 2),
+    same: bool = True,
+    groups: str = "any",
+    square_channels: bool = False,
+    pools=(None, "max", "avg"),
+    pool_kernel=(1, 3),
+    pool_stride=(1, 3),
+    pool_padding=(0, 1),
+    count_include_pad=None,
+    max_dense: int = 2,
+    max_width: int = 8,
+    activations=ELEMENTWISE,
+    losses=tuple(LOSSES),
+    bias=None,
+    output_activations=None,
+) -> st.SearchStrategy:
+    """Random valid convolutional specs (format version 2): conv blocks, flatten, dense layers, a loss.
+
+    The input is (C, L) or (C, H, W) (``nd`` 1 or 2 spatial axes, C in ``in_channels``, sides in
+    [``min_side``, ``max_side``]), then ``min_convs``–``max_convs`` blocks of a conv layer, each optionally followed by a
+    pool, then flatten and 0–``max_dense`` dense layers (the last one fits the loss, as in ``specs()``;
+    with none, the flatten's identity output must fit it, else one dense layer is added).
+
+    Conv fields are drawn per axis from the ranges ``kernel``, ``stride``, ``dilation``, ``padding``
+    (inclusive); ``same`` lets a stride-1 conv draw ``padding="same"``; ``groups`` is "any" (a common
+    divisor of the channel counts), "grouped" (≥ 2 wherever the input channels allow) or "ungrouped";
+    out_channels are drawn from ``channels``, or ``square_channels`` keeps them = in_channels; ``pools`` lists what may follow a conv (None:
+    nothing, "max", "avg"; the first is where shrinking goes), with kernel and stride ranges
+    ``pool_kernel``/``pool_stride`` (or the default stride k), padding from ``pool_padding`` but ≤ k/2, and ``count_include_pad``
+    drawn (None) or forced. ``activations`` are drawn on conv and hidden dense layers; ``losses``,
+    ``bias`` and ``output_activations`` as in ``specs()``.
+
+    Sizes never give an empty output: the input is made at least as large as the drawn layers need
+    (walking back from one output position), and where that exceeds ``max_side`` the layers' dilation
+    and kernel shrink until they fit. Everything is drawn from flat tuples, so a failure shrinks to
+    fewer blocks, no pools, no dense layers, kernel/stride/dilation 1, no padding, groups 1, 1-D.
+    """
+    bias_st = st.booleans() if bias is None else st.just(bias)
+    act = st.one_of([_ACTIVATION[n] for n in activations])
+    pair = lambda bounds: st.tuples(_range(bounds), _range(bounds))  # noqa: E731  (one value per axis)
+    conv = st.tuples(act, pair(kernel), pair(stride), pair(dilation), pair(padding),
+                     st.booleans() if same else st.just(False), _range(channels), st.integers(0, 3), bias_st)
+    include = st.booleans() if count_include_pad is None else st.just(count_include_pad)
+    pool = st.tuples(st.sampled_from(list(pools)), pair(pool_kernel), st.none() | pair(pool_stride),
+                     pair(pool_padding), include)
+    blocks = st.lists(st.tuples(conv, pool), min_size=min_convs, max_size=max_convs)
+    hidden = st.lists(st.tuples(act, st.integers(1, max_width), bias_st), max_size=max(max_dense - 1, 0))
+
+    def tail(loss):  # as in specs(): (loss spec, output activation, output units, bias, least units, identity fits)
+        names, least = _outputs_for(loss)
+        names = tuple(output_activations) if output_activations is not None else names
+        return st.tuples(_LOSS[loss], st.one_of([_ACTIVATION[n] for n in names]),
+                         st.integers(least, max(least, min(max_width, 10))), bias_st, st.just(least),
+                         st.just("identity" in names))
+
+    tails = {loss: tail(loss) for loss in losses}
+    sides = st.tuples(st.integers(min_side, max_side), st.integers(min_side, max_side))
+    dense_end = st.booleans() if max_dense > 0 else st.just(False)
+
+    def assemble(n_axes, channels, drawn_sides, block_parts, hidden_layers, use_dense, tail_parts):
+        layers, c = [], channels
+        for conv_raw, pool_raw in block_parts:
+            fields, c = _conv_fields(conv_raw, n_axes, c, opts)
+            layers.append(fields)
+            pooled = _pool_fields(pool_raw, n_axes)
+            if pooled is not None:
+                layers.append(pooled)
+        spatial = []
+        for t in range(n_axes):
+            n = min(max(drawn_sides[t], _least_input(layers, t)), max_side)
+            spatial.append(n)
+            for layer in layers:
+                n = _fit(layer, t, n)
+        loss_spec, out_act, out_units, out_bias, least, identity_fits = tail_parts
+        layers.append({"type": "flatten"})
+        flat = c * math.prod(_out_sides(layers, spatial))
+        if hidden_layers or use_dense or not identity_fits or flat < least:
+            layers += [{"type": "dense", "units": u, "activation": a, "bias": b} for a, u, b in hidden_layers]
+            layers.append({"type": "dense", "units": out_units, "activation": out_act, "bias": out_bias})
+        return Spec.from_dict({"format_version": 2, "input": {"shape": [channels, *spatial]}, "layers": layers,
+                               "loss": loss_spec})
+
+    opts = {"same": same, "groups": groups, "square_channels": square_channels}
+    return st.builds(assemble, st.sampled_from(list(nd)), _range(in_channels), sides, blocks, hidden, dense_end,
+                     st.sampled_from(list(losses)).flatmap(tails.__getitem__))
+
+
+def _out_sides(layers: list, spatial: list) -> list:
+    """The spatial sizes after ``layers`` (already fitted to ``spatial``)."""
+    out = []
+    for t, n in enumerate(spatial):
+        for layer in layers:
+            if layer["type"] == "flatten":
+                break
+            e, s, pads, same = _extent(layer, t)
+            n = n if same else (n + pads - e) // s + 1
+        out.append(n)
+    return out
+
+
 def _grid(rng: np.random.Generator, shape, limit: int) -> np.ndarray:
     """Integers and half-integers in [-limit, limit], zero among them (exact in float32 and float64)."""
     return rng.integers(-2 * limit, 2 * limit + 1, shape) / 2
@@ -144,36 +350,60 @@ def _tie(rng: np.random.Generator, arr: np.ndarray, axis: int) -> None:
         arr[:, dst] = arr[:, src]
 
 
+def _flat_run(rng: np.random.Generator, x: np.ndarray) -> None:
+    """Ties for max pooling in a signal or image batch x (m, C, *S), in place: with probability ½ one
+    example is made constant along the last spatial axis (a zero-bias conv keeps it constant away from
+    the padded borders, so pooled windows tie after any conv), and with probability ½ one position of
+    the last axis is copied onto its neighbour (ties in a window of x itself)."""
+    n = x.shape[-1]
+    if rng.random() < 0.5:
+        x[rng.integers(x.shape[0])] = x[rng.integers(x.shape[0])][..., :1]
+    if n > 1 and rng.random() < 0.5:
+        j = rng.integers(n - 1)
+        x[..., j + 1] = x[..., j]
+
+
 def draw_params(spec: Spec, rng: np.random.Generator, regime: str, dtype="float64") -> dict:
-    """Weights for ``spec`` in a named regime (see the module docstring)."""
+    """Weights for ``spec`` in a named regime (see the module docstring), for any layer type.
+
+    Each weight θ (out, …) has fan_in = prod(θ.shape[1:]) (a dense layer's inputs, a conv filter's
+    C/G·k entries); layers without parameters (pooling, flatten) draw nothing, so a dense spec draws
+    exactly what it always did.
+    """
     params = {}
-    n_in = spec.input_size
+    shapes = spec.param_shapes()
     for i, layer in enumerate(spec.layers):
-        shape = (layer.units, n_in)
+        shape = shapes.get(f"layers.{i}.weight")
+        if shape is None:
+            continue
+        n_out, fan_in = shape[0], math.prod(shape[1:])
         if regime == "well_conditioned":
-            k = 1 / np.sqrt(n_in)
-            w, b = rng.uniform(-k, k, shape), rng.uniform(-k, k, layer.units)
+            k = 1 / np.sqrt(fan_in)
+            w, b = rng.uniform(-k, k, shape), rng.uniform(-k, k, n_out)
         elif regime == "saturated":
-            w, b = rng.normal(0, 6 / np.sqrt(n_in), shape), rng.normal(0, 3, layer.units)
+            w, b = rng.normal(0, 6 / np.sqrt(fan_in), shape), rng.normal(0, 3, n_out)
         elif regime == "near_zero":
-            w, b = rng.normal(0, 1e-3, shape), rng.normal(0, 1e-3, layer.units)
+            w, b = rng.normal(0, 1e-3, shape), rng.normal(0, 1e-3, n_out)
         elif regime == "near_kinks":
-            w, b = rng.integers(-2, 3, shape) / 2, rng.integers(-2, 3, layer.units) / 2
+            w, b = rng.integers(-2, 3, shape) / 2, rng.integers(-2, 3, n_out) / 2
         elif regime == "exact_kinks":
-            w, b = _grid(rng, shape, 1), np.zeros(layer.units)
-            _tie(rng, w, axis=0)  # two units with the same weights: tied z (softmax/max ties)
+            w, b = _grid(rng, shape, 1), np.zeros(n_out)
+            _tie(rng, w, axis=0)  # two units (or filters) with the same weights: tied z (softmax/max ties)
         else:
             raise ValueError(f"unknown regime {regime!r}; choose one of {REGIMES}")
         params[f"layers.{i}.weight"] = w.astype(dtype)
         if layer.bias:
             params[f"layers.{i}.bias"] = b.astype(dtype)
-        n_in = layer.units
     return params
 
 
 def draw_data(spec: Spec, rng: np.random.Generator, regime: str, batch: int, dtype="float64"):
-    """(x, y) for ``spec`` in a named regime; y fits the loss (values, probabilities or class indices)."""
-    shape = (batch, spec.input_size)
+    """(x, y) for ``spec`` in a named regime; y fits the loss (values, probabilities or class indices).
+
+    x has shape (m, *input_shape). In ``exact_kinks`` a tie copies a feature (a vector input) or a
+    channel (a signal or image); a signal or image also gets ``_flat_run`` ties along its last axis.
+    """
+    shape = (batch, *spec.input_shape)
     if regime == "saturated":
         x = rng.normal(0, 5, shape)
     elif regime == "near_zero":
@@ -186,6 +416,8 @@ def draw_data(spec: Spec, rng: np.random.Generator, regime: str, batch: int, dty
         _tie(rng, x, axis=1)  # a repeated input feature
         if rng.random() < (0.5 if batch > 1 else 0.25):
             x[rng.integers(batch)] = 0  # an all-zero example: with zero biases, z = 0 exactly on every relu path
+        if x.ndim > 2:
+            _flat_run(rng, x)  # equal neighbours: ties in max-pool windows
     else:
         x = rng.normal(0, 1, shape)
     n_out = spec.output_size
