@@ -416,9 +416,22 @@ def _hints(spec, result, ref, special, x64) -> dict:
         cand, reference = result.arrays[t.name]
         kink = special.kink[t.layer] if t.name.endswith(".delta") and t.layer is not None else None
         allowed = result.tolerance.atol * result.scale + result.tolerance.rtol * np.abs(reference)
-        found = hints(t.name, cand, reference, batch=x64.shape[0], others=others, kink_mask=kink, allowed=allowed)
+        found = hints(t.name, cand, reference, batch=x64.shape[0], others=others, kink_mask=kink, allowed=allowed,
+                      factors=_net_factors(spec))
         if found:
             out[t.name] = found
+    return out
+
+
+def _net_factors(spec) -> list:
+    """Ratios this network's own layers make likely: an average pool's window size N (a missing or a
+    spurious 1/N)."""
+    out = []
+    for j, layer in enumerate(spec.layers):
+        if layer.type.startswith("avg_pool"):
+            n = float(np.prod(layer.kernel_size))
+            out += [(n, f"a missing 1/N in the backward of avg pool layer {j} (N = {n:g}, its window size)"),
+                    (1 / n, f"a spurious 1/N in the backward of avg pool layer {j} (N = {n:g}, its window size)")]
     return out
 
 

@@ -27,7 +27,7 @@ def _close(a, b, rtol=1e-6) -> bool:
     return a.shape == b.shape and bool(np.all(np.abs(a - b) <= rtol * scale))
 
 
-def constant_ratio(cand, ref, batch: int | None) -> str | None:
+def constant_ratio(cand, ref, batch: int | None, factors=()) -> str | None:
     cand = np.asarray(cand, dtype=np.float64)
     ref = np.asarray(ref, dtype=np.float64)
     big = np.abs(ref) > 1e-3 * np.max(np.abs(ref)) if ref.size and np.any(ref) else None
@@ -43,6 +43,7 @@ def constant_ratio(cand, ref, batch: int | None) -> str | None:
     if batch and batch > 1:
         named += [(float(batch), f"a missing 1/m, m = {batch} (sum where the mean belongs)"),
                   (1.0 / batch, f"a spurious 1/m, m = {batch} (mean where the sum belongs)")]
+    named += list(factors)  # the net's own usual factors, e.g. an avg pool's window size
     named += [(f, meaning.split(": ", 1)[1]) for f, meaning in FACTORS]
     meanings = [meaning for factor, meaning in named if abs(k - factor) <= 1e-6 * abs(factor)]
     if meanings:
@@ -53,15 +54,16 @@ def constant_ratio(cand, ref, batch: int | None) -> str | None:
 
 
 def hints(name: str, cand, ref, *, batch: int | None, others: dict | None = None, kink_mask=None,
-          allowed=None) -> list[str]:
-    """Hints for one mismatching tensor ``name``; ``others`` maps torch's other tensors by name."""
+          allowed=None, factors=()) -> list[str]:
+    """Hints for one mismatching tensor ``name``; ``others`` maps torch's other tensors by name; ``factors``
+    are (ratio, meaning) pairs the network itself suggests (checked before the usual ½, 2, −1)."""
     cand = np.asarray(cand, dtype=np.float64)
     ref = np.asarray(ref, dtype=np.float64)
     out = []
     if not np.all(np.isfinite(cand)):
         out.append("the candidate holds NaN or Inf")
         return out
-    ratio = constant_ratio(cand, ref, batch)
+    ratio = constant_ratio(cand, ref, batch, factors)
     if ratio:
         out.append(ratio)
     if cand.ndim == 2 and cand.shape[0] == cand.shape[1] and not _close(cand, ref) and _close(cand.T, ref):

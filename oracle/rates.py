@@ -50,7 +50,7 @@ from manual_bp import Spec, SpecError
 from .checker import CandidateError, check
 from .compare import TOLERANCES, gradient_scale
 from .mutants import CATALOGUE, CORRECT, Mutant
-from .strategies import cases, draw_data, draw_params, specs
+from .strategies import cases, cnn_specs, draw_data, draw_params, specs
 
 RATE_REGIMES = ("well_conditioned", "saturated", "near_zero", "near_kinks", "exact_kinks")
 DTYPES = ("float64", "float32")
@@ -369,16 +369,17 @@ def default_impls() -> dict:
 
 
 def false_alarms(n: int, seed: int, impls: dict | None = None, progress: Callable | None = None, *,
-                 dtypes=DTYPES, bce_share: float = 0.2, keep: int = 5) -> dict:
+                 dtypes=DTYPES, bce_share: float = 0.2, cnn_share: float = 0.2, keep: int = 5) -> dict:
     """Run ``n`` cases per dtype through ``oracle.check`` for each correct implementation in ``impls``
     (default: manual_bp and ``tests/impls/second_correct.py``); every verdict that does not pass is a
     false alarm.
 
     A share ``bce_share`` of the cases are saturated networks ending in bce (sigmoid or softmax), where
-    torch's 1e-12 guard and the exact gradient part; the rest come from ``cases()`` (every regime).
+    torch's 1e-12 guard and the exact gradient part; a share ``cnn_share`` are random conv/pool nets
+    (``cnn_specs()``, every regime); the rest come from ``cases()`` (dense, every regime).
     ``progress(impl, dtype, case, result)`` is called after each check.
 
-    Returns ``{"schema", "schema_version", "n", "seed", "bce_share", "dtypes", "impls": {impl: {dtype:
+    Returns ``{"schema", "schema_version", "n", "seed", "bce_share", "cnn_share", "dtypes", "impls": {impl: {dtype:
     {"checks", "refused", "false_alarms", "classifications", "examples"}}}, "total_false_alarms", "checks",
     "seconds", "seconds_per_check"}``; ``examples`` holds the first ``keep`` false alarms with the spec,
     regime, dtype, seed, batch, classification and the worst tensor's message. A case the oracle refuses
@@ -387,12 +388,13 @@ def false_alarms(n: int, seed: int, impls: dict | None = None, progress: Callabl
     impls = impls if impls is not None else default_impls()
     out = {name: {} for name in impls}
     start, checks = time.perf_counter(), 0
-    n_bce = int(round(n * bce_share))
+    n_bce, n_cnn = int(round(n * bce_share)), int(round(n * cnn_share))
     for dtype in dtypes:
-        general = _hypothesis_draws(cases(dtypes=(dtype,)), n - n_bce, stable_seed(seed, "cases", dtype))
+        general = _hypothesis_draws(cases(dtypes=(dtype,)), n - n_bce - n_cnn, stable_seed(seed, "cases", dtype))
         bce = _hypothesis_draws(cases(specs_strategy=specs(losses=("bce",)), regimes=("saturated",), dtypes=(dtype,)),
                            n_bce, stable_seed(seed, "saturated-bce", dtype))
-        drawn = [("cases", c) for c in general] + [("saturated_bce", c) for c in bce]
+        cnn = _hypothesis_draws(cases(specs_strategy=cnn_specs(), dtypes=(dtype,)), n_cnn, stable_seed(seed, "cnn", dtype))
+        drawn = [("cases", c) for c in general] + [("saturated_bce", c) for c in bce] + [("cnn", c) for c in cnn]
         for name, fn in impls.items():
             entry = {"checks": 0, "refused": 0, "false_alarms": 0, "classifications": Counter(), "examples": []}
             for source, case in drawn:
@@ -408,7 +410,7 @@ def false_alarms(n: int, seed: int, impls: dict | None = None, progress: Callabl
     seconds = time.perf_counter() - start
     return {
         "schema": "bp-oracle/false-alarms", "schema_version": SCHEMA_VERSION, "n": n, "seed": seed,
-        "bce_share": bce_share, "dtypes": list(dtypes), "impls": out,
+        "bce_share": bce_share, "cnn_share": cnn_share, "dtypes": list(dtypes), "impls": out,
         "total_false_alarms": sum(e["false_alarms"] for per in out.values() for e in per.values()),
         "checks": checks, "seconds": round(seconds, 2),
         "seconds_per_check": round(seconds / checks, 4) if checks else None,
@@ -480,7 +482,7 @@ def _false_alarms_md(fa: dict) -> list:
         f"## False alarms of correct implementations: {total} in {fa['checks']} checks — {'PASS' if total == 0 else 'FAIL'}",
         "",
         f"{fa['n']} cases per dtype from `cases()` (every regime), {100 * fa['bce_share']:.0f}% of them saturated "
-        f"networks ending in bce; seed {fa['seed']}; {fa['seconds']:.0f} s ({fa['seconds_per_check'] or 0:.3f} s per check).",
+        f"networks ending in bce, {100 * fa.get('cnn_share', 0):.0f}% random conv/pool nets (`cnn_specs()`); seed {fa['seed']}; {fa['seconds']:.0f} s ({fa['seconds_per_check'] or 0:.3f} s per check).",
         "",
         "| implementation | dtype | checks | false alarms | verdicts |", "|---|---|---|---|---|",
     ]

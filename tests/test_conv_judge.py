@@ -188,3 +188,20 @@ def test_the_twin_is_a_real_module_that_loads_the_same_params(name):
         np.testing.assert_allclose(p.grad.numpy(), ours.grads[k], rtol=1e-9, atol=1e-12)
     with pytest.raises(RuntimeError):
         model.load_params({k: v for k, v in params.items() if k != "layers.0.weight"})
+
+
+def test_a_missing_one_over_the_avg_pool_window_is_named():
+    spec = bp.Spec.from_dict({"format_version": 2, "input": {"shape": [2, 6, 6]}, "loss": "half_sse", "layers": [
+        {"type": "conv2d", "out_channels": 3, "kernel_size": 3, "activation": "tanh"},
+        {"type": "avg_pool2d", "kernel_size": [2, 3], "stride": 1},
+        {"type": "flatten"}, {"type": "dense", "units": 2, "activation": "identity"}]})
+    params, x, y = bp.random_case(spec, 1, batch=3)
+
+    def times_six_below_the_pool(s, p, xx, yy):
+        r = bp.gradients(s, p, xx, yy)
+        grads = {k: 6 * v if k.startswith("layers.0.") else v for k, v in r.grads.items()}
+        return r.loss, grads, {**r.deltas, "layers.0": 6 * r.deltas["layers.0"]}
+
+    result = oracle.check(spec, params, x, y, times_six_below_the_pool)
+    assert result.first_divergent_layer == 0
+    assert any("missing 1/N in the backward of avg pool layer 1 (N = 6" in h for h in result.hints["layers.0.delta"])

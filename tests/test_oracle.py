@@ -10,7 +10,7 @@ import manual_bp as bp
 import oracle
 from manual_bp.activations import ReLU, Tanh
 from oracle import CandidateError
-from oracle.strategies import cases, draw_data, draw_params
+from oracle.strategies import cases, cnn_specs, draw_data, draw_params
 
 
 @given(cases(dtypes=("float64",)))
@@ -20,6 +20,12 @@ def test_manual_bp_equals_torch_float64(case):
 
 @given(cases(dtypes=("float32",)))
 def test_manual_bp_equals_torch_float32_judged_against_float64_truth(case):
+    oracle.assert_gradients_match(case.spec, case.params, case.x, case.y)
+
+
+@given(cases(specs_strategy=cnn_specs()))
+def test_manual_bp_equals_torch_on_random_cnns_in_both_dtypes(case):
+    """Random conv/pool/flatten/dense nets, every regime (exact ties included), float64 and float32."""
     oracle.assert_gradients_match(case.spec, case.params, case.x, case.y)
 
 
