@@ -153,7 +153,10 @@ def _scales(act, z, a, d1, us) -> tuple[np.ndarray | float, np.ndarray | float]:
     if name == "softplus":       # log(1 + e^{βz})/β: 1 + e^{βz} rounds to 1 where βz ≪ 0 (without log1p)
         return aa + _cancel(1.0 / p["beta"], aa, us), ad
     if name == "gelu":           # z·½(1 + erf(z/√2)): 1 + erf cancels for z ≪ 0
-        cdf = torch.special.ndtr(torch.from_numpy(np.asarray(z, dtype=np.float64))).numpy()
+        # Φ(z) = ½ erfc(−z/√2), accurate for z ≪ 0 (torch.special.ndtr forms ½(1 + erf) and returns 0 below
+        # z ≈ −8.3, which _cancel would take for a saturated, exactly-0 result and allow no error at all)
+        zt = torch.from_numpy(np.asarray(z, dtype=np.float64))
+        cdf = (0.5 * torch.special.erfc(-zt / math.sqrt(2))).numpy()
         pdf = np.exp(-0.5 * z * z) / math.sqrt(2 * math.pi)
         return aa + _cancel(az, az * cdf, us), ad + _cancel(1.0, cdf, us) + az * pdf
     if name == "gelu_tanh":      # ½(1 + tanh) and 1 − tanh² cancel
@@ -334,6 +337,15 @@ def allowance(spec: Spec, params: dict, x: np.ndarray, y: np.ndarray, ref, dtype
             # where torch's guard is active its δ is (a − y)/1e-12 · a(1 − a): σ' from a rounded a, absolute u
             # (the float64 reference's rounding; a candidate's own guarded answer is an accepted alternative)
             edelta = edelta + np.where(guard, cu64 * np.abs(up) * (ref.output + np.abs(d1s[i])), 0.0)
+            # and torch's guarded δ_g = (a − y) σ'(z)/(1e-12 N), unlike (a − y)/N, moves with z by as much as itself
+            # (∝ e^z for z ≪ 0): every guarded answer (torch's in float64 or float32, the candidate's) is that formula
+            # at its own rounded z, so within |∂δ_g/∂z| E_z of its value at the exact z, ∂δ_g/∂z =
+            # σ'(σ' + (a − y)(1 − 2a))/(1e-12 N). Where σ' is within E_z of the guard's switch, the guarded side's
+            # slope is taken, as at a kink. (The rounding of a itself is cu·|δ| and the term above.)
+            a_out, q = ref.output, _sigmoid(ref.z[i]) * _sigmoid(-ref.z[i])
+            reach = guard & (q * np.exp(-Ez[i]) < BCE_GUARD)
+            dz = np.minimum(q, BCE_GUARD) * np.abs(q + (a_out - yv) * (1 - 2 * a_out)) / (BCE_GUARD * ref.output.size)
+            edelta = edelta + np.where(reach, dz * Ez[i], 0.0)
         else:
             edelta = Eup * np.abs(d1s[i]) + np.abs(up) * Egs[i] + cu * ad
         if i == L - 1 and alternatives and guard.any():
