@@ -361,6 +361,10 @@ def check(
     if loss_cmp.passed and all(t.passed for t in tensors):
         return result(True, "match" if all(t.verdict == "match" for t in [loss_cmp, *tensors]) else "rounding")
     routings = conventions.routings(spec, allow, dt)
+    if routings and cand.deltas:  # the candidate's δ shows its routing window by window: try that first
+        read = conventions.routes_from_deltas(spec, ref, allow, cand.deltas)
+        if read:
+            routings.insert(0, ("tied element (or split) its own δ shows, window by window", read))
     if special.any or routings:  # follow the candidate's valid choices at kinks, guards and ties; judge all again
         tries = ([None] if cand.deltas else conventions.choices(special)) if special.any else []
         best = None

@@ -24,6 +24,7 @@ when a guard was involved), with a note naming the elements.
 from __future__ import annotations
 
 import itertools
+import math
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -31,7 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from .rounding import derivatives, one_sided_slopes
-from .twin import route_weights, run_twin
+from .twin import pool_windows, route_weights, run_twin
 
 #: torch's guard in the BCE backward: max(a(1 − a), EPS), EPS = 1e-12 stored as a float32 constant
 BCE_GUARD = float(np.float32(1e-12))
@@ -252,6 +253,63 @@ def notes(spec, taken: dict) -> list[str]:
 
 
 ROUTING_MODES = ("first", "last", "split")
+
+
+SWEEPS = 4  # rounds of reading the tied windows' routing from the candidate's δ (see routes_from_deltas)
+
+
+def routes_from_deltas(spec, ref, allow, deltas: dict) -> dict:
+    """Each tied window's routing read from the candidate's δ of the layer feeding the pool, window by window.
+
+    Routing a window's δ to contender k puts δ·g′ at k into δ_{i−1} (torch's δ of the pool and g′); splitting
+    it puts δ·g′/n at each of its n contenders. Starting from torch's routing, each tied window in turn takes
+    the option that brings the predicted δ_{i−1} nearest (in Σ|·|) to the candidate's, the other windows held
+    as they are. Windows that cannot overlap are updated together (one class per position modulo ⌈k/s⌉ on
+    each axis), for ``SWEEPS`` rounds. A wrong read can only fail a candidate, never pass a bug: the re-run
+    following these routes judges every tensor again.
+    """
+    routes = {}
+    for i, contenders in enumerate(allow.ties or []):
+        cand = deltas.get(f"layers.{i - 1}") if i > 0 else None
+        if contenders is None or cand is None or np.shape(cand) != ref.z[i - 1].shape:
+            continue
+        layer, nd = spec.layers[i], len(spec.layers[i].kernel_size)
+        slope = torch.from_numpy(derivatives(spec.layers[i - 1].activation, ref.z[i - 1])[0])
+        cand = torch.as_tensor(np.asarray(cand, dtype=np.float64))
+        d = torch.from_numpy(ref.deltas[f"layers.{i}"])[..., None]
+        mask = contenders.flatten(-nd)
+        n = mask.sum(-1, keepdim=True).clamp(min=1)
+        weights = route_weights(contenders, nd, "first").flatten(-nd)
+        g = pool_windows(layer, slope, 0.0).flatten(-nd)
+        tied = (mask.sum(-1) >= 2)
+        out_shape = contenders.shape[2:2 + nd]
+        period = [-(-k // s) for k, s in zip(layer.kernel_size, layer.stride)]
+        grids = torch.meshgrid(*[torch.arange(o) for o in out_shape], indexing="ij")
+
+        def sent(w):  # δ_{i−1} the windows' routing predicts, laid back onto the input positions
+            with torch.enable_grad():
+                probe = torch.zeros(slope.shape, dtype=torch.float64, requires_grad=True)
+                (back,) = torch.autograd.grad(pool_windows(layer, probe, 0.0), probe, (w * d).view(contenders.shape))
+            return back * slope
+
+        for _ in range(SWEEPS):
+            for colour in itertools.product(*[range(p) for p in period]):
+                group = tied & torch.stack([gr % p == c for gr, p, c in zip(grids, period, colour)]).all(0)
+                if not bool(group.any()):
+                    continue
+                here = weights * d * g                        # what each window itself puts at its elements
+                base = pool_windows(layer, cand - sent(weights), 0.0).flatten(-nd) + here
+                one_hot = torch.where(mask, base.abs().sum(-1, keepdim=True) - base.abs() + (base - d * g).abs(), math.inf)
+                split = torch.where(mask, (base - d * g / n).abs(), base.abs()).sum(-1, keepdim=True)
+                current = (base - here).abs().sum(-1, keepdim=True)
+                best = one_hot.argmin(-1, keepdim=True)
+                best_cost = one_hot.gather(-1, best)
+                choice = torch.zeros_like(weights).scatter_(-1, best, 1.0)
+                choice = torch.where(split < best_cost, mask / n, choice)
+                better = torch.minimum(split, best_cost) < current   # keep the current routing on a draw
+                weights = torch.where((group[..., None] & better), choice, weights)
+        routes[i] = weights.view(contenders.shape)
+    return routes
 
 
 def routings(spec, allow, dtype) -> list[tuple[str, dict]]:

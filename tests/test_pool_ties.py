@@ -75,7 +75,7 @@ def test_another_valid_routing_at_ties_passes_as_a_kink_with_a_note(mode):
     assert strict.classification == "match", strict.message()       # torch's CPU kernel takes the first
     result = oracle.check(spec, params, x, y, _candidate(mode))
     assert result.passed and result.classification == "kink", result.message()
-    assert any("Tie convention" in n and mode in n for n in result.notes), result.notes
+    assert any("Tie convention" in n for n in result.notes), result.notes
 
 
 def test_routing_delta_to_every_tied_element_is_a_bug():

@@ -16,6 +16,21 @@ The loss *value* is the spec's definition (torch's: bce's logs clamped at −100
 Kink conventions are torch's: relu'(0) = 0, leaky'(0) = slope, elu'(0) = α, selu'(0) = λα, hardtanh' = 0
 at both bounds, l1's sign(0) = 0; softplus is z where βz > threshold, as torch.
 
+Convolution, pooling and flatten layers (spec format 2) are written from their definitions, not as
+manual_bp's im2col + col2im. With â the input padded by (lo, hi) per spatial axis (torch's "same":
+d(k − 1) in all, lo = ⌊d(k − 1)/2⌋), stride s, dilation d, and for each kernel offset j the strided
+slice â_j[x] = â[s x + d j] (one slice per offset, every position and example at once):
+
+* conv: z = b + Σ_j einsum(â_j, θ[..., j]) per group (channels split as (G, C/G), einsum over the
+  group axis); ∂C/∂θ[..., j] = einsum(δ, â_j); ∂C/∂â is δ·θ[..., j] scattered back onto the slice â_j,
+  offset by offset (within one offset the slice's positions are distinct, so a plain += is exact);
+* max pool: the running max over the offsets in row-major order, replaced only where an element is
+  strictly larger, so a tie keeps the FIRST maximal element (torch's CPU kernel); δ goes back to the
+  slice of the offset that won, offset by offset; padding is −∞;
+* avg pool: Σ_j â_j / N with N = k (kH·kW) if count_include_pad, else the number of window elements
+  inside the input, counted by pooling an indicator of the unpadded input the same way; ∂C/∂â_j += δ/N;
+* flatten: a reshape, and its inverse.
+
 ``grads(spec, params, x, y) -> (loss, grads, deltas)``, everything in the params' dtype.
 """
 
@@ -261,25 +276,190 @@ def _softmax_bce_delta(z, y):
     return r - np.einsum("mk,mkj->mj", r, q)
 
 
+# -- convolution, pooling, flatten (spec format 2) ------------------------------------------------------
+def _spatial_pads(layer):
+    """(lo, hi) per spatial axis, from the spec's fields: "same" pads d(k − 1) in all, ⌊d(k − 1)/2⌋ left."""
+    if isinstance(layer.padding, str):
+        assert layer.padding == "same"
+        return [(d * (k - 1) // 2, d * (k - 1) - d * (k - 1) // 2) for k, d in zip(layer.kernel_size, layer.dilation)]
+    return [(p, p) for p in layer.padding]
+
+
+def _dilation(layer):
+    return tuple(getattr(layer, "dilation", (1,) * len(layer.kernel_size)))
+
+
+def _padded(a, pads, fill):
+    """a (m, C, *S) inside a (m, C, *(S + lo + hi)) array of ``fill``; returns it and the inner view's slices."""
+    shape = (*a.shape[:2], *(n + lo + hi for n, (lo, hi) in zip(a.shape[2:], pads)))
+    out = np.full(shape, fill, dtype=a.dtype)
+    inner = (slice(None), slice(None), *(slice(lo, lo + n) for n, (lo, _) in zip(a.shape[2:], pads)))
+    out[inner] = a
+    return out, inner
+
+
+def _geometry(layer, a_shape):
+    """(pads, out sizes, [(offset, slices)] in row-major offset order) of a windowed layer on input a_shape."""
+    pads = _spatial_pads(layer)
+    dil, stride, kernel = _dilation(layer), tuple(layer.stride), tuple(layer.kernel_size)
+    out = tuple((n + lo + hi - d * (k - 1) - 1) // s + 1
+                for n, (lo, hi), k, s, d in zip(a_shape[2:], pads, kernel, stride, dil))
+    offsets = []
+    for j in np.ndindex(*kernel):  # row-major: the last axis fastest
+        sl = tuple(slice(d * jt, d * jt + s * (o - 1) + 1, s) for jt, s, d, o in zip(j, stride, dil, out))
+        offsets.append((j, (slice(None), slice(None), *sl)))
+    return pads, out, offsets
+
+
+def conv_forward(layer, w, b, a):
+    r""":math:`z = b + Σ_j θ[:, :, j] · â_j`, per group: (m, G, C/G, *out) against (G, O/G, C/G)."""
+    G = layer.groups
+    m, C = a.shape[:2]
+    O = w.shape[0]
+    pads, out, offsets = _geometry(layer, a.shape)
+    xy = "xy"[:len(out)]                               # the spatial subscripts
+    ap, _ = _padded(a, pads, 0)
+    theta = w.reshape(G, O // G, C // G, *w.shape[2:])
+    z = np.zeros((m, G, O // G, *out), dtype=a.dtype)
+    for j, sl in offsets:
+        piece = ap[sl].reshape(m, G, C // G, *out)
+        z += np.einsum(f"mgc{xy},goc->mgo{xy}", piece, theta[(Ellipsis, *j)])
+    z = z.reshape(m, O, *out)
+    if b is not None:
+        z = z + b.reshape(O, *(1,) * len(out))
+    return z
+
+
+def conv_backward(layer, w, a, delta):
+    r"""(∂C/∂θ, ∂C/∂b, ∂C/∂a): ∂C/∂θ[..., j] = Σ δ â_j, ∂C/∂b = Σ δ, ∂C/∂â_j += δ θ[..., j]."""
+    G = layer.groups
+    m, C = a.shape[:2]
+    O = w.shape[0]
+    pads, out, offsets = _geometry(layer, a.shape)
+    xy = "xy"[:len(out)]
+    ap, inner = _padded(a, pads, 0)
+    theta = w.reshape(G, O // G, C // G, *w.shape[2:])
+    d = delta.reshape(m, G, O // G, *out)
+    gw = np.zeros_like(theta)
+    gap = np.zeros_like(ap)
+    for j, sl in offsets:
+        piece = ap[sl].reshape(m, G, C // G, *out)
+        gw[(Ellipsis, *j)] = np.einsum(f"mgo{xy},mgc{xy}->goc", d, piece)
+        gap[sl] += np.einsum(f"mgo{xy},goc->mgc{xy}", d, theta[(Ellipsis, *j)]).reshape(m, C, *out)
+    gb = np.einsum(f"mo{xy}->o", delta)
+    return gw.reshape(w.shape), gb, gap[inner]
+
+
+def max_pool_forward(layer, a):
+    """(z, winner): the running max over the window offsets in row-major order, and the offset index
+    it came from; an element replaces it only when strictly larger, so the first maximal one wins."""
+    pads, out, offsets = _geometry(layer, a.shape)
+    ap, _ = _padded(a, pads, -np.inf)
+    z = ap[offsets[0][1]].copy()
+    winner = np.zeros(z.shape, dtype=np.int64)
+    for n, (_, sl) in enumerate(offsets[1:], start=1):
+        piece = ap[sl]
+        larger = (piece > z) | np.isnan(piece)      # as torch's CPU kernel: a NaN takes the window
+        z = np.where(larger, piece, z)
+        winner = np.where(larger, n, winner)
+    return z, winner
+
+
+def max_pool_backward(layer, a, delta):
+    pads, out, offsets = _geometry(layer, a.shape)
+    _, winner = max_pool_forward(layer, a)
+    gap, inner = _padded(np.zeros_like(a), pads, 0)
+    for n, (_, sl) in enumerate(offsets):
+        gap[sl] += np.where(winner == n, delta, 0)
+    return gap[inner]
+
+
+def _avg_divisor(layer, a):
+    """N per output position: the kernel's size, or (count_include_pad false) the window's elements inside
+    the input, counted by summing an indicator of the unpadded input over the windows."""
+    if layer.count_include_pad:
+        return np.asarray(math.prod(layer.kernel_size), dtype=a.dtype)
+    pads, out, offsets = _geometry(layer, a.shape)
+    ones, _ = _padded(np.ones((1, 1, *a.shape[2:]), dtype=a.dtype), pads, 0)
+    return sum(ones[sl] for _, sl in offsets)
+
+
+def avg_pool_forward(layer, a):
+    pads, out, offsets = _geometry(layer, a.shape)
+    ap, _ = _padded(a, pads, 0)
+    total = np.zeros((*a.shape[:2], *out), dtype=a.dtype)
+    for _, sl in offsets:
+        total += ap[sl]
+    return total / _avg_divisor(layer, a)
+
+
+def avg_pool_backward(layer, a, delta):
+    pads, out, offsets = _geometry(layer, a.shape)
+    share = delta / _avg_divisor(layer, a)
+    gap, inner = _padded(np.zeros_like(a), pads, 0)
+    for _, sl in offsets:
+        gap[sl] += share
+    return gap[inner]
+
+
+def layer_forward(layer, params, i, a):
+    """z of layer i from its input a."""
+    kind = layer.type
+    if kind == "dense":
+        z = np.einsum("mi,oi->mo", a, params[f"layers.{i}.weight"])
+        if layer.bias:
+            z = z + params[f"layers.{i}.bias"]
+        return z
+    if kind in ("conv1d", "conv2d"):
+        return conv_forward(layer, params[f"layers.{i}.weight"], params.get(f"layers.{i}.bias") if layer.bias else None, a)
+    if kind in ("max_pool1d", "max_pool2d"):
+        return max_pool_forward(layer, a)[0]
+    if kind in ("avg_pool1d", "avg_pool2d"):
+        return avg_pool_forward(layer, a)
+    if kind == "flatten":
+        return a.reshape(a.shape[0], -1)
+    raise ValueError(f"unknown layer type {kind}")
+
+
+def layer_backward(layer, params, i, a, delta):
+    """({short name: ∂C/∂θ}, ∂C/∂a) of layer i, from its input a and δ_i = ∂C/∂z_i (∂C/∂a None for i = 0)."""
+    kind = layer.type
+    if kind == "dense":
+        w = params[f"layers.{i}.weight"]
+        out = {"weight": np.einsum("mo,mi->oi", delta, a)}
+        if layer.bias:
+            out["bias"] = np.einsum("mo->o", delta)
+        return out, (np.einsum("mo,oi->mi", delta, w) if i else None)
+    if kind in ("conv1d", "conv2d"):
+        gw, gb, ga = conv_backward(layer, params[f"layers.{i}.weight"], a, delta)
+        return ({"weight": gw, "bias": gb} if layer.bias else {"weight": gw}), ga
+    if kind in ("max_pool1d", "max_pool2d"):
+        return {}, max_pool_backward(layer, a, delta)
+    if kind in ("avg_pool1d", "avg_pool2d"):
+        return {}, avg_pool_backward(layer, a, delta)
+    if kind == "flatten":
+        return {}, delta.reshape(a.shape)
+    raise ValueError(f"unknown layer type {kind}")
+
+
 # -- the network ------------------------------------------------------------------------------------
 def grads(spec, params, x, y):
     """(loss, grads, deltas) of ``spec`` at ``params`` on the batch (x, y), in the params' dtype."""
-    dtype = params["layers.0.weight"].dtype
+    names = list(spec.param_shapes())                 # layers.0.weight first for a dense spec
+    dtype = params[names[0]].dtype if names else np.asarray(x).dtype
     x = np.asarray(x, dtype=dtype)
-    if x.ndim == 1:
-        x = x[None, :]
+    if x.ndim == len(spec.input_shape):
+        x = x[None]
     m = x.shape[0]
     if spec.loss.targets == "classes":
         y = np.asarray(y).reshape(m).astype(np.int64)
     else:
-        y = np.asarray(y, dtype=dtype).reshape(m, spec.layers[-1].units)
+        y = np.asarray(y, dtype=dtype).reshape(m, spec.output_size)
 
     zs, inputs, a = [], [], x
     for i, layer in enumerate(spec.layers):
-        z = np.einsum("mi,oi->mo", a, params[f"layers.{i}.weight"])
-        if layer.bias:
-            z = z + params[f"layers.{i}.bias"]
-        z = z.astype(dtype, copy=False)
+        z = layer_forward(layer, params, i, a)
+        z = np.asarray(z).astype(dtype, copy=False)
         inputs.append(a)
         zs.append(z)
         name, p = _act(layer)
@@ -289,15 +469,15 @@ def grads(spec, params, x, y):
     out, deltas = {}, {}
     L = len(spec.layers)
     delta = np.asarray(output_delta(spec, zs[-1], a, y, m)).astype(dtype, copy=False)
+    upstream = None
     for i in reversed(range(L)):
         if i < L - 1:
             name, p = _act(spec.layers[i])
-            upstream = np.einsum("mo,oi->mi", deltas[f"layers.{i + 1}"], params[f"layers.{i + 1}.weight"])
             delta = np.asarray(act_vjp(name, p, zs[i], upstream)).astype(dtype, copy=False)
         deltas[f"layers.{i}"] = delta
-        out[f"layers.{i}.weight"] = np.einsum("mo,mi->oi", delta, inputs[i]).astype(dtype, copy=False)
-        if spec.layers[i].bias:
-            out[f"layers.{i}.bias"] = np.einsum("mo->o", delta).astype(dtype, copy=False)
+        nabla, upstream = layer_backward(spec.layers[i], params, i, inputs[i], delta)
+        for k, v in nabla.items():
+            out[f"layers.{i}.{k}"] = v.astype(dtype, copy=False)
     grads_ = {f"layers.{i}.{k}": out[f"layers.{i}.{k}"] for i in range(L) for k in ("weight", "bias")
               if f"layers.{i}.{k}" in out}
     deltas = {f"layers.{i}": deltas[f"layers.{i}"] for i in range(L)}
