@@ -360,7 +360,9 @@ def check(
     tensors = _compare_all(spec, cand, ref, bounds, tol, scale, arrays)
     if loss_cmp.passed and all(t.passed for t in tensors):
         return result(True, "match" if all(t.verdict == "match" for t in [loss_cmp, *tensors]) else "rounding")
-    routings = conventions.routings(spec, allow, dt)
+    tied = any(t is not None for t in allow.ties or [])
+    run_in_dtype = run_twin(spec, params64, x64, y64, dt) if tied and dt != np.float64 else None
+    routings = conventions.routings(spec, allow, dt, run_in_dtype)
     if routings and cand.deltas:  # the candidate's δ shows its routing window by window: try that first
         read = conventions.routes_from_deltas(spec, ref, allow, cand.deltas)
         if read:

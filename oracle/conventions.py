@@ -312,19 +312,32 @@ def routes_from_deltas(spec, ref, allow, deltas: dict) -> dict:
     return routes
 
 
-def routings(spec, allow, dtype) -> list[tuple[str, dict]]:
+def routings(spec, allow, dtype, run_in_dtype=None) -> list[tuple[str, dict]]:
     """The max-pool routings to try where windows tie: ``[(label, {layer: weights})]``, empty without ties.
 
     Which elements tie is taken two ways: those equal once the reference input is rounded to the candidate's
     dtype (what a float32 implementation sees: saturated tanh gives 1.0 twice), and those within the
     rounding allowance of the max. Each is routed to the first, the last, or split evenly; torch's own
-    routing is the reference already. Every choice is judged in full, so a bug still fails under all.
+    routing is the reference already. ``run_in_dtype`` (torch's run in the candidate's dtype, when that is
+    not float64) adds the routing its own rounded values pick, window by window: the likeliest choice of a
+    candidate computing in that dtype. Every choice is judged in full, so a bug still fails under all.
     """
     tied = {i: t for i, t in enumerate(allow.ties or []) if t is not None}
     if not tied:
         return []
     rounded = {i: m for i in tied if (m := allow.magnitudes[i].contenders(dtype=dtype)) is not None}
     out = []
+    if run_in_dtype is not None:
+        picks = {}
+        for i, mask in tied.items():
+            layer, nd = spec.layers[i], len(spec.layers[i].kernel_size)
+            a = torch.from_numpy(np.asarray(run_in_dtype.acts[i - 1] if i > 0 else allow.magnitudes[0].a, dtype=np.float64))
+            win = pool_windows(layer, a, -math.inf).flatten(-nd)
+            first = win == win.max(-1, keepdim=True).values
+            pick = route_weights(first.view(mask.shape), nd, "first")
+            valid = ((pick > 0) & mask).flatten(-nd).any(-1)[(..., *(None,) * nd)]  # else torch's own pick
+            picks[i] = torch.where(valid, pick, route_weights(mask, nd, "first"))
+        out.append((f"maximum that torch picks computing in {np.dtype(dtype).name}", picks))
     for label, masks in (("tied in the candidate's dtype", rounded), ("tied within rounding", tied)):
         for mode in ROUTING_MODES:
             if masks:
