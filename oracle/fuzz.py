@@ -44,7 +44,22 @@ def _replay_command(impl_name: str) -> str:
     return cmd if impl_name == "manual_bp" else f"{cmd} --impl {shlex.quote(impl_name)}"
 
 
-def campaign(*, examples: int, seed: int, dtypes: str, impl, impl_name: str, report_dir) -> int:
+NETS = ("dense", "cnn", "all")
+
+
+def _nets(kind: str):
+    """The architectures a campaign draws: dense chains, conv/pool nets, or either."""
+    from .strategies import cnn_specs, specs
+
+    return {"dense": specs(), "cnn": cnn_specs(), "all": specs() | cnn_specs()}[kind]
+
+
+def _width(layer) -> int:
+    """A layer's width for the coverage table: units, or output channels (0 for a pool or flatten)."""
+    return getattr(layer, "units", None) or getattr(layer, "out_channels", 0)
+
+
+def campaign(*, examples: int, seed: int, dtypes: str, impl, impl_name: str, report_dir, nets: str = "dense") -> int:
     """Run the campaign; 0 when every example passed, 1 on a failure (shrunk and reported).
 
     A candidate that crashes (raises, exits, is killed, times out) fails like any other: Hypothesis
@@ -56,7 +71,7 @@ def campaign(*, examples: int, seed: int, dtypes: str, impl, impl_name: str, rep
     verdicts = collections.Counter()
     worst = {dt: 0.0 for dt in dts}
     coverage = {"depth": collections.Counter(), "activation": collections.Counter(), "loss": collections.Counter(),
-                "width": collections.Counter()}
+                "width": collections.Counter(), "layer": collections.Counter()}
     failing: dict = {}
     known: dict = {}    # digest -> ("result", CheckResult) | ("error", CandidateError), for every failing case seen
     state = {"first_failure": None, "stopped": None}
@@ -70,13 +85,15 @@ def campaign(*, examples: int, seed: int, dtypes: str, impl, impl_name: str, rep
         coverage["depth"][len(case.spec.layers)] += 1
         coverage["loss"][case.spec.loss.name] += 1
         for layer in case.spec.layers:
+            coverage["layer"][layer.type] += 1
             coverage["activation"][layer.activation.name] += 1
-            coverage["width"][min(32, 1 << (layer.units - 1).bit_length())] += 1
+            if _width(layer):
+                coverage["width"][min(32, 1 << (_width(layer) - 1).bit_length())] += 1
 
     @hypothesis_seed(seed)
     @settings(max_examples=examples, deadline=None, database=None, derandomize=False, report_multiple_bugs=False,
               suppress_health_check=list(HealthCheck), phases=[Phase.generate, Phase.shrink])
-    @given(cases(dtypes=dts))
+    @given(cases(specs_strategy=_nets(nets), dtypes=dts))
     def one(case):
         key = _digest(case)
         outcome = known.get(key)
@@ -130,9 +147,10 @@ def campaign(*, examples: int, seed: int, dtypes: str, impl, impl_name: str, rep
     print("depths:", dict(sorted(coverage["depth"].items())))
     print("losses:", dict(coverage["loss"].most_common()))
     print("activations:", dict(coverage["activation"].most_common()))
+    print("layer types:", dict(coverage["layer"].most_common()))
 
     summary = {"schema": "bp-oracle/fuzz", "schema_version": 1, "examples": sum(verdicts.values()),
-               "seed": seed, "impl": impl_name,
+               "seed": seed, "impl": impl_name, "nets": nets,
                "verdicts": [{"dtype": dt, "classification": k, "count": n} for (dt, k), n in sorted(verdicts.items())],
                "worst_normwise_rel_err": worst,
                "coverage": {k: {str(kk): vv for kk, vv in v.items()} for k, v in coverage.items()},

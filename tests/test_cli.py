@@ -108,6 +108,14 @@ def test_fuzz_campaign_passes_and_writes_its_summary(capsys, tmp_path):
     assert summary["examples"] == 15 and summary["failure"] is None and summary["coverage"]["depth"]
 
 
+def test_fuzz_over_random_cnns_covers_the_conv_and_pool_layers(capsys, tmp_path):
+    code, out, _ = run(capsys, "fuzz", "--examples", "15", "--nets", "cnn", "--report", str(tmp_path))
+    assert code == 0 and "layer types:" in out
+    summary = json.loads((tmp_path / "fuzz-seed0" / "fuzz.json").read_text())
+    assert summary["nets"] == "cnn" and {"conv1d", "conv2d"} & set(summary["coverage"]["layer"])
+    assert "flatten" in summary["coverage"]["layer"] and summary["failure"] is None
+
+
 def test_fuzz_finds_shrinks_and_records_a_bug(capsys, tmp_path):
     code, out, _ = run(capsys, "fuzz", "--examples", "30", "--impl", f"{IMPLS}:doubled_first_weight",
                        "--report", str(tmp_path), "--dtype", "float64")
