@@ -263,7 +263,7 @@ def allowance(spec: Spec, params: dict, x: np.ndarray, y: np.ndarray, ref, dtype
     L = len(spec.layers)
     A = [np.abs(x)]
     Ea = [np.zeros_like(x)]
-    Ez, d1s, Egs, kink_masks, scales = [], [], [], [], []
+    Ez, d1s, slopes, Egs, kink_masks, scales = [], [], [], [], [], []
     mags, ties = [], []
     for i, layer in enumerate(spec.layers):
         mag = Magnitudes(layer, layer_weights(params, i), x if i == 0 else ref.acts[i - 1], (routes or {}).get(i))
@@ -299,6 +299,7 @@ def allowance(spec: Spec, params: dict, x: np.ndarray, y: np.ndarray, ref, dtype
             scales.append((mg, mgp))
         Ez.append(ez)
         d1s.append(d1)
+        slopes.append(None if d1 is None else slope)
         Egs.append(eg)
         kink_masks.append(mask)
         A.append(np.abs(a))
@@ -347,7 +348,8 @@ def allowance(spec: Spec, params: dict, x: np.ndarray, y: np.ndarray, ref, dtype
             dz = np.minimum(q, BCE_GUARD) * np.abs(q + (a_out - yv) * (1 - 2 * a_out)) / (BCE_GUARD * ref.output.size)
             edelta = edelta + np.where(reach, dz * Ez[i], 0.0)
         else:
-            edelta = Eup * np.abs(d1s[i]) + np.abs(up) * Egs[i] + cu * ad
+            # within rounding of a kink either one-sided slope may carry the upstream error (the larger is used)
+            edelta = Eup * slopes[i] + np.abs(up) * Egs[i] + cu * ad
         if i == L - 1 and alternatives and guard.any():
             rows = guard.any(axis=-1, keepdims=True) if act.output_only else guard
             for alt in alternatives.values():
