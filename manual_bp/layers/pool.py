@@ -9,13 +9,15 @@ No parameters; the activation is the identity.
   :math:`∂C/∂a[i] = \sum_{x:\ s x + j^*(x) = i} δ[x]`, each δ routed to the argmax j*(x) of its
   window. **Ties**: j*(x) is the *first* maximal element of the window in row-major order (kh, then
   kw), which is what torch's CPU kernel picks; any convex split of δ among tied elements is also a
-  valid subgradient (the oracle will judge ties as a convention).
+  valid subgradient (the oracle judges ties as a convention).
 * avg: :math:`z[x] = \frac{1}{N(x)} \sum_j \hat a[s x + j]`, â padded with 0, N(x) = k (kH·kW) when
   ``count_include_pad`` (torch's default), else the number of window elements inside the input;
   :math:`∂C/∂a[i] = \sum_{x, j:\ s x + j = i} δ[x] / N(x)`.
 
-Both backwards lay δ out on the windows, (m, C, *out, *kernel), and ``col2im`` adds it back to the
-input positions the windows read: vectorized over the batch, channels and positions.
+Max pool walks the k window offsets (one strided slice of â each: every window at once), keeping a
+running maximum and which offset holds it; its backward adds each offset's share of δ back onto the
+slice it read. Avg pool lays δ/N out on the windows, (m, C, *out, *kernel), and ``col2im`` adds it back
+to the input positions they read. Both are vectorized over the batch, channels and positions.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ import numpy as np
 from ..activations import Activation, make_activation
 from ..errors import SpecError
 from .base import at, check_nonempty, check_rank, int_tuple, parse_bool, reject_unknown, tuple_json
-from .windows import col2im, out_size, pad, unpad, windows
+from .windows import col2im, offsets, out_size, pad, unpad, windows
 
 
 @dataclass(frozen=True)
@@ -91,23 +93,37 @@ class _PoolNd:
 
 @dataclass(frozen=True)
 class _MaxPool(_PoolNd):
-    def _windows(self, a: np.ndarray) -> np.ndarray:
-        """The windows of â (−∞ padded), flattened row-major: (m, C, *out, K)."""
-        w = windows(pad(a, self.pads, -np.inf), self.kernel_size, self.stride, (1,) * self.nd)
-        return w.reshape(*w.shape[:2 + self.nd], -1)
+    def _offsets(self, a: np.ndarray):
+        """(â, [(index of offset j's reads), ...]): â the −∞-padded input, one strided slice per window offset."""
+        ap = pad(a, self.pads, -np.inf)
+        out = self.out_shape(a.shape[1:])[1:]
+        return ap, [at for _, at in offsets(self.kernel_size, self.stride, (1,) * self.nd, out)]
 
     def forward(self, p: dict[str, np.ndarray], a: np.ndarray) -> np.ndarray:
-        r""":math:`z[x] = \max_j \hat a[s x + j]`."""
-        return self._windows(a).max(axis=-1)
+        r""":math:`z[x] = \max_j \hat a[s x + j]`: a running maximum over the k offsets, every window at once."""
+        ap, reads = self._offsets(a)
+        z = ap[reads[0]].copy()
+        for at in reads[1:]:
+            np.maximum(z, ap[at], out=z)   # NaN propagates, as in torch
+        return z
 
     def backward(self, p, a, delta):
-        r""":math:`∂C/∂a[i] = Σ_{x: s x + j^*(x) = i} δ[x]`, j*(x) the first maximal element of window x."""
-        w = self._windows(a)
-        first = w.argmax(axis=-1)[..., None]          # np.argmax: the first maximum, row-major in the window
-        dw = np.zeros_like(w)
-        np.put_along_axis(dw, first, delta[..., None], axis=-1)
-        dw = dw.reshape(*dw.shape[:-1], *self.kernel_size)
-        return {}, unpad(col2im(dw, self._padded(a), self.stride, (1,) * self.nd), self.pads)
+        r""":math:`∂C/∂a[i] = Σ_{x: s x + j^*(x) = i} δ[x]`, j*(x) the first maximal element of window x.
+
+        j* by the same running maximum: a later offset takes over only if strictly larger (or the first NaN),
+        so ties keep the first, row-major in the window; then each offset's δ goes back onto what it read."""
+        ap, reads = self._offsets(a)
+        best, first = ap[reads[0]].copy(), np.zeros(delta.shape, dtype=np.intp)
+        for k, at in enumerate(reads[1:], start=1):
+            v = ap[at]
+            take = (v > best) | (np.isnan(v) & ~np.isnan(best))
+            np.copyto(best, v, where=take)
+            np.copyto(first, k, where=take)
+        g = np.zeros(ap.shape, dtype=delta.dtype)
+        for k, at in enumerate(reads):
+            view = g[at]
+            np.add(view, delta, out=view, where=first == k)
+        return {}, unpad(g, self.pads)
 
 
 @dataclass(frozen=True)

@@ -53,6 +53,14 @@ def windows(ap: np.ndarray, kernel: Sequence[int], stride: Sequence[int], dilati
     return view[every]
 
 
+def offsets(kernel: Sequence[int], stride: Sequence[int], dilation: Sequence[int], out: Sequence[int]):
+    """For each kernel offset j (row-major), the index of the padded input that offset j of every window
+    reads: on each spatial axis the positions d·j, d·j + s, …, d·j + s(o − 1), as one strided slice."""
+    for j in np.ndindex(*kernel):
+        yield j, (slice(None), slice(None), *(slice(d * jt, d * jt + s * (o - 1) + 1, s)
+                                                for jt, s, d, o in zip(j, stride, dilation, out)))
+
+
 def col2im(dw: np.ndarray, padded_shape: Sequence[int], stride: Sequence[int], dilation: Sequence[int]) -> np.ndarray:
     """The adjoint of ``windows``: ``dw`` (m, C, *out, *kernel) summed back onto the padded input,
     :math:`g[i] = \\sum_{x, j:\\ s x + d j = i} dw[x, j]`.
@@ -63,7 +71,6 @@ def col2im(dw: np.ndarray, padded_shape: Sequence[int], stride: Sequence[int], d
     nd = len(stride)
     kernel, out = dw.shape[-nd:], dw.shape[2:2 + nd]
     g = np.zeros(tuple(padded_shape), dtype=dw.dtype)
-    for j in np.ndindex(*kernel):
-        at = tuple(slice(d * jt, d * jt + s * (o - 1) + 1, s) for jt, s, d, o in zip(j, stride, dilation, out))
-        g[(slice(None), slice(None), *at)] += dw[(Ellipsis, *j)]
+    for j, at in offsets(kernel, stride, dilation, out):
+        g[at] += dw[(Ellipsis, *j)]
     return g
