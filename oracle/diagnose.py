@@ -95,10 +95,15 @@ def hints(name: str, cand, ref, *, batch: int | None, others: dict | None = None
 
 def _spatial_hints(name: str, cand, ref) -> list[str]:
     """A conv weight (out, in, *kernel) that equals torch's with its kernel flipped, or with the in and out
-    channels swapped."""
-    if not name.endswith(".weight") or cand.ndim < 3 or _close(cand, ref):
+    channels swapped; any 2-D map (a kernel, a δ) with its two spatial axes exchanged."""
+    if cand.ndim < 3 or _close(cand, ref):
         return []
     out = []
+    if cand.ndim == 4 and ref.shape[2] == ref.shape[3] and not _close(ref, np.swapaxes(ref, 2, 3)) \
+            and _close(cand, np.swapaxes(ref, 2, 3)):
+        out.append("it equals torch's with the two spatial axes exchanged (H and W transposed)")
+    if not name.endswith(".weight"):
+        return out
     flipped = ref[(..., *(slice(None, None, -1),) * (ref.ndim - 2))]
     if not _close(ref, flipped) and _close(cand, flipped):
         out.append("it equals torch's gradient with the kernel flipped: the forward is a cross-correlation, "

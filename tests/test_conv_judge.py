@@ -205,3 +205,12 @@ def test_a_missing_one_over_the_avg_pool_window_is_named():
     result = oracle.check(spec, params, x, y, times_six_below_the_pool)
     assert result.first_divergent_layer == 0
     assert any("missing 1/N in the backward of avg pool layer 1 (N = 6" in h for h in result.hints["layers.0.delta"])
+
+
+def test_exchanged_spatial_axes_are_named():
+    def transposed(grads, deltas):
+        deltas["layers.1"] = np.swapaxes(deltas["layers.1"], 2, 3).copy()
+
+    result = _lenet_with(transposed)
+    assert result.first_divergent_layer == 1
+    assert any("spatial axes exchanged" in h for h in result.hints["layers.1.delta"])
