@@ -14,7 +14,9 @@ through one time in five is killed too. Here each bug mutant is measured per *ce
   (``oracle.compare.TOLERANCES``; S the largest |element| of the reference gradients and δ;
   the loss against rtol·|C| + atol·|C|). A bias averaged over a batch of one, or a bias left out of a
   forward whose biases are zero, changes nothing and is not counted; nor does a mutant whose only
-  change is the other one-sided slope at elements exactly on a kink (a valid convention there);
+  change is the other one-sided slope at elements exactly on a kink (a valid convention there), nor,
+  in a float32 cell, one whose change vanishes when both it and the correct backward run in float32
+  (a saturated net whose every gradient underflows to the same zeros): no oracle can tell those apart;
 * the numerator is the number of those cases where ``oracle.check`` does not pass the mutant
   (``bug``, ``forward``, ``crash``, or an unusable answer). A case the oracle refuses to judge at all
   (``SpecError``, e.g. a forward pass that overflows the dtype) is counted apart as ``refused``.
@@ -146,7 +148,20 @@ def changes_something(mutant: Mutant, spec: Spec, params: dict, x, y, dtype: str
         # a mutant that only takes the other one-sided slope at elements exactly on a kink is a valid
         # convention there (the kink mutant is one): no oracle can call that a bug, so it is not counted
         other = _as_triple(_other_slopes_at_kinks(spec, p64, x64, y64))
-        return _differ(got, other, TOLERANCES[dtype], floor, dtype)
+        if not _differ(got, other, TOLERANCES[dtype], floor, dtype):
+            return False
+        if np.dtype(dtype) == np.float64:
+            return True
+        # run in the cell's own dtype, the mutant must still differ from the correct backward there: where
+        # that arithmetic wipes the change out (both return the same float32 gradients, e.g. zeros where
+        # a saturated net underflows), no oracle can tell the two programs apart on this case
+        try:
+            ref_d = _as_triple(bp.gradients(spec, {k: v.copy() for k, v in params.items()}, np.array(x, copy=True), y))
+            got_d = _as_triple(mutant.grads_fn(spec, {k: v.copy() for k, v in params.items()}, np.array(x, copy=True),
+                                               np.array(y, copy=True)))
+        except Exception:
+            return True
+        return _differ(got_d, ref_d, TOLERANCES[dtype], floor, dtype)
 
 
 def _other_slopes_at_kinks(spec: Spec, params: dict, x, y):

@@ -213,3 +213,18 @@ def test_a_case_the_oracle_refuses_is_not_a_verdict():
     assert verdict(spec, huge, x, y, bp.gradients)[:2] == ("refused", None)
     fine = {"layers.0.weight": np.eye(2)}
     assert verdict(spec, fine, np.ones((1, 2)), np.zeros((1, 2)), bp.gradients)[:2] == ("match", True)
+
+
+def test_a_change_that_float32_arithmetic_wipes_out_is_not_counted_in_a_float32_cell():
+    """tanh′(10) ≈ 8e-9 in float64, exactly 0 in float32 (tanh(10) rounds to 1): a flipped sign changes the
+    float64 gradient but not the float32 one, where it and the correct backward both return zeros."""
+    import manual_bp as bp
+    from oracle.rates import changes_something
+
+    sign_flip = next(m for m in CATALOGUE if m.name == "sign_flip")
+    spec = bp.Spec.from_dict({"format_version": 1, "input_size": 1, "loss": "half_sse",
+                              "layers": [{"type": "dense", "units": 1, "activation": "tanh"}]})
+    for dtype, counted in (("float64", True), ("float32", False)):
+        params = {"layers.0.weight": np.array([[10.0]], dtype=dtype), "layers.0.bias": np.zeros(1, dtype=dtype)}
+        x, y = np.ones((1, 1), dtype=dtype), np.full((1, 1), 0.5, dtype=dtype)
+        assert changes_something(sign_flip, spec, params, x, y, dtype) is counted
