@@ -129,6 +129,15 @@ class TensorComparison:
         return "\n".join(lines)
 
 
+def _norm(v: np.ndarray) -> float:
+    """‖v‖₂ without overflow: (max|v|)·‖v/max|v|‖, so 1e200-sized entries give 1e200, not inf."""
+    top = float(np.max(np.abs(v))) if v.size else 0.0
+    if top == 0.0 or not np.isfinite(top):
+        return top
+    w = v / top
+    return top * float(np.sqrt(w @ w))
+
+
 def _index(flat: int, shape: tuple) -> tuple:
     return tuple(int(i) for i in np.unravel_index(flat, shape)) if shape else ()
 
@@ -154,18 +163,19 @@ def compare_tensor(
         return TensorComparison(name, layer, shape, True, "match", 0.0, 0.0, 0.0, 0.0, 0.0, None, 0, 0, (), 0.0, 0.0, 0.0, ())
     with np.errstate(invalid="ignore", over="ignore"):
         diff = np.abs(g - r)
-    diff = np.where(np.isnan(diff), np.inf, diff)  # a NaN anywhere is never a match
-    with np.errstate(over="ignore"):
-        err = float(np.sqrt(diff @ diff)) if np.all(np.isfinite(diff)) else float("inf")
+    # a NaN anywhere is never a match, and an infinite reference is matched only by the same infinity
+    same_inf = np.isinf(r) & (g == r)
+    diff = np.where(same_inf, 0.0, np.where(np.isnan(diff) | np.isinf(r), np.inf, diff))
+    err = _norm(diff) if np.all(np.isfinite(diff)) else float("inf")
     abs_r = np.abs(r)
-    ref_norm = float(np.sqrt(r @ r))
-    elem_allowed = tol.atol * scale + tol.rtol * abs_r
+    ref_norm = _norm(np.where(np.isinf(r), 0.0, r))
+    elem_allowed = tol.atol * scale + tol.rtol * np.where(np.isinf(r), 0.0, abs_r)
     allowed = tol.rtol * ref_norm + tol.atol * scale * np.sqrt(r.size)
     verdict = "match" if err <= allowed else "mismatch"
     allowance = None
     if bound is not None:
         b = tol.rounding_factor * np.broadcast_to(np.asarray(bound, dtype=np.float64), shape).ravel()
-        allowance = float(np.sqrt(b @ b))
+        allowance = _norm(b)
         elem_allowed = elem_allowed + b
         if verdict == "mismatch" and np.all(diff <= elem_allowed):
             verdict = "rounding"
