@@ -15,8 +15,8 @@ No parameters; the activation is the identity.
   :math:`∂C/∂a[i] = \sum_{x, j:\ s x + j = i} δ[x] / N(x)`.
 
 Max pool walks the k window offsets (one strided slice of â each: every window at once), keeping a
-running maximum and which offset holds it; its backward adds each offset's share of δ back onto the
-slice it read. Avg pool lays δ/N out on the windows, (m, C, *out, *kernel), and ``col2im`` adds it back
+running maximum; its backward walks them again, gives each window's δ to the first offset that holds
+the maximum, and adds that share back onto the slice it read. Avg pool lays δ/N out on the windows, (m, C, *out, *kernel), and ``col2im`` adds it back
 to the input positions they read. Both are vectorized over the batch, channels and positions.
 """
 
@@ -110,19 +110,21 @@ class _MaxPool(_PoolNd):
     def backward(self, p, a, delta):
         r""":math:`∂C/∂a[i] = Σ_{x: s x + j^*(x) = i} δ[x]`, j*(x) the first maximal element of window x.
 
-        j* by the same running maximum: a later offset takes over only if strictly larger (or the first NaN),
-        so ties keep the first, row-major in the window; then each offset's δ goes back onto what it read."""
+        Walking the offsets in row-major order, the first whose value equals the window's maximum z takes δ,
+        so ties keep the first; each offset's share goes back onto what it read. A window holding NaN
+        (z is NaN) sends δ to its last NaN, as torch's kernel does (it takes over at every NaN)."""
         ap, reads = self._offsets(a)
-        best, first = ap[reads[0]].copy(), np.zeros(delta.shape, dtype=np.intp)
-        for k, at in enumerate(reads[1:], start=1):
-            v = ap[at]
-            take = (v > best) | (np.isnan(v) & ~np.isnan(best))
-            np.copyto(best, v, where=take)
-            np.copyto(first, k, where=take)
+        z = self.forward(p, a)
+        free = ~np.isnan(z)                               # windows whose δ is not yet placed
+        last_nan = np.full(delta.shape, -1)
+        if not free.all():
+            for k, at in enumerate(reads):
+                last_nan[np.isnan(ap[at])] = k
         g = np.zeros(ap.shape, dtype=delta.dtype)
         for k, at in enumerate(reads):
-            view = g[at]
-            np.add(view, delta, out=view, where=first == k)
+            hit = ((ap[at] == z) & free) | (last_nan == k)
+            free &= ~hit
+            g[at] += np.where(hit, delta, 0).astype(delta.dtype, copy=False)
         return {}, unpad(g, self.pads)
 
 
