@@ -153,7 +153,7 @@ class ReLU(Activation):
     name = "relu"
 
     def value(self, z):
-        return np.where(z > 0, z, 0).astype(z.dtype, copy=False)
+        return np.maximum(z, 0).astype(z.dtype, copy=False)  # NaN stays NaN, as torch.relu
 
     def derivative(self, z, a):
         return (z > 0).astype(z.dtype)

@@ -22,9 +22,10 @@ All three are computed with im2col: the windows of â laid out as a matrix ``col
 
     z = θ cols (+ b),     ∂C/∂θ = δ colsᵀ,     ∂C/∂cols = θᵀ δ,
 
-three matrix products. ``col2im`` then adds every column of ∂C/∂cols back to the input positions it
-was read from, which is the full convolution above written as its index map. No loop over the
-batch, the channels or the pixels; ``col2im`` loops over the k (or kH·kW) kernel offsets only.
+three matrix products. Then every column of ∂C/∂cols is added back onto the input positions it was
+read from (col2im's index map, ``windows.offsets``), which is the full convolution above written as
+its index map. No loop over the batch, the channels or the pixels; only over the k (or kH·kW) kernel
+offsets.
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ from ..activations import Activation, make_activation
 from ..errors import SpecError
 from ..named import show
 from .base import at, check_nonempty, check_rank, int_tuple, parse_bool, parse_named, positive_int, reject_unknown, shape_text, tuple_json
-from .windows import col2im, out_size, pad, unpad, windows
+from .windows import offsets, out_size, pad, unpad, windows
 
 
 @dataclass(frozen=True)
@@ -179,11 +180,13 @@ class _ConvNd:
         if self.bias:
             nabla["bias"] = delta.sum(axis=(0, *range(2, 2 + nd)))
         dcols = theta.swapaxes(1, 2) @ d                                     # θᵀδ: (G, C/G·K, m·P)
-        # back to window form (m, C, *out, *kernel), then each window entry onto the input it read
+        # each kernel offset's rows of ∂C/∂cols go back onto the input positions that offset read
+        # (col2im's index map), accumulated channel-major as dcols is laid out, then swapped to (m, C, ...)
         dw = dcols.reshape(C, *self.kernel_size, m, *out)
-        dw = dw.transpose(1 + nd, 0, *range(2 + nd, 2 + 2 * nd), *range(1, 1 + nd))
-        padded = (m, C, *(n + lo + hi for n, (lo, hi) in zip(a.shape[2:], self.pads)))
-        return nabla, unpad(col2im(dw, padded, self.stride, self.dilation), self.pads)
+        g = np.zeros((C, m, *(n + lo + hi for n, (lo, hi) in zip(a.shape[2:], self.pads))), dtype=dcols.dtype)
+        for j, at in offsets(self.kernel_size, self.stride, self.dilation, out):
+            g[at] += dw[(slice(None), *j)]
+        return nabla, np.ascontiguousarray(unpad(g.swapaxes(0, 1), self.pads))
 
 
 @dataclass(frozen=True)

@@ -124,7 +124,7 @@ class _MaxPool(_PoolNd):
         for k, at in enumerate(reads):
             hit = ((ap[at] == z) & free) | (last_nan == k)
             free &= ~hit
-            g[at] += np.where(hit, delta, 0).astype(delta.dtype, copy=False)
+            g[at] += delta * hit
         return {}, unpad(g, self.pads)
 
 
