@@ -392,7 +392,9 @@ def check(
             best if best is not None else (len(tensors), tensors, arrays, None, bounds, None, None))
         taken = adopter.taken if adopter is not None else {}
         if failing == 0 and loss_cmp.passed and (taken or routes is not None):
-            layer, where = localize(spec, tensors)  # where the candidate's choice first departs from torch's
+            layer, _ = localize(spec, tensors)  # where the candidate's choice first departs from torch's
+            where = ("the candidate's valid choice first departs from torch's at the output" if layer is None else
+                     f"the candidate's valid choice first departs from torch's at layer {layer}")
             tensors[:], arrays, bounds = t2, arrays2, bounds2
             notes.extend(conventions.notes(spec, taken))
             if routes is not None:

@@ -76,6 +76,7 @@ def test_another_valid_routing_at_ties_passes_as_a_kink_with_a_note(mode):
     result = oracle.check(spec, params, x, y, _candidate(mode))
     assert result.passed and result.classification == "kink", result.message()
     assert any("Tie convention" in n for n in result.notes), result.notes
+    assert "valid choice first departs from torch's at layer 0" in result.localization and "wrong" not in result.localization
 
 
 def test_routing_delta_to_every_tied_element_is_a_bug():
