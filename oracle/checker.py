@@ -368,7 +368,10 @@ def check(
         if read:
             routings.insert(0, ("tied element (or split) its own δ shows, window by window", read))
     if special.any or routings:  # follow the candidate's valid choices at kinks, guards and ties; judge all again
-        tries = ([None] if cand.deltas else conventions.choices(special)) if special.any else []
+        # with every δ, the candidate's choices are read from it; with some or none, each consistent choice is
+        # also tried on the layers whose δ is missing
+        every_delta = bool(cand.deltas) and all(f"layers.{i}" in cand.deltas for i in range(len(spec.layers)))
+        tries = ([None] if every_delta else [None] * bool(cand.deltas) + conventions.choices(special)) if special.any else []
         best = None
         for label, routes in [(None, None), *routings]:
             for choice in ([None, *tries] if routes is not None else tries):

@@ -108,3 +108,27 @@ def test_float32_saturated_tanh_before_a_max_pool_is_judged_on_float64_truth():
     for grads_fn in (None, _candidate("last"), _candidate("split")):
         result = oracle.check(spec, params, x, y, grads_fn)
         assert result.passed, result.message()
+
+
+@pytest.mark.parametrize("keys", [None, ["layers.0", "layers.1", "layers.2", "layers.3"], ["layers.3"], ["layers.1"]],
+                         ids=["no-delta", "every-delta", "output-delta-only", "pool-delta-only"])
+def test_a_kink_choice_is_followed_whatever_subset_of_delta_the_candidate_returns(keys):
+    """relu′(0) = 1 at a unit whose z is exactly 0 (and its window's max): a valid convention, whether the
+    candidate returns every δ, none, or only some (the choice on layers without δ is then tried, not assumed)."""
+    from oracle.mutants import CATALOGUE
+
+    spec = bp.Spec.from_dict({"format_version": 2, "input": {"shape": [1, 4]}, "loss": "half_sse", "layers": [
+        {"type": "conv1d", "out_channels": 2, "kernel_size": 1, "activation": "relu"},
+        {"type": "max_pool1d", "kernel_size": 2}, {"type": "flatten"},
+        {"type": "dense", "units": 1, "activation": "identity", "bias": False}]})
+    params = {"layers.0.weight": np.array([[[1.0]], [[-1.0]]]), "layers.0.bias": np.array([0.0, 1.0]),
+              "layers.3.weight": np.array([[1.0, 2.0, -1.0, 0.5]])}
+    x, y = np.array([[[1.0, 2.0, 3.0, 0.0]]]), np.array([[0.0]])
+    other_slope = next(m for m in CATALOGUE if m.name == "relu_prime_at_zero_is_one")
+
+    def grads_fn(s, p, xx, yy):
+        loss, grads, deltas = other_slope.grads_fn(s, p, xx, yy)
+        return (loss, grads) if keys is None else (loss, grads, {k: deltas[k] for k in keys})
+
+    result = oracle.check(spec, params, x, y, grads_fn)
+    assert result.passed and result.classification == "kink", result.message()
