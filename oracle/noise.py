@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from .rounding import ULPS, UNIT_ROUNDOFF
-from .twin import TWIN_LAYERS, activation_fn, layer_weights, loss_fn
+from .twin import TWIN_LAYERS, activation_fn, layer_weights, loss_fn, routed_max_pool
 
 RUNS = 6      # ensemble size
 FACTOR = 10   # allowance = FACTOR × the largest deviation seen
@@ -64,8 +64,11 @@ def _loss_gradient_terms(loss, a, y, upstream) -> torch.Tensor:
     return scale * (a.abs() + y.abs())
 
 
-def jittered_run(spec, params: dict, x: np.ndarray, y, ref, allow, u: float, rng) -> dict:
+def jittered_run(spec, params: dict, x: np.ndarray, y, ref, allow, u: float, rng, adopt=None, routes=None) -> dict:
     """One torch run in float64 with rounding-sized noise injected everywhere (see the module docstring).
+
+    ``adopt`` and ``routes`` (as in ``twin.run_twin``) make the run follow a candidate's choices at kinks,
+    guards and max-pool ties, so that the noise is measured around the re-run that follows them.
 
     Returns ``{name: array}`` keyed like the comparisons: loss, layers.{i}.delta/.weight/.bias, input.grad.
     """
@@ -77,7 +80,7 @@ def jittered_run(spec, params: dict, x: np.ndarray, y, ref, allow, u: float, rng
     for i, layer in enumerate(spec.layers):
         mag = mags[i]
         a_in = a.detach().abs().numpy()
-        z = mag.held(a)
+        z = routed_max_pool(layer, a, routes[i]) if routes and i in routes else mag.held(a)
         if z is None:
             z = TWIN_LAYERS[layer.type](layer, layer_weights(weights, i), a)
         if mag.k_z:
@@ -142,6 +145,8 @@ def jittered_run(spec, params: dict, x: np.ndarray, y, ref, allow, u: float, rng
 
         if a is not z:
             a.register_hook(on_a)
+        if adopt is not None:  # the candidate's choice first, then the rounding of computing it
+            z.register_hook(lambda g, i=i: adopt(i, stash.get(("up", i), g), g))
         z.register_hook(on_z)
     def rounded(g, size, k):  # a result that adds up k rounded terms of the given size
         return g + math.sqrt(k) * u * torch.from_numpy(size) * _gauss(rng, g.shape)
@@ -168,7 +173,8 @@ def jittered_run(spec, params: dict, x: np.ndarray, y, ref, allow, u: float, rng
     return out
 
 
-def measured_allowance(spec, params: dict, x: np.ndarray, y, ref, allow, dtype, runs: int = RUNS) -> dict:
+def measured_allowance(spec, params: dict, x: np.ndarray, y, ref, allow, dtype, runs: int = RUNS,
+                       adopt=None, routes=None) -> dict:
     """FACTOR × the largest deviation of ``runs`` jittered runs from ``ref``, capped by the analytic bound.
 
     Seeded from the case itself, so the same case always gets the same allowance.
@@ -181,7 +187,7 @@ def measured_allowance(spec, params: dict, x: np.ndarray, y, ref, allow, dtype, 
     worst = {k: np.zeros(np.shape(v)) for k, v in reference.items()}
     with np.errstate(invalid="ignore", over="ignore"):
         for _ in range(runs):
-            run = jittered_run(spec, params, x, y, ref, allow, u, rng)
+            run = jittered_run(spec, params, x, y, ref, allow, u, rng, adopt, routes)
             for k, v in run.items():
                 dev = np.abs(v - reference[k])
                 worst[k] = np.maximum(worst[k], np.where(np.isfinite(dev), dev, np.inf))

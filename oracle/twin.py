@@ -139,6 +139,11 @@ class _RoutedMaxPool(torch.autograd.Function):
         return grad, None, None
 
 
+def routed_max_pool(layer, a: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """torch's max pool of ``a`` whose backward shares each window's δ by ``weights`` (``route_weights``)."""
+    return _RoutedMaxPool.apply(a, layer, weights)
+
+
 def layer_weights(weights: dict, i: int) -> dict:
     """Layer i's parameters by short name, from ``{"layers.{i}.weight": ...}``."""
     prefix = f"layers.{i}."
@@ -155,7 +160,7 @@ def twin_forward(spec: Spec, weights: dict, x, routes=None):
     zs, acts, a = [], [], x
     for i, layer in enumerate(spec.layers):
         if routes and i in routes:
-            z = _RoutedMaxPool.apply(a, layer, routes[i])
+            z = routed_max_pool(layer, a, routes[i])
         else:
             z = TWIN_LAYERS[layer.type](layer, layer_weights(weights, i), a)
         a = activation_fn(layer.activation)(z)
