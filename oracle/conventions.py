@@ -274,7 +274,13 @@ def routes_from_deltas(spec, ref, allow, deltas: dict) -> dict:
         if contenders is None or cand is None or np.shape(cand) != ref.z[i - 1].shape:
             continue
         layer, nd = spec.layers[i], len(spec.layers[i].kernel_size)
-        slope = torch.from_numpy(derivatives(spec.layers[i - 1].activation, ref.z[i - 1])[0])
+        act = spec.layers[i - 1].activation
+        slope = derivatives(act, ref.z[i - 1])[0]
+        kinks = allow.kink_masks[i - 1]
+        if kinks is not None and kinks.any():  # within rounding of a kink the candidate may take either side:
+            sides = [s for k in act.kink_points() for s in one_sided_slopes(act, k)]   # predict with the larger
+            slope = np.where(kinks, max(abs(v) for v in sides) * np.sign(slope + (slope == 0)), slope)
+        slope = torch.from_numpy(slope)
         cand = torch.as_tensor(np.asarray(cand, dtype=np.float64))
         d = torch.from_numpy(ref.deltas[f"layers.{i}"])[..., None]
         mask = contenders.flatten(-nd)

@@ -132,3 +132,38 @@ def test_a_kink_choice_is_followed_whatever_subset_of_delta_the_candidate_return
 
     result = oracle.check(spec, params, x, y, grads_fn)
     assert result.passed and result.classification == "kink", result.message()
+
+
+def test_a_tie_rerun_is_judged_by_measured_noise_not_the_looser_worst_case():
+    """Dead relu windows tie at 0, so a failing check goes to the routing re-run; that re-run used to be
+    judged by the analytic worst case (1-52x the measured allowance), and δ sent to each window's first
+    element wherever its max is passed as a tie convention on this saturated float32 net."""
+    from oracle.mutants import CATALOGUE
+    from oracle.strategies import draw_data, draw_params
+
+    spec = bp.Spec.from_dict({"format_version": 2, "input": {"shape": [2, 6, 6]}, "loss": "mse", "layers": [
+        {"type": "conv2d", "out_channels": 3, "kernel_size": 2, "activation": "relu"},
+        {"type": "max_pool2d", "kernel_size": 2},
+        {"type": "flatten"},
+        {"type": "dense", "units": 3, "activation": "tanh"},
+        {"type": "dense", "units": 2, "activation": "identity"}]})
+    rng = np.random.default_rng(1)
+    params = draw_params(spec, rng, "saturated", "float32")
+    x, y = draw_data(spec, rng, "saturated", 3, "float32")
+    window_start = next(m for m in CATALOGUE if m.name == "max_pool_grad_to_window_start")
+    assert oracle.check(spec, params, x, y).passed
+    result = oracle.check(spec, params, x, y, window_start.grads_fn)
+    assert not result.passed and result.classification == "bug", result.message()
+
+
+def test_a_tie_whose_routing_shows_only_through_the_other_side_of_a_kink_is_read():
+    """gelu underflows in torch (−0.0) where the exact value is a tiny negative, so the relu conv above sees z
+    exactly 0 in torch and a tiny nonzero z in an exact implementation, whose max pool then routes to another
+    tied element: reading its routing from δ must predict with the kink's other slope there. Recorded as a
+    false alarm of second_correct (seed 21), rebuilt by ``oracle.rates.replay``."""
+    from oracle.rates import load_second_correct, replay
+
+    info = {'spec': {'format_version': 2, 'name': '', 'description': '', 'input': {'shape': [2, 10]}, 'layers': [{'type': 'conv1d', 'out_channels': 2, 'kernel_size': 3, 'stride': 2, 'padding': 2, 'dilation': 1, 'groups': 1, 'activation': 'gelu', 'bias': False}, {'type': 'max_pool1d', 'kernel_size': 2, 'stride': 1, 'padding': 0}, {'type': 'conv1d', 'out_channels': 4, 'kernel_size': 1, 'stride': 1, 'padding': 0, 'dilation': 2, 'groups': 2, 'activation': 'relu', 'bias': False}, {'type': 'max_pool1d', 'kernel_size': 2, 'stride': 1, 'padding': 0}, {'type': 'conv1d', 'out_channels': 1, 'kernel_size': 3, 'stride': 2, 'padding': 0, 'dilation': 1, 'groups': 1, 'activation': 'silu', 'bias': True}, {'type': 'max_pool1d', 'kernel_size': 1, 'stride': 2, 'padding': 0}, {'type': 'flatten'}, {'type': 'dense', 'units': 5, 'activation': 'gelu', 'bias': False}, {'type': 'dense', 'units': 6, 'activation': 'gelu_tanh', 'bias': False}], 'loss': 'mse'}, 'regime': 'saturated', 'dtype': 'float64', 'batch': 3, 'data_seed': 100}
+    spec, params, x, y = replay(info)
+    result = oracle.check(spec, params, x, y, load_second_correct())
+    assert result.passed, result.message()
