@@ -61,6 +61,7 @@ class Magnitudes:
     route: torch.Tensor | None = None  # a max pool's routing weights at ties (twin.route_weights); None: torch's
 
     def __post_init__(self):
+        self._winners = None
         layer, m = self.layer, self.a.shape[0]
         kind = layer.type
         self.abs_w = {k: np.abs(v) for k, v in self.w.items()}
@@ -158,9 +159,13 @@ class Magnitudes:
         return mask if bool((mask.flatten(-nd).sum(-1) >= 2).any()) else None
 
     def _pool(self):
-        """torch's max pool of the reference input, with the index of each window's winner."""
-        pool = F.max_pool1d if len(self.layer.kernel_size) == 1 else F.max_pool2d
-        return pool(_t(self.a), self.layer.kernel_size, self.layer.stride, self.layer.padding, return_indices=True)
+        """torch's max pool of the reference input, with the index of each window's winner (computed once:
+        every jittered run holds the same winners)."""
+        if self._winners is None:
+            pool = F.max_pool1d if len(self.layer.kernel_size) == 1 else F.max_pool2d
+            self._winners = pool(_t(self.a), self.layer.kernel_size, self.layer.stride, self.layer.padding,
+                                 return_indices=True)
+        return self._winners
 
     # -- helpers --------------------------------------------------------------------------------------------
     def _abs_weight(self) -> dict:

@@ -1369,6 +1369,24 @@ def _allowance_cases():
     }
 
 
+def _assert_within_allowance(result, ref, bounds, dt, tight: bool) -> None:
+    """Every tensor of ``result`` = (loss, grads, deltas) within its allowance B of torch's float64 ``ref``,
+    element by element and without the safety factor; B finite and ≥ 0; and, when ``tight``, B within
+    3e4 ulps of the tensor's size (small enough to catch bugs)."""
+    loss, grads, deltas = result
+    got = {"loss": np.float64(loss), **grads, **{f"{k}.delta": v for k, v in deltas.items()}}
+    want = {"loss": ref.loss, **ref.grads, **{f"{k}.delta": v for k, v in ref.deltas.items()}}
+    eps = float(np.finfo(dt).eps)
+    for name in got:
+        b = np.asarray(bounds[name])
+        assert np.all(np.isfinite(b)) and np.all(b >= 0), name
+        err = np.abs(np.asarray(got[name], dtype=np.float64) - want[name])
+        assert np.all(err <= b), (name, float(np.max(err / np.maximum(b, 1e-300))))
+        if tight:
+            size = max(float(np.max(np.abs(want[name]))), 1e-300)
+            assert float(np.max(b)) <= 3e4 * eps * size, (name, float(np.max(b)) / size / eps)
+
+
 @pytest.mark.parametrize("dtype", ["float64", "float32"])
 @pytest.mark.parametrize("case", list(_allowance_cases()))
 def test_the_worst_case_allowance_covers_real_roundings_and_is_not_loose(case, dtype):
@@ -1385,17 +1403,7 @@ def test_the_worst_case_allowance_covers_real_roundings_and_is_not_loose(case, d
     ref = run_twin(spec, p64, x64, y64, np.float64)
     bounds = allowance(spec, p64, x64, y64, ref, dt).bounds
     loss, grads, deltas = _backprop(spec, pc, xc, yc, work=np.longdouble if dt == np.float64 else None)
-    got = {"loss": np.float64(loss), **grads, **{f"{k}.delta": v for k, v in deltas.items()}}
-    want = {"loss": ref.loss, **ref.grads, **{f"{k}.delta": v for k, v in ref.deltas.items()}}
-    eps = float(np.finfo(dt).eps)
-    for name in got:
-        b = np.asarray(bounds[name])
-        assert np.all(np.isfinite(b)) and np.all(b >= 0), name
-        err = np.abs(np.asarray(got[name], dtype=np.float64) - want[name])
-        assert np.all(err <= b), (name, float(np.max(err / np.maximum(b, 1e-300))))
-        if well_scaled:
-            size = max(float(np.max(np.abs(want[name]))), 1e-300)
-            assert float(np.max(b)) <= 3e4 * eps * size, (name, float(np.max(b)) / size / eps)
+    _assert_within_allowance((loss, grads, deltas), ref, bounds, dt, tight=well_scaled)
 
 
 def test_selu_left_slope_where_torchs_z_is_a_rounding_above_the_kink_is_a_kink():
@@ -1498,15 +1506,6 @@ def test_every_activations_allowance_covers_a_correct_implementation(act, dtype)
     bounds = allowance(spec, p64, x64, y64, ref, dt).bounds
     with np.errstate(over="ignore"):
         loss, grads, deltas = _backprop(spec, p, x, y)
-    got = {"loss": np.float64(loss), **grads, **{f"{k}.delta": v for k, v in deltas.items()}}
-    want = {"loss": ref.loss, **ref.grads, **{f"{k}.delta": v for k, v in ref.deltas.items()}}
-    eps = float(np.finfo(dt).eps)
-    for name in got:
-        b = np.asarray(bounds[name])
-        assert np.all(np.isfinite(b)) and np.all(b >= 0), name
-        err = np.abs(np.asarray(got[name], dtype=np.float64) - want[name])
-        assert np.all(err <= b), (name, float(np.max(err / np.maximum(b, 1e-300))))
-        size = max(float(np.max(np.abs(want[name]))), 1e-300)
-        assert float(np.max(b)) <= 3e4 * eps * size, (name, float(np.max(b)) / size / eps)
+    _assert_within_allowance((loss, grads, deltas), ref, bounds, dt, tight=True)
     result = oracle.check(spec, p, x, y, lambda *a: (loss, grads, deltas))
     assert result.passed, result.message()

@@ -311,15 +311,20 @@ def _geometry(layer, a_shape):
     return pads, out, offsets
 
 
+def _conv_setup(layer, w, a):
+    """What the conv forward and backward both start from: groups G, batch m, channels C and O, output
+    size, the kernel offsets' slices, the spatial einsum subscripts, the zero-padded input (and the slice
+    of it that is the input), and θ split by group (G, O/G, C/G, *kernel)."""
+    G, (m, C), O = layer.groups, a.shape[:2], w.shape[0]
+    pads, out, offsets = _geometry(layer, a.shape)
+    ap, inner = _padded(a, pads, 0)
+    theta = w.reshape(G, O // G, C // G, *w.shape[2:])
+    return G, m, C, O, out, offsets, "xy"[:len(out)], ap, inner, theta
+
+
 def conv_forward(layer, w, b, a):
     r""":math:`z = b + Σ_j θ[:, :, j] · â_j`, per group: (m, G, C/G, *out) against (G, O/G, C/G)."""
-    G = layer.groups
-    m, C = a.shape[:2]
-    O = w.shape[0]
-    pads, out, offsets = _geometry(layer, a.shape)
-    xy = "xy"[:len(out)]                               # the spatial subscripts
-    ap, _ = _padded(a, pads, 0)
-    theta = w.reshape(G, O // G, C // G, *w.shape[2:])
+    G, m, C, O, out, offsets, xy, ap, _, theta = _conv_setup(layer, w, a)
     z = np.zeros((m, G, O // G, *out), dtype=a.dtype)
     for j, sl in offsets:
         piece = ap[sl].reshape(m, G, C // G, *out)
@@ -332,13 +337,7 @@ def conv_forward(layer, w, b, a):
 
 def conv_backward(layer, w, a, delta):
     r"""(∂C/∂θ, ∂C/∂b, ∂C/∂a): ∂C/∂θ[..., j] = Σ δ â_j, ∂C/∂b = Σ δ, ∂C/∂â_j += δ θ[..., j]."""
-    G = layer.groups
-    m, C = a.shape[:2]
-    O = w.shape[0]
-    pads, out, offsets = _geometry(layer, a.shape)
-    xy = "xy"[:len(out)]
-    ap, inner = _padded(a, pads, 0)
-    theta = w.reshape(G, O // G, C // G, *w.shape[2:])
+    G, m, C, O, out, offsets, xy, ap, inner, theta = _conv_setup(layer, w, a)
     d = delta.reshape(m, G, O // G, *out)
     gw = np.zeros_like(theta)
     gap = np.zeros_like(ap)
