@@ -13,7 +13,7 @@ No autograd and no torch: this package is what the oracle checks against ``torch
 from .activations import ACTIVATIONS, Activation, make_activation
 from .data import check_data, check_params, dtype_of, init_params, random_batch, random_case
 from .errors import SpecError
-from .layers import LAYER_TYPES, Dense
+from .layers import LAYER_TYPES, Dense, keep_mask
 from .losses import LOSSES, Loss, make_loss
 from .network import Cache, Gradients, backward, forward, gradients
 from .spec import FORMAT_VERSION, Spec, example, example_names, load_spec
@@ -21,7 +21,7 @@ from .spec import FORMAT_VERSION, Spec, example, example_names, load_spec
 __all__ = [
     "ACTIVATIONS", "Activation", "make_activation",
     "LOSSES", "Loss", "make_loss",
-    "LAYER_TYPES", "Dense",
+    "LAYER_TYPES", "Dense", "keep_mask",
     "FORMAT_VERSION", "Spec", "load_spec", "example", "example_names",
     "check_data", "check_params", "dtype_of", "init_params", "random_batch", "random_case",
     "Cache", "Gradients", "forward", "backward", "gradients",

@@ -88,7 +88,7 @@ def check_params(spec: Spec, params: Mapping[str, np.ndarray]) -> np.dtype:
     """Check names, shapes, dtype and finiteness of ``params`` against ``spec``; returns their dtype."""
     if not isinstance(params, Mapping):
         raise SpecError("params", f"is a {type(params).__name__}, not a dict of arrays", "pass {name: array}")
-    expected = spec.param_shapes()
+    expected = spec.state_shapes()
     missing = [k for k in expected if k not in params]
     if missing:
         raise SpecError(f"params[{missing[0]!r}]", "missing", f"the spec needs: {', '.join(expected)}")
@@ -110,6 +110,8 @@ def check_params(spec: Spec, params: Mapping[str, np.ndarray]) -> np.dtype:
         if arr.shape != shape:
             raise SpecError(field, f"has shape {arr.shape} but the spec needs {shape}", "check units and input_size")
         _finite(arr, field)
+        if name.endswith(".running_var") and arr.size and arr.min() < 0:
+            raise SpecError(field, f"holds a negative variance {arr.min():g}", "running variances are ≥ 0")
     return dtype
 
 
@@ -147,6 +149,7 @@ def check_x(spec: Spec, x: np.ndarray, dtype: np.dtype | None = None) -> tuple[n
     if dtype is not None and x2.dtype != dtype:
         raise SpecError("x", f"has dtype {x2.dtype} but the parameters are {dtype}", "use one dtype for x and params")
     _finite(x2, "x")
+    spec.check_batch(x2.shape[0])
     return x2, single
 
 
@@ -210,8 +213,11 @@ def init_params(spec: Spec, rng: np.random.Generator, dtype="float64", scale: fl
         for name, shape in shapes.items():
             weight = shape if name.endswith("weight") else shapes[name.replace("bias", "weight")]
             fan_in = math.prod(weight[1:])  # in (dense) or in/groups · kernel (conv), as torch counts it
-            k = scale / np.sqrt(fan_in)
+            k = scale / np.sqrt(fan_in)    # a norm's γ and β, 1-D, draw from U(−scale, scale)
             params[name] = rng.uniform(-k, k, size=shape).astype(dt)
+        for name, shape in spec.buffer_shapes().items():  # running statistics: means around 0, variances ≥ 0.5
+            low, high = (0.5, 2.0) if name.endswith("running_var") else (-0.5, 0.5)
+            params[name] = rng.uniform(low, high, size=shape).astype(dt)
     except MemoryError:
         raise SpecError("layers", f"{count(total)} parameters do not fit in memory", "use fewer or narrower layers") from None
     return params

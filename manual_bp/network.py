@@ -16,7 +16,7 @@ at the output of layer i (the seed's s, Nielsen's δ). With rows as examples:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -61,13 +61,16 @@ class Gradients:
     * ``loss``: the spec's reduced loss C;
     * ``grads``: ∂C/∂θ and ∂C/∂b keyed ``layers.{i}.weight`` (out, in) / ``layers.{i}.bias`` (out,);
     * ``deltas``: δ_i = ∂C/∂z_i keyed ``layers.{i}``, shape (m, units), or (units,) for one column example;
-    * ``grad_input``: ∂C/∂x, in the shape x was given.
+    * ``grad_input``: ∂C/∂x, in the shape x was given;
+    * ``buffers``: the state a forward in training mode updates (batch norm's running statistics), keyed
+      like the params (``layers.{i}.running_mean``); not gradients.
     """
 
     loss: np.floating
     grads: dict
     deltas: dict
     grad_input: np.ndarray
+    buffers: dict = field(default_factory=dict)
 
 
 def forward(spec: Spec, params: dict, x: np.ndarray) -> Cache:
@@ -101,7 +104,9 @@ def backward(cache: Cache, y: np.ndarray) -> Gradients:
     if cache.single:
         deltas = {k: d[0] for k, d in deltas.items()}
         grad_a = grad_a.reshape(cache.x_shape)
-    return Gradients(loss=loss, grads=grads, deltas=deltas, grad_input=grad_a)
+    buffers = {f"layers.{i}.{k}": v for i, layer in enumerate(spec.layers) if hasattr(layer, "updated_buffers")
+               for k, v in layer.updated_buffers(cache.layer_params(i), cache.a[i]).items()}
+    return Gradients(loss=loss, grads=grads, deltas=deltas, grad_input=grad_a, buffers=buffers)
 
 
 def gradients(spec: Spec, params: dict, x: np.ndarray, y: np.ndarray) -> Gradients:

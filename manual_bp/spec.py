@@ -62,11 +62,12 @@ class Spec:
     input_shape: tuple = None        # one example's shape, batch first omitted: (n,), (C, L), (C, H, W)
     _shapes: dict = field(default=None, repr=False, compare=False)  # type: ignore[assignment]
     _out_shapes: tuple = field(default=None, repr=False, compare=False)  # type: ignore[assignment]
+    _buffers: dict = field(default=None, repr=False, compare=False)  # type: ignore[assignment]
 
     def __post_init__(self):
         if self.input_shape is None:
             object.__setattr__(self, "input_shape", (self.input_size,))
-        shapes, shape, total, outs = {}, tuple(self.input_shape), 0, []
+        shapes, buffers, shape, total, outs = {}, {}, tuple(self.input_shape), 0, []
         for i, layer in enumerate(self.layers):
             where = f"layers.{i}"
             layer_shapes = layer.param_shapes(shape, where)
@@ -78,6 +79,8 @@ class Spec:
             total += n
             for pname, s in layer_shapes.items():
                 shapes[f"{where}.{pname}"] = s
+            for bname, s in getattr(layer, "buffer_shapes", lambda *_: {})(shape, where).items():
+                buffers[f"{where}.{bname}"] = s
             shape = layer.out_shape(shape, where)
             outs.append(shape)
         if total > MAX_PARAMETERS:
@@ -87,6 +90,7 @@ class Spec:
             raise SpecError(f"layers.{len(self.layers) - 1}", f"the network ends in {outs[-1]}, but a loss needs a vector (n,)",
                             "end with a flatten and a dense layer")
         object.__setattr__(self, "_shapes", shapes)
+        object.__setattr__(self, "_buffers", buffers)
         object.__setattr__(self, "_out_shapes", tuple(outs))
 
     def __repr__(self) -> str:  # paste-able, e.g. into a Hypothesis falsifying example
@@ -108,6 +112,22 @@ class Spec:
         """Every parameter's name and shape, in layer order: ``{"layers.0.weight": (out, in), ...}``."""
         return dict(self._shapes)
 
+    def buffer_shapes(self) -> dict[str, tuple[int, ...]]:
+        """State that is not a parameter and gets no gradient, named as in torch's state_dict:
+        ``{"layers.2.running_mean": (C,), "layers.2.running_var": (C,)}`` for a batch norm."""
+        return dict(self._buffers)
+
+    def state_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Everything a case's params dict holds, as torch's ``state_dict()``: parameters, then buffers."""
+        return {**self._shapes, **self._buffers}
+
+    def check_batch(self, m: int) -> None:
+        """Refuse a batch of m examples that some layer cannot take (batch norm in training mode with one
+        value per channel), naming the layer."""
+        for i, layer in enumerate(self.layers):
+            if hasattr(layer, "check_batch"):
+                layer.check_batch(m, self.in_shape(i), f"layers.{i}")
+
     def describe(self) -> str:
         """One line: ``3 -> 4 sigmoid -> 4 sigmoid -> 1 identity, half_sse``; ``3x8x8 -> conv2d 4 relu -> ...``."""
         parts = ["x".join(str(d) for d in self.input_shape)]
@@ -117,7 +137,8 @@ class Spec:
             elif hasattr(layer, "out_channels"):
                 parts.append(f"{layer.type} {layer.out_channels} {layer.activation.name}{'' if layer.bias else ' (no bias)'}")
             else:
-                parts.append(layer.type)
+                act = layer.activation.name
+                parts.append(layer.type if act == "identity" else f"{layer.type} {act}")
         return " -> ".join(parts) + f", {self.loss.name}"
 
     # -- JSON --------------------------------------------------------------------------------

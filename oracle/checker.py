@@ -249,6 +249,13 @@ def _input_step(layer, k: int) -> str:
         return f"δ_{k} / N spread over each window"
     if kind == "flatten":
         return f"δ_{k} reshaped back"
+    if kind == "dropout":
+        return f"δ_{k} ⊙ M/(1 − p), the forward's mask and scale"
+    if kind.endswith("_norm") and getattr(layer, "training", True):
+        return (f"(g − mean g − x̂ ⊙ mean(g ⊙ x̂))/s with g = γ ⊙ δ_{k}: the paths through x̂, the mean and the "
+                f"variance of each set it normalizes")
+    if kind.endswith("_norm"):
+        return f"γ ⊙ δ_{k} / √(running_var + ε)"
     return f"δ_{k} θ_{k}"
 
 
@@ -256,6 +263,8 @@ def _param_step(layer) -> str:
     """The parameter-gradient equations of a layer type."""
     if layer.type.startswith("conv"):
         return "∂C/∂θ = δ ⋆ a, δ correlated with the layer's input; ∂C/∂b = Σ δ over the batch and every position"
+    if layer.type.endswith("_norm"):
+        return "∂C/∂γ = Σ δ ⊙ x̂, ∂C/∂β = Σ δ, summed over everything one γ is shared across"
     return "∂C/∂θ = δᵀa, ∂C/∂b = Σ δ"
 
 

@@ -80,6 +80,8 @@ class Magnitudes:
             self.k_z, self.k_in, self.k_w = 0, _overlap(layer) - 1, 0
         elif kind == "flatten":
             self.k_z = self.k_in = self.k_w = 0
+        elif kind == "dropout":  # a ⊙ M/(1 − p): one product per element
+            self.k_z, self.k_in, self.k_w = 1, 1, 0
         else:  # a new layer type must say how many terms its sums add (see manual_bp/layers/base.py)
             raise NotImplementedError(f"oracle.magnitudes has no rounding counts for layer type {kind!r}")
 
@@ -130,6 +132,27 @@ class Magnitudes:
         """Σ_b v: summed over the batch and every position, one value per output channel/unit."""
         return v.sum(axis=(0, *range(2, v.ndim)))
 
+    # -- what a nonlinear layer adds (``NormMagnitudes``); a linear layer's defaults -------------------------
+    def input_terms(self, v: np.ndarray) -> np.ndarray:
+        """The size of the terms ∂C/∂a adds up from δ-sized v (its rounding is γ_{k_in} times that)."""
+        return self.back_input(v)
+
+    def back_drift(self, v: np.ndarray, Ea: np.ndarray) -> np.ndarray:
+        """How far ∂C/∂a moves, for δ of size v, when the input moves by Ea (zero where ∂C/∂a is linear in δ alone)."""
+        return np.zeros(self.a.shape)
+
+    def weight_input(self, A: np.ndarray) -> np.ndarray:
+        """What ∂C/∂θ multiplies δ with, in magnitude, for input magnitudes A: the input itself."""
+        return A
+
+    def weight_error(self, Ea: np.ndarray) -> np.ndarray:
+        """How far that moves when the input moves by Ea."""
+        return Ea
+
+    def weight_terms(self, v: np.ndarray, A: np.ndarray) -> np.ndarray:
+        """The size of the terms ∂C/∂θ adds up (its rounding is γ_{k_w} times that)."""
+        return self.back_weight(v, A)
+
     def held(self, a: torch.Tensor) -> torch.Tensor | None:
         """A max pool of ``a`` that keeps the winners torch picks at the reference input (so that noise
         cannot switch them); None for every other layer type."""
@@ -174,3 +197,129 @@ class Magnitudes:
     def _op(self, a: torch.Tensor, w: dict) -> torch.Tensor:
         """The twin's map without its bias."""
         return TWIN_LAYERS[self.layer.type](self.layer, w, a)
+
+
+class NormMagnitudes(Magnitudes):
+    r"""The maps of batch, layer and group norm, z = γ x̂ + β with x̂ = (a − μ)/s over sets S of N elements.
+
+    Not linear in a: the maps are its Jacobian's absolute value at the reference input,
+    |∂x̂_i/∂a_j| ≤ (1[i = j] + 1/N + |x̂_i||x̂_j|/N)/s, so that with X = |x̂| and means over each set
+
+    .. math::  |L|(E) = \frac{|γ|}{s}\big(E + \bar E + X\,\overline{XE}\big),\qquad
+               |J_a|^T v = \frac1s\big(G + \bar G + X\,\overline{XG}\big),\ G = |γ| v
+
+    The rounding of x̂ itself is not u·|x̂|: μ is a sum of N terms as large as |a|, and a − μ cancels when the
+    spread s is small against the mean magnitude M = mean_S |a|. Per element it is γ_k·R with
+    R = (|a| + M)/s + X(1 + R_s), R_s = M·X̄/s the relative rounding of s (the two-pass variance's; a
+    one-pass E[a²] − μ² cancels far worse and is outside this allowance). R enters z's terms, and the
+    backward's through the x̂ and s it reuses. ``back_drift`` moves ∂C/∂a by the input's errors (x̂ and s move
+    with them); ∂C/∂γ = Σ δ x̂ multiplies δ by X. Batch norm in eval mode is linear: x̂ = (a − r_μ)/s.
+    """
+
+    def __post_init__(self):
+        self._winners = None
+        layer, a = self.layer, np.asarray(self.a, dtype=np.float64)
+        self.abs_w = {k: np.abs(v) for k, v in self.w.items()}
+        self.train = getattr(layer, "training", True)
+        m, nd = a.shape[0], a.ndim
+        if layer.type == "layer_norm":
+            k = 1 if layer.normalized_shape is None else len(layer.normalized_shape)
+            self._view, self._axes = a.shape, tuple(range(nd - k, nd))
+            self._shared, self._gshape = tuple(range(nd - k)), a.shape[nd - k:]
+        else:
+            groups = layer.num_groups if layer.type == "group_norm" else None
+            self._view = (m, groups, -1) if groups else a.shape
+            self._axes = (2,) if groups else (0, *range(2, nd))
+            self._shared, self._gshape = (0, *range(2, nd)), (1, a.shape[1]) + (1,) * (nd - 2)
+        if layer.type == "batch_norm":       # N, the elements of one set
+            self._n = a.size // a.shape[1]
+        elif layer.type == "group_norm":
+            self._n = a[0].size // layer.num_groups
+        else:
+            self._n = math.prod(self._gshape)
+        one = np.ones(self._gshape)
+        self.G = self.abs_w["weight"].reshape(self._gshape) if "weight" in self.w else one
+        self.B = self.abs_w["bias"].reshape(self._gshape) if "bias" in self.w else 0 * one
+        if self.train:
+            v = a.reshape(self._view)
+            mu = v.mean(axis=self._axes, keepdims=True)
+            s = np.sqrt(((v - mu) ** 2).mean(axis=self._axes, keepdims=True) + layer.eps)
+            self.s = np.broadcast_to(s, v.shape).reshape(a.shape)
+            self.X = np.abs((v - mu) / s).reshape(a.shape)
+            M = self._mean(np.abs(a))
+            Rs = M * self._mean(self.X) / self.s
+            self.R = (np.abs(a) + M) / self.s + self.X * (1 + Rs)
+            self.Rs = Rs
+            self.k_z = self.k_in = self._n + 4
+        else:
+            rm = self.w["running_mean"].reshape(self._gshape)
+            self.s = np.broadcast_to(np.sqrt(self.w["running_var"].reshape(self._gshape) + layer.eps), a.shape)
+            self.X = np.abs(a - rm) / self.s
+            self.R = (np.abs(a) + np.abs(rm)) / self.s + self.X
+            self.Rs = np.zeros(a.shape)
+            self.k_z, self.k_in = 5, 3
+        # ∂C/∂γ sums δ x̂ over everything one γ is shared across, each x̂ rounded as above
+        self.k_w = a.size // math.prod(self._gshape) + self._n + 4
+
+    def _mean(self, t: np.ndarray) -> np.ndarray:
+        """The mean over each element's set, broadcast back to a's shape."""
+        v = np.asarray(t).reshape(self._view)
+        return np.broadcast_to(v.mean(axis=self._axes, keepdims=True), v.shape).reshape(self.a.shape)
+
+    def _jt(self, v: np.ndarray) -> np.ndarray:
+        """|∂x̂/∂a|ᵀ v (the same as |∂x̂/∂a| v: the bound is symmetric)."""
+        if not self.train:
+            return v / self.s
+        return (v + self._mean(v) + self.X * self._mean(self.X * v)) / self.s
+
+    def forward(self, E):
+        return self.G * self._jt(E)
+
+    def terms(self, A):
+        return self.G * self.R + self.B
+
+    def back_input(self, v):
+        return self._jt(self.G * v)
+
+    def input_terms(self, v):
+        G = self.G * v
+        if not self.train:
+            return G * (1 + self.R) / self.s
+        return ((1 + self.Rs) * (G + self._mean(G) + self.X * self._mean(self.X * G))
+                + self.R * self._mean(self.X * G) + self.X * self._mean(self.R * G)) / self.s
+
+    def back_drift(self, v, Ea):
+        if not self.train:
+            return np.zeros(self.a.shape)
+        G = self.G * v
+        Ex = self._jt(Ea)                        # how far x̂ moves
+        rel_s = self._mean(self.X * Ea) / self.s  # and s, relatively
+        return (rel_s * (G + self._mean(G) + self.X * self._mean(self.X * G))
+                + (Ex * self._mean(self.X * G) + self.X * self._mean(Ex * G)) / self.s)
+
+    def weight_input(self, A):
+        return self.X
+
+    def weight_error(self, Ea):
+        return self._jt(Ea)
+
+    def weight_terms(self, v, A):
+        return self.back_weight(v, self.X + self.R)
+
+    def back_weight(self, v, A):
+        return (v * A).sum(axis=self._shared).reshape(self.w["weight"].shape)
+
+    def back_bias(self, v):
+        return v.sum(axis=self._shared).reshape(self.w["bias"].shape)
+
+    def held(self, a):
+        return None
+
+    def contenders(self, Ea=None, dtype=None):
+        return None
+
+
+def magnitudes(layer, w: dict, a: np.ndarray, route=None) -> Magnitudes:
+    """The magnitude maps of one layer: ``NormMagnitudes`` for the normalizations, ``Magnitudes`` for the rest."""
+    cls = NormMagnitudes if layer.type in ("batch_norm", "layer_norm", "group_norm") else Magnitudes
+    return cls(layer, w, np.asarray(a), route)

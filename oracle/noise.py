@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from .rounding import ULPS, UNIT_ROUNDOFF
-from .twin import TWIN_LAYERS, activation_fn, layer_weights, loss_fn, routed_max_pool
+from .twin import TWIN_LAYERS, activation_fn, layer_weights, leaf_weights, loss_fn, routed_max_pool
 
 RUNS = 6      # ensemble size
 FACTOR = 10   # allowance = FACTOR × the largest deviation seen
@@ -72,7 +72,7 @@ def jittered_run(spec, params: dict, x: np.ndarray, y, ref, allow, u: float, rng
 
     Returns ``{name: array}`` keyed like the comparisons: loss, layers.{i}.delta/.weight/.bias, input.grad.
     """
-    weights = {name: torch.tensor(params[name], dtype=torch.float64, requires_grad=True) for name in spec.param_shapes()}
+    weights = leaf_weights(spec, params, torch.float64)
     xt = torch.tensor(x, dtype=torch.float64, requires_grad=True)
     a, zs, acts, ins = xt, [], [], []
     cu = EVAL * u
@@ -155,10 +155,10 @@ def jittered_run(spec, params: dict, x: np.ndarray, y, ref, allow, u: float, rng
         mag, target = mags[i], xt if i == 0 else acts[i - 1]
         if mag.k_in:
             target.register_hook(lambda g, i=i, mag=mag: rounded(
-                g, mag.back_input(stash[("delta", i)].abs().numpy()), mag.k_in))
+                g, mag.input_terms(stash[("delta", i)].abs().numpy()), mag.k_in))
         if f"layers.{i}.weight" in weights:
             weights[f"layers.{i}.weight"].register_hook(lambda g, i=i, mag=mag: rounded(
-                g, mag.back_weight(stash[("delta", i)].abs().numpy(), ins[i]), mag.k_w))
+                g, mag.weight_terms(stash[("delta", i)].abs().numpy(), ins[i]), mag.k_w))
         if f"layers.{i}.bias" in weights:
             weights[f"layers.{i}.bias"].register_hook(lambda g, i=i, mag=mag: rounded(
                 g, mag.back_bias(stash[("delta", i)].abs().numpy()), mag.k_w))
@@ -169,7 +169,7 @@ def jittered_run(spec, params: dict, x: np.ndarray, y, ref, allow, u: float, rng
     out = {"loss": np.array(float(loss.item())), "input.grad": xt.grad.numpy()}
     for i in range(L):
         out[f"layers.{i}.delta"] = zs[i].grad.numpy()
-    out.update({name: t.grad.numpy() for name, t in weights.items()})
+    out.update({name: weights[name].grad.numpy() for name in spec.param_shapes()})
     return out
 
 

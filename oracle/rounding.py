@@ -52,7 +52,7 @@ import torch
 
 from manual_bp import Spec
 
-from .magnitudes import Magnitudes
+from .magnitudes import magnitudes
 from .twin import activation_fn, layer_weights
 
 #: unit roundoff of each dtype: the largest relative error of one correctly rounded operation
@@ -266,7 +266,7 @@ def allowance(spec: Spec, params: dict, x: np.ndarray, y: np.ndarray, ref, dtype
     Ez, d1s, slopes, Egs, kink_masks, scales = [], [], [], [], [], []
     mags, ties = [], []
     for i, layer in enumerate(spec.layers):
-        mag = Magnitudes(layer, layer_weights(params, i), x if i == 0 else ref.acts[i - 1], (routes or {}).get(i))
+        mag = magnitudes(layer, layer_weights(params, i), x if i == 0 else ref.acts[i - 1], (routes or {}).get(i))
         mags.append(mag)
         ties.append(mag.contenders(Ea[i]))
         ez = mag.forward(Ea[i])
@@ -359,13 +359,14 @@ def allowance(spec: Spec, params: dict, x: np.ndarray, y: np.ndarray, ref, dtype
         edelta = edelta + ULPS * eta
         bounds[f"layers.{i}.delta"] = edelta
         if f"layers.{i}.weight" in params:
-            bounds[f"layers.{i}.weight"] = (mag.back_weight(edelta, A[i]) + mag.back_weight(ad, Ea[i])
-                                            + _gamma(kw, u) * mag.back_weight(ad, A[i]) + kw * eta)
+            bounds[f"layers.{i}.weight"] = (mag.back_weight(edelta, mag.weight_input(A[i]))
+                                            + mag.back_weight(ad, mag.weight_error(Ea[i]))
+                                            + _gamma(kw, u) * mag.weight_terms(ad, A[i]) + kw * eta)
         if f"layers.{i}.bias" in params:
             bounds[f"layers.{i}.bias"] = mag.back_bias(edelta) + _gamma(kw, u) * mag.back_bias(ad) + kw * eta
-        Eup = mag.back_input(edelta)
+        Eup = mag.back_input(edelta) + mag.back_drift(ad, Ea[i])
         if mag.k_in:
-            Eup = Eup + _gamma(mag.k_in, u) * mag.back_input(ad) + mag.k_in * eta
+            Eup = Eup + _gamma(mag.k_in, u) * mag.input_terms(ad) + mag.k_in * eta
         up = ref.upstream[i - 1] if i > 0 else ref.grad_input
     bounds["input.grad"] = Eup
     return Allowance(bounds, Ez, Ea[L], kink_masks, scales, mags, ties)

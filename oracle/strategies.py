@@ -32,7 +32,7 @@ from dataclasses import dataclass
 import numpy as np
 from hypothesis import strategies as st
 
-from manual_bp import ACTIVATIONS, LOSSES, Spec
+from manual_bp import ACTIVATIONS, LOSSES, Spec, SpecError
 
 REGIMES = ("well_conditioned", "saturated", "near_zero", "near_kinks", "exact_kinks")
 ELEMENTWISE = tuple(name for name, cls in ACTIVATIONS.items() if not cls.output_only)
@@ -320,6 +320,54 @@ def cnn_specs(
                      st.sampled_from(list(losses)).flatmap(tails.__getitem__))
 
 
+NORMS = ("batch_norm", "layer_norm", "group_norm", "dropout")
+DROP_P = (0.5, 0.0, 0.1, 0.9, 0.99)  # the first is where shrinking goes
+
+
+def with_norms(base: st.SearchStrategy | None = None, *, kinds=NORMS, min_inserts: int = 1, max_inserts: int = 3,
+               training=None, activations=("identity",) + ELEMENTWISE) -> st.SearchStrategy:
+    """Specs from ``base`` (default: dense ``specs()`` or ``cnn_specs()``, half each) with normalization and
+    dropout layers inserted: ``min_inserts``–``max_inserts`` layers of ``kinds``, each before a layer other than
+    the input (so after a dense or conv, a pool or another norm) or on the input itself, never after the
+    output layer (whose output must fit the loss).
+
+    Each inserted layer draws its fields: batch norm in training or eval mode (``training`` forces one),
+    affine or not; layer norm over the last axis or the whole example; group norm with a divisor of the
+    channels as its groups; dropout with p from ``DROP_P`` and a mask seed; and an activation after it
+    (``activations``, identity first). Shrinking drops insertions and moves to batch norm, p = 0.5,
+    identity, the first position.
+    """
+    base = st.one_of(specs(max_depth=4, max_width=12), cnn_specs(max_convs=2)) if base is None else base
+    act = st.one_of([_ACTIVATION[n] for n in activations])
+    mode = st.booleans() if training is None else st.just(training)
+    insert = st.tuples(st.integers(0, 15), st.sampled_from(list(kinds)), act, mode, st.booleans(),
+                       st.integers(0, 7), st.sampled_from(DROP_P), st.integers(0, 2**16))
+
+    def assemble(spec, inserts):
+        obj = spec.to_dict()
+        layers = list(obj["layers"])
+        if obj.get("format_version") == 1:  # a dense spec grows into format version 2 to hold the new types
+            obj = {**{k: v for k, v in obj.items() if k != "input_size"}, "format_version": 2,
+                   "input": {"shape": [obj["input_size"]]}}
+        for pos, kind, a, train, affine, pick, p, seed in inserts:
+            at = pos % len(layers)  # before layer `at`: never after the last one
+            shape = Spec.from_dict({**obj, "layers": layers}).in_shape(at)
+            layer = {"type": kind, "activation": a}
+            if kind == "batch_norm":
+                layer.update(training=train, affine=affine)
+            elif kind == "layer_norm":
+                layer.update(normalized_shape=list(shape[-1:] if pick % 2 == 0 else shape), elementwise_affine=affine)
+            elif kind == "group_norm":
+                groups = _divisors(shape[0])
+                layer.update(num_groups=groups[pick % len(groups)], affine=affine)
+            else:
+                layer.update(p=p, seed=seed, training=train or pick == 0)
+            layers.insert(at, layer)
+        return Spec.from_dict({**obj, "layers": layers})
+
+    return st.builds(assemble, base, st.lists(insert, min_size=min_inserts, max_size=max_inserts))
+
+
 def _out_sides(layers: list, spatial: list) -> list:
     """The spatial sizes after ``layers`` (already fitted to ``spatial``)."""
     out = []
@@ -376,7 +424,7 @@ def draw_params(spec: Spec, rng: np.random.Generator, regime: str, dtype="float6
         shape = shapes.get(f"layers.{i}.weight")
         if shape is None:
             continue
-        n_out, fan_in = shape[0], math.prod(shape[1:])
+        n_out, fan_in = shapes.get(f"layers.{i}.bias", shape[:1]), math.prod(shape[1:])
         if regime == "well_conditioned":
             k = 1 / np.sqrt(fan_in)
             w, b = rng.uniform(-k, k, shape), rng.uniform(-k, k, n_out)
@@ -392,8 +440,14 @@ def draw_params(spec: Spec, rng: np.random.Generator, regime: str, dtype="float6
         else:
             raise ValueError(f"unknown regime {regime!r}; choose one of {REGIMES}")
         params[f"layers.{i}.weight"] = w.astype(dtype)
-        if layer.bias:
+        if f"layers.{i}.bias" in shapes:
             params[f"layers.{i}.bias"] = b.astype(dtype)
+    for name, shape in spec.buffer_shapes().items():  # running statistics: on the regime's grid where it has one
+        if name.endswith("running_var"):
+            v = rng.integers(1, 5, shape) / 2 if regime in ("near_kinks", "exact_kinks") else rng.uniform(0.25, 4, shape)
+        else:
+            v = rng.integers(-2, 3, shape) / 2 if regime in ("near_kinks", "exact_kinks") else rng.normal(0, 1, shape)
+        params[name] = v.astype(dtype)
     return params
 
 
@@ -464,6 +518,10 @@ def cases(draw, *, specs_strategy=None, regimes=REGIMES, dtypes=("float64", "flo
     regime = draw(st.sampled_from(list(regimes)))
     dtype = draw(st.sampled_from(list(dtypes)))
     batch = draw(st.integers(1, max_batch))
+    try:
+        spec.check_batch(batch)
+    except SpecError:  # batch norm in training mode needs two values per channel
+        batch = 2
     seed = draw(st.integers(0, 2**32 - 1))
     rng = np.random.default_rng(seed)
     params = draw_params(spec, rng, regime, dtype)

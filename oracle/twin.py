@@ -25,7 +25,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from manual_bp import Spec
+from manual_bp import Spec, keep_mask
 
 
 def activation_fn(act):
@@ -95,7 +95,25 @@ TWIN_LAYERS = {
     "avg_pool1d": lambda l, w, a: F.avg_pool1d(a, l.kernel_size, l.stride, l.padding, count_include_pad=l.count_include_pad),
     "avg_pool2d": lambda l, w, a: F.avg_pool2d(a, l.kernel_size, l.stride, l.padding, count_include_pad=l.count_include_pad),
     "flatten": lambda l, w, a: a.flatten(1),
+    # training mode updates the running statistics in place: the twin's are copies (``twin_buffers``)
+    "batch_norm": lambda l, w, a: F.batch_norm(a, w.get("running_mean"), w.get("running_var"), w.get("weight"),
+                                               w.get("bias"), l.training, l.momentum, l.eps),
+    "layer_norm": lambda l, w, a: F.layer_norm(a, _normalized_shape(l, a), w.get("weight"), w.get("bias"), l.eps),
+    "group_norm": lambda l, w, a: F.group_norm(a, l.num_groups, w.get("weight"), w.get("bias"), l.eps),
+    "dropout": lambda l, w, a: a * _dropout_scale(l, a) if l.training else a,
 }
+
+
+def _normalized_shape(layer, a: torch.Tensor) -> tuple[int, ...]:
+    """A layer norm's normalized_shape: as given, or a's last axis."""
+    return tuple(a.shape[-1:]) if layer.normalized_shape is None else tuple(layer.normalized_shape)
+
+
+def _dropout_scale(layer, a: torch.Tensor) -> torch.Tensor:
+    """M/(1 − p): the case's mask (``manual_bp.keep_mask``, data shared by both sides, like x) scaled as
+    ``F.dropout`` scales the elements it keeps."""
+    mask = torch.from_numpy(keep_mask(layer.seed, layer.p, tuple(a.shape)))
+    return mask.to(a.dtype) / (1.0 - layer.p)
 
 
 def pool_windows(layer, t: torch.Tensor, fill: float) -> torch.Tensor:
@@ -184,7 +202,24 @@ TWIN_MODULES = {
     "avg_pool2d": lambda l, shape, dt: torch.nn.AvgPool2d(l.kernel_size, l.stride, l.padding,
                                                           count_include_pad=l.count_include_pad),
     "flatten": lambda l, shape, dt: torch.nn.Flatten(1),
+    "batch_norm": lambda l, shape, dt: (torch.nn.BatchNorm2d if len(shape) == 3 else torch.nn.BatchNorm1d)(
+        shape[0], l.eps, l.momentum, l.affine, dtype=dt).train(l.training),
+    "layer_norm": lambda l, shape, dt: torch.nn.LayerNorm(shape[-1:] if l.normalized_shape is None else l.normalized_shape,
+                                                          l.eps, l.affine, dtype=dt),
+    "group_norm": lambda l, shape, dt: torch.nn.GroupNorm(l.num_groups, shape[0], l.eps, l.affine, dtype=dt),
+    "dropout": lambda l, shape, dt: _MaskedDropout(l),
 }
+
+
+class _MaskedDropout(torch.nn.Module):
+    """``nn.Dropout`` whose mask is the case's (``keep_mask``), so that the module twin drops what the manual side drops."""
+
+    def __init__(self, layer):
+        super().__init__()
+        self.layer = layer
+
+    def forward(self, a):
+        return TWIN_LAYERS["dropout"](self.layer, {}, a)
 
 
 class Twin(torch.nn.Module):
@@ -204,8 +239,13 @@ class Twin(torch.nn.Module):
 
     def load_params(self, params: dict) -> "Twin":
         """Load NumPy params keyed ``layers.{i}.weight``/``.bias`` (``load_state_dict``, strict)."""
-        self.load_state_dict({k: torch.as_tensor(np.asarray(v), dtype=next(self.parameters()).dtype)
-                              for k, v in params.items()}, strict=True)
+        state = self.state_dict()  # batch norm's num_batches_tracked is torch's own bookkeeping, kept as built
+        missing = sorted(set(self.spec.state_shapes()) - set(params))
+        unexpected = sorted(set(params) - set(state))
+        if missing or unexpected:
+            raise RuntimeError(f"Twin.load_params: missing keys {missing}, unexpected keys {unexpected}")
+        state.update({k: torch.as_tensor(np.asarray(v), dtype=state[k].dtype) for k, v in params.items()})
+        self.load_state_dict(state, strict=True)
         return self
 
     def forward(self, x):
@@ -235,6 +275,7 @@ class Reference:
     upstream: tuple      # ∂C/∂a_{i+1} for each layer i: what the backward step through g_i receives
     output: np.ndarray
     exact_kinks: int     # how many elements lie exactly on a kink (activations and the l1 loss)
+    buffers: dict = None  # the running statistics after the forward (layers.{i}.running_mean, ...)
 
 
 def run_twin(spec: Spec, params: dict, x: np.ndarray, y: np.ndarray, dtype, adopt=None, routes=None) -> Reference:
@@ -247,7 +288,7 @@ def run_twin(spec: Spec, params: dict, x: np.ndarray, y: np.ndarray, dtype, adop
     ``routes`` (see ``twin_forward``) its choice among a max pool's tied elements.
     """
     tdt = {np.dtype(np.float32): torch.float32, np.dtype(np.float64): torch.float64}[np.dtype(dtype)]
-    weights = {name: torch.tensor(params[name], dtype=tdt, requires_grad=True) for name in spec.param_shapes()}
+    weights = leaf_weights(spec, params, tdt)
     xt = torch.tensor(x, dtype=tdt, requires_grad=True)
     yt = torch.from_numpy(np.asarray(y)) if spec.loss.targets == "classes" else torch.tensor(y, dtype=tdt)
     out, zs, acts = twin_forward(spec, weights, xt, routes)
@@ -263,7 +304,7 @@ def run_twin(spec: Spec, params: dict, x: np.ndarray, y: np.ndarray, dtype, adop
     kinks = int(sum(m.sum() for m in masks) + (0 if loss_mask is None else loss_mask.sum()))
     return Reference(
         loss=float(loss.item()),
-        grads={name: t.grad.numpy() for name, t in weights.items()},
+        grads={name: weights[name].grad.numpy() for name in spec.param_shapes()},
         deltas={f"layers.{i}": z.grad.numpy() for i, z in enumerate(zs)},
         grad_input=xt.grad.numpy(),
         z=tuple(z.detach().numpy() for z in zs),
@@ -271,7 +312,16 @@ def run_twin(spec: Spec, params: dict, x: np.ndarray, y: np.ndarray, dtype, adop
         upstream=tuple(a.grad.numpy() for a in acts),
         output=out.detach().numpy(),
         exact_kinks=kinks,
+        buffers={name: weights[name].detach().numpy() for name in spec.buffer_shapes()},
     )
+
+
+def leaf_weights(spec: Spec, params: dict, tdt) -> dict:
+    """Copies of the case's parameters as leaf tensors that collect gradients, and of its buffers (running
+    statistics, which a batch norm in training mode updates in place) as plain tensors."""
+    weights = {name: torch.tensor(params[name], dtype=tdt, requires_grad=True) for name in spec.param_shapes()}
+    weights.update({name: torch.tensor(params[name], dtype=tdt) for name in spec.buffer_shapes()})
+    return weights
 
 
 def _install_adoption(zs, acts, adopt):

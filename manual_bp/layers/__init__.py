@@ -7,6 +7,8 @@ parts of a new layer type go (this package, ``oracle/twin.py``, ``oracle/strateg
 * ``conv``: :class:`Conv1d`, :class:`Conv2d`;
 * ``pool``: :class:`MaxPool1d`, :class:`MaxPool2d`, :class:`AvgPool1d`, :class:`AvgPool2d`;
 * ``reshape``: :class:`Flatten`;
+* ``norm``: :class:`BatchNorm`, :class:`LayerNorm`, :class:`GroupNorm`;
+* ``dropout``: :class:`Dropout` (its mask: :func:`keep_mask`);
 * ``windows``: the padding / sliding-window index maps conv and pooling share.
 
 Each layer type registers itself in ``LAYER_TYPES`` under its spec ``"type"``; old specs keep working.
@@ -17,13 +19,17 @@ from .conv import Conv1d, Conv2d
 from .dense import Dense
 from .pool import AvgPool1d, AvgPool2d, MaxPool1d, MaxPool2d
 from .reshape import Flatten
+from .norm import BatchNorm, GroupNorm, LayerNorm
+from .dropout import Dropout, keep_mask
 
 #: spec "type" -> layer class. Format version 1 specs hold dense layers only (a vector input);
 #: version 2 gives the input's shape, so any of these can follow it.
 LAYER_TYPES: dict[str, type] = {cls.type: cls for cls in (Dense, Conv1d, Conv2d, MaxPool1d, MaxPool2d,
-                                                          AvgPool1d, AvgPool2d, Flatten)}
+                                                          AvgPool1d, AvgPool2d, Flatten, BatchNorm, LayerNorm,
+                                                          GroupNorm, Dropout)}
 
 __all__ = [
     "MAX_SIZE", "parse_named", "positive_int", "reject_unknown", "LAYER_TYPES",
     "Dense", "Conv1d", "Conv2d", "MaxPool1d", "MaxPool2d", "AvgPool1d", "AvgPool2d", "Flatten",
+    "BatchNorm", "LayerNorm", "GroupNorm", "Dropout", "keep_mask",
 ]

@@ -31,8 +31,10 @@ Adding a layer type means four parts, one on each side plus its tests of the ora
 
 from __future__ import annotations
 
+import math
 from typing import Any, Sequence
 
+from ..activations import Activation, make_activation
 from ..errors import SpecError
 from ..named import count, show, show_key
 
@@ -146,3 +148,22 @@ def check_nonempty(kind: str, in_shape: tuple[int, ...], out_shape: tuple[int, .
     if min(out_shape) < 1:
         raise SpecError(where, f"{kind} maps {shape_text(in_shape)} to {shape_text(out_shape)}, an empty output", fix)
     return out_shape
+
+
+def number(value: Any, field: str, low: float, high: float, *, open_low: bool = False, open_high: bool = False,
+           hint: str = "") -> float:
+    """A finite JSON number in [low, high] (either end open on request), e.g. eps > 0 or p in [0, 1)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise SpecError(field, f"{show(value)} is not a finite number", hint or "give a number")
+    value = float(value)
+    if value < low or value > high or (open_low and value == low) or (open_high and value == high):
+        span = f"{'(' if open_low else '['}{low:g}, {high:g}{')' if open_high else ']'}"
+        raise SpecError(field, f"{value:g} is outside {span}", hint or f"give a number in {span}")
+    return value
+
+
+def optional_activation(obj: dict, where: str) -> Activation:
+    """The optional ``activation`` of a layer that is usually followed by none (norm, dropout): identity."""
+    if "activation" not in obj:
+        return make_activation("identity")
+    return parse_named(obj["activation"], at(where, "activation"), make_activation)
