@@ -32,10 +32,11 @@ from hypothesis import strategies as st
 import manual_bp as bp
 from manual_bp.activations import GELUTanh
 from manual_bp.data import check_y
+from manual_bp.layers.norm import normalize_backward
 from manual_bp.layers.windows import col2im, pad, unpad, windows
 
 from .checker import check
-from .strategies import REGIMES, VALUE_LOSSES, cnn_specs, draw_data, draw_params, specs
+from .strategies import REGIMES, VALUE_LOSSES, cnn_specs, draw_data, draw_params, specs, with_norms
 
 
 @dataclass(frozen=True)
@@ -255,6 +256,7 @@ def _shows(spec, i, layer, mistake, tensor: str, ties: bool) -> bool:
     rng = np.random.default_rng(0)
     a = (rng.integers(0, 2, (4, *spec.in_shape(i))) if ties else rng.standard_normal((4, *spec.in_shape(i)))).astype(float)
     p = {k: rng.standard_normal(s) for k, s in layer.param_shapes(spec.in_shape(i)).items()}
+    p.update({k: rng.uniform(0.5, 2.0, s) for k, s in getattr(layer, "buffer_shapes", lambda _: {})(spec.in_shape(i)).items()})
     delta = rng.standard_normal((4, *spec.out_shape(i)))
     right, wrong = layer.backward(p, a, delta), mistake(layer, p, a, delta)
     got, want = (wrong[1], right[1]) if tensor == "delta" else (wrong[0].get(tensor), right[0].get(tensor))
@@ -265,6 +267,11 @@ def _first_shown(types, mistake, tensor: str, ties: bool):
     """corrupts() of a conv/pool mistake: walking back, the first tensor it changes. A mistake in ∂C/∂a of
     layer i shows first in the δ of layer i − 1 (so only for i ≥ 1); one in a parameter gradient, there."""
     lowest = 1 if tensor == "delta" else 0
+    if tensor == "any":  # a mistake in several tensors of a layer: its parameter gradients, else the δ below
+        params, below = _first_shown(types, mistake, "weight", ties), _first_shown(types, mistake, "delta", ties)
+        bias = _first_shown(types, mistake, "bias", ties)
+        return lambda spec, cache: max((r for r in (params(spec, cache), bias(spec, cache), below(spec, cache))
+                                        if r[0] is not None), default=(None, "delta"), key=lambda r: r[0])
 
     def corrupts(spec, cache):
         shown = [i for i, l in enumerate(spec.layers)
@@ -282,6 +289,70 @@ def _cnn_mutant(name, mistake_text, types, mistake, strategy, *, tensor="delta",
 
 
 TIE_REGIMES = ("near_kinks", "exact_kinks")
+
+
+# -- helpers of the normalization and dropout mutants -----------------------------------------------------
+def _norm_input_grad(formula):
+    """A norm's ∂C/∂a by a wrong ``formula(layer, a, g, xhat, s) -> grad_a`` (g = γ ⊙ δ), in training mode;
+    the parameter gradients stay right."""
+    def wrong(layer, p, a, delta):
+        if not getattr(layer, "training", True):
+            return layer.backward(p, a, delta)[1]
+        xhat, s = layer.statistics(p, a)
+        g = delta * p["weight"].reshape(layer._affine_shape(a)) if layer.affine else delta
+        return formula(layer, a, g, xhat, s)
+    return _input_grad(wrong)
+
+
+def _over_sets(layer, a, fn, *arrays):
+    """``fn(*arrays viewed set by set, axes)`` laid back out in a's shape."""
+    v, axes = layer._sets(a)
+    return fn(*(t.reshape(v.shape) for t in arrays), axes).reshape(a.shape)
+
+
+def _mean_path_dropped(layer, a, g, xhat, s):
+    return _over_sets(layer, a, lambda g, x, s, ax: (g - x * (g * x).mean(axis=ax, keepdims=True)) / s, g, xhat, s)
+
+
+def _variance_path_dropped(layer, a, g, xhat, s):
+    return _over_sets(layer, a, lambda g, x, s, ax: (g - g.mean(axis=ax, keepdims=True)) / s, g, xhat, s)
+
+
+def _bessel_in_backward(layer, a, g, xhat, s):
+    """The backward recomputes x̂ and s with the unbiased variance σ² N/(N − 1); the forward used σ²."""
+    v, axes = layer._sets(a)
+    n = v.size // np.mean(v, axis=axes, keepdims=True).size
+    d = v - v.mean(axis=axes, keepdims=True)
+    s_b = np.sqrt((d * d).sum(axis=axes, keepdims=True) / (n - 1) + layer.eps)
+    return normalize_backward(g.reshape(v.shape), d / s_b, np.broadcast_to(s_b, v.shape), axes).reshape(a.shape)
+
+
+def _running_stats_in_training(layer, p, a, delta):
+    """The eval-mode backward in training mode: x̂ and s from the running statistics."""
+    return replace(layer, training=False).backward(p, a, delta)
+
+
+def _layer_norm_over_batch(layer, a, g, xhat, s):
+    return normalize_backward(g, xhat, s, (0,))
+
+
+def _one_group(layer, a, g, xhat, s):
+    """Group norm's backward with the means taken over the whole example (all channels), as if G = 1."""
+    flat = lambda t: t.reshape(a.shape[0], -1)  # noqa: E731
+    return normalize_backward(flat(g), flat(xhat), flat(s), (1,)).reshape(a.shape)
+
+
+def _dropout_grad(scaled: bool):
+    """Dropout's ∂C/∂a with the mask forgotten (δ passes unchanged) or with its 1/(1 − p) scale forgotten."""
+    def wrong(layer, p, a, delta):
+        mask = layer.scaled_mask(a)
+        if mask is None:
+            return delta.copy()
+        return delta * mask * (1 - layer.p) if scaled else delta.copy()
+    return _input_grad(wrong)
+
+
+NORM_TYPES = ("batch_norm", "layer_norm", "group_norm")
 
 
 SQUARE = dict(square=True, max_width=8)
@@ -433,6 +504,34 @@ CATALOGUE = [
                 "where the forward flattened (m, C, H, W)",
                 ("flatten",), _input_grad(_channels_last),
                 cnn_specs(in_channels=(2, 3), channels=(2, 4), kernel=(1, 3), stride=(1, 1), dilation=(1, 1), pools=(None,), min_side=4)),
+    # -- normalization and dropout: the training-mode backwards people get wrong --------------------------
+    _cnn_mutant("batch_norm_mean_path_dropped", "batch norm's ∂C/∂a without the terms through the mean: "
+                "(g − x̂ mean(g x̂))/s, the − mean g forgotten",
+                ("batch_norm",), _norm_input_grad(_mean_path_dropped), with_norms(kinds=("batch_norm",), training=True)),
+    _cnn_mutant("batch_norm_variance_path_dropped", "batch norm's ∂C/∂a without the terms through the variance: "
+                "(g − mean g)/s, the − x̂ mean(g x̂) forgotten",
+                ("batch_norm",), _norm_input_grad(_variance_path_dropped), with_norms(kinds=("batch_norm",), training=True)),
+    _cnn_mutant("batch_norm_bessel_in_backward_only", "batch norm's backward recomputes x̂ and s with the unbiased "
+                "variance σ² N/(N − 1) while the forward normalized with the biased σ²",
+                ("batch_norm",), _norm_input_grad(_bessel_in_backward), with_norms(kinds=("batch_norm",), training=True)),
+    _cnn_mutant("batch_norm_running_stats_in_training", "batch norm's backward in training mode uses the running "
+                "statistics (the eval-mode backward: γδ/√(r_σ² + ε), ∂C/∂γ from the running x̂)",
+                ("batch_norm",), _running_stats_in_training, with_norms(kinds=("batch_norm",), training=True),
+                tensor="any"),
+    _cnn_mutant("layer_norm_backward_over_batch_axis", "layer norm's backward takes its means over the batch axis "
+                "instead of the normalized features",
+                ("layer_norm",), _norm_input_grad(_layer_norm_over_batch), with_norms(kinds=("layer_norm",))),
+    _cnn_mutant("group_norm_backward_as_one_group", "group norm's backward takes its means over every channel of "
+                "the example (as if one group) while the forward normalized each group",
+                ("group_norm",), _norm_input_grad(_one_group),
+                with_norms(cnn_specs(max_convs=2, channels=(2, 4)), kinds=("group_norm",))),
+    _cnn_mutant("norm_weight_grad_without_xhat", "∂C/∂γ = Σ δ, the x̂ factor forgotten (γ's gradient made β's)",
+                NORM_TYPES, _param_grad("weight", lambda l, p, a, d, g: d.sum(axis=l._shared(a)).reshape(g.shape)),
+                with_norms(kinds=NORM_TYPES), tensor="weight"),
+    _cnn_mutant("dropout_mask_forgotten_in_backward", "dropout's mask applied in the forward but not the backward: "
+                "∂C/∂a = δ", ("dropout",), _dropout_grad(scaled=False), with_norms(kinds=("dropout",), training=True)),
+    _cnn_mutant("dropout_scale_forgotten_in_backward", "dropout's backward applies the mask without its 1/(1 − p): "
+                "∂C/∂a = δ ⊙ M", ("dropout",), _dropout_grad(scaled=True), with_norms(kinds=("dropout",), training=True)),
 ]
 
 #: Valid conventions of conv/pool layers, run like the kink mutant (the oracle must call them ``kink``,

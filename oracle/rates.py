@@ -52,7 +52,7 @@ from manual_bp import Spec, SpecError
 from .checker import CandidateError, check
 from .compare import TOLERANCES, gradient_scale
 from .mutants import CATALOGUE, CORRECT, Mutant
-from .strategies import cases, cnn_specs, draw_data, draw_params, specs
+from .strategies import cases, cnn_specs, draw_data, draw_params, fit_batch, specs
 
 RATE_REGIMES = ("well_conditioned", "saturated", "near_zero", "near_kinks", "exact_kinks")
 DTYPES = ("float64", "float32")
@@ -88,7 +88,7 @@ def draw_specs(strategy: st.SearchStrategy, n: int, seed: int) -> list:
     """(spec, batch, data_seed) for ``n`` cases: specs by Hypothesis, batch and data seed by NumPy."""
     drawn = _hypothesis_draws(strategy, n, seed)
     rng = np.random.default_rng(seed)
-    return [(spec, int(rng.integers(1, MAX_BATCH + 1)), int(rng.integers(0, 2**32))) for spec in drawn]
+    return [(spec, fit_batch(spec, int(rng.integers(1, MAX_BATCH + 1))), int(rng.integers(0, 2**32))) for spec in drawn]
 
 
 def build_case(spec: Spec, regime: str, dtype: str, batch: int, data_seed: int):

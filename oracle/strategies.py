@@ -335,7 +335,7 @@ def with_norms(base: st.SearchStrategy | None = None, *, kinds=NORMS, min_insert
     affine or not; layer norm over the last axis or the whole example; group norm with a divisor of the
     channels as its groups; dropout with p from ``DROP_P`` and a mask seed; and an activation after it
     (``activations``, identity first). Shrinking drops insertions and moves to batch norm, p = 0.5,
-    identity, the first position.
+    identity, the position after the first layer.
     """
     base = st.one_of(specs(max_depth=4, max_width=12), cnn_specs(max_convs=2)) if base is None else base
     act = st.one_of([_ACTIVATION[n] for n in activations])
@@ -350,7 +350,7 @@ def with_norms(base: st.SearchStrategy | None = None, *, kinds=NORMS, min_insert
             obj = {**{k: v for k, v in obj.items() if k != "input_size"}, "format_version": 2,
                    "input": {"shape": [obj["input_size"]]}}
         for pos, kind, a, train, affine, pick, p, seed in inserts:
-            at = pos % len(layers)  # before layer `at`: never after the last one
+            at = (pos % len(layers) + 1) % len(layers)  # before layer `at` (after layer 0 first; 0: on the input)
             shape = Spec.from_dict({**obj, "layers": layers}).in_shape(at)
             layer = {"type": kind, "activation": a}
             if kind == "batch_norm":
@@ -505,6 +505,15 @@ class Case:
         return f"Case({self.spec.describe()}, batch={self.x.shape[0]}, {self.dtype}, {self.regime}, seed={self.seed})"
 
 
+def fit_batch(spec: Spec, batch: int) -> int:
+    """``batch``, or 2 where the spec cannot take it (batch norm in training mode with one value per channel)."""
+    try:
+        spec.check_batch(batch)
+    except SpecError:
+        return 2
+    return batch
+
+
 @st.composite
 def cases(draw, *, specs_strategy=None, regimes=REGIMES, dtypes=("float64", "float32"), max_batch: int = 8) -> Case:
     """A full check case.
@@ -517,11 +526,7 @@ def cases(draw, *, specs_strategy=None, regimes=REGIMES, dtypes=("float64", "flo
     spec = draw(specs_strategy if specs_strategy is not None else specs())
     regime = draw(st.sampled_from(list(regimes)))
     dtype = draw(st.sampled_from(list(dtypes)))
-    batch = draw(st.integers(1, max_batch))
-    try:
-        spec.check_batch(batch)
-    except SpecError:  # batch norm in training mode needs two values per channel
-        batch = 2
+    batch = fit_batch(spec, draw(st.integers(1, max_batch)))
     seed = draw(st.integers(0, 2**32 - 1))
     rng = np.random.default_rng(seed)
     params = draw_params(spec, rng, regime, dtype)

@@ -1,0 +1,207 @@
+"""Batch, layer and group norm and dropout: manual_bp against torch.nn.functional written out here
+(independent of both manual_bp and the oracle's twin), the spec rules, and the oracle on random
+networks that mix them with everything else."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+
+import manual_bp as bp
+import oracle
+from manual_bp import SpecError
+from oracle.strategies import cases, with_norms
+
+ACT = {"identity": lambda t: t, "relu": F.relu, "tanh": torch.tanh}
+
+
+def spec_of(layers, shape, loss="mse"):
+    return bp.Spec.from_dict({"format_version": 2, "input": {"shape": list(shape)}, "layers": layers, "loss": loss})
+
+
+def torch_reference(spec, params, x, y):
+    """loss, grads, ∂C/∂x and the running statistics after the forward, by torch.nn.functional."""
+    P = {k: torch.tensor(v, requires_grad=k in spec.param_shapes()) for k, v in params.items()}
+    P = {k: (v if v.requires_grad else v.clone()) for k, v in P.items()}
+    xt = torch.tensor(x, requires_grad=True)
+    a = xt
+    for i, l in enumerate(spec.layers):
+        w = lambda n: P.get(f"layers.{i}.{n}")  # noqa: E731
+        if l.type == "dense":
+            a = F.linear(a, w("weight"), w("bias"))
+        elif l.type == "conv2d":
+            a = F.conv2d(a, w("weight"), w("bias"))
+        elif l.type == "flatten":
+            a = a.flatten(1)
+        elif l.type == "batch_norm":
+            a = F.batch_norm(a, w("running_mean"), w("running_var"), w("weight"), w("bias"), l.training, l.momentum, l.eps)
+        elif l.type == "layer_norm":
+            shape = tuple(a.shape[-1:]) if l.normalized_shape is None else tuple(l.normalized_shape)
+            a = F.layer_norm(a, shape, w("weight"), w("bias"), l.eps)
+        elif l.type == "group_norm":
+            a = F.group_norm(a, l.num_groups, w("weight"), w("bias"), l.eps)
+        elif l.type == "dropout":
+            if l.training:
+                keep = torch.from_numpy(np.random.default_rng(l.seed).random(tuple(a.shape)) >= l.p)
+                a = a * keep / (1 - l.p)
+        a = ACT[l.activation.name](a)
+    loss = F.mse_loss(a, torch.tensor(y))
+    loss.backward()
+    grads = {k: P[k].grad.numpy() for k in spec.param_shapes()}
+    buffers = {k: P[k].numpy() for k in spec.buffer_shapes()}
+    return loss.item(), grads, xt.grad.numpy(), buffers
+
+
+NETS = {
+    "bn1d-train": ([{"type": "dense", "units": 5, "activation": "identity"}, {"type": "batch_norm", "activation": "relu"},
+                    {"type": "dense", "units": 2, "activation": "identity"}], (3,)),
+    "bn1d-eval-no-affine": ([{"type": "batch_norm", "training": False, "affine": False, "activation": "tanh"},
+                             {"type": "dense", "units": 2, "activation": "identity"}], (4,)),
+    "bn-on-(C,L)": ([{"type": "batch_norm", "momentum": 0.3, "eps": 1e-3}, {"type": "flatten"},
+                     {"type": "dense", "units": 2, "activation": "identity"}], (3, 5)),
+    "conv-bn2d-gn-ln": ([{"type": "conv2d", "out_channels": 4, "kernel_size": 3, "activation": "identity"},
+                         {"type": "batch_norm"}, {"type": "group_norm", "num_groups": 2, "activation": "tanh"},
+                         {"type": "layer_norm", "normalized_shape": [4, 4, 4]}, {"type": "flatten"},
+                         {"type": "dropout", "p": 0.3, "seed": 5}, {"type": "dense", "units": 2, "activation": "identity"}],
+                        (2, 6, 6)),
+    "ln-last-axis-no-affine": ([{"type": "layer_norm", "elementwise_affine": False}, {"type": "dropout", "p": 0.9, "seed": 1},
+                                {"type": "dense", "units": 3, "activation": "identity"}], (6,)),
+    "gn-instance-norm": ([{"type": "group_norm", "num_groups": 3, "affine": True}, {"type": "flatten"},
+                          {"type": "dropout", "p": 0.0}, {"type": "dense", "units": 2, "activation": "identity"}], (3, 4)),
+    "dropout-eval": ([{"type": "dropout", "p": 0.5, "training": False}, {"type": "dense", "units": 2, "activation": "identity"}], (4,)),
+}
+
+
+@pytest.mark.parametrize("name", NETS)
+@pytest.mark.parametrize("batch", [2, 3, 7])
+def test_manual_backprop_matches_torch_functional(name, batch):
+    spec = spec_of(*NETS[name])
+    params, x, y = bp.random_case(spec, batch, batch=batch)
+    ours = bp.gradients(spec, params, x, y)
+    loss, grads, dx, buffers = torch_reference(spec, params, x, y)
+    assert float(ours.loss) == pytest.approx(loss, rel=1e-12)
+    for k, g in grads.items():
+        np.testing.assert_allclose(ours.grads[k], g, rtol=1e-9, atol=1e-12, err_msg=k)
+    np.testing.assert_allclose(ours.grad_input, dx, rtol=1e-9, atol=1e-12)
+    assert set(ours.buffers) == set(buffers)
+    for k, v in buffers.items():  # torch updates them in place in training mode (unbiased variance there)
+        np.testing.assert_allclose(ours.buffers[k], v, rtol=1e-12, atol=1e-15, err_msg=k)
+
+
+def test_batch_norm_input_gradient_is_orthogonal_to_one_and_to_xhat():
+    """A closed form, independent of torch: x̂ is invariant to shifting and scaling a set, so ∂C/∂a sums to 0
+    over each set and is orthogonal to x̂ there (for γ = 1, any upstream δ, and ε → 0: ε shrinks x̂'s spread)."""
+    layer = bp.LAYER_TYPES["batch_norm"](affine=False, eps=1e-14)
+    rng = np.random.default_rng(0)
+    a, delta = rng.normal(3, 2, (5, 3, 4)), rng.normal(size=(5, 3, 4))
+    _, grad = layer.backward({}, a, delta)
+    xhat, _ = layer.statistics({}, a)
+    np.testing.assert_allclose(grad.sum(axis=(0, 2)), 0, atol=1e-12)
+    np.testing.assert_allclose((grad * xhat).sum(axis=(0, 2)), 0, atol=1e-12)
+    np.testing.assert_allclose(xhat.mean(axis=(0, 2)), 0, atol=1e-12)
+
+
+def test_keep_mask_is_reproducible_and_keeps_one_minus_p():
+    m1, m2 = bp.keep_mask(7, 0.3, (200, 50)), bp.keep_mask(7, 0.3, (200, 50))
+    np.testing.assert_array_equal(m1, m2)
+    assert abs(m1.mean() - 0.7) < 0.02 and bp.keep_mask(7, 0.0, (3, 3)).all()
+    assert not np.array_equal(m1, bp.keep_mask(8, 0.3, (200, 50)))
+
+
+@pytest.mark.parametrize("layer, match", [
+    ({"type": "dropout", "p": 1}, r"layers\[0\]\.p: 1 is outside \[0, 1\)"),
+    ({"type": "dropout", "p": -0.1}, r"layers\[0\]\.p"),
+    ({"type": "dropout", "p": "0.5"}, r"layers\[0\]\.p: '0\.5' is not a finite number"),
+    ({"type": "batch_norm", "eps": 0}, r"layers\[0\]\.eps"),
+    ({"type": "batch_norm", "momentum": 2}, r"layers\[0\]\.momentum"),
+    ({"type": "batch_norm", "training": "yes"}, r"layers\[0\]\.training"),
+    ({"type": "batch_norm", "track": True}, r"layers\[0\]\.track: unknown field"),
+    ({"type": "group_norm"}, r"layers\[0\]\.num_groups: missing"),
+    ({"type": "group_norm", "num_groups": 4}, r"layers\.0\.num_groups: 4 groups do not divide 6 channels"),
+    ({"type": "layer_norm", "normalized_shape": [5]}, r"layers\.0\.normalized_shape: \[5\] is not the trailing sizes"),
+    ({"type": "layer_norm", "normalized_shape": [6, 0]}, r"normalized_shape\[1\]"),
+    ({"type": "batch_norm", "activation": "nope"}, r"layers\[0\]\.activation"),
+])
+def test_bad_norm_and_dropout_fields_are_refused_naming_the_field(layer, match):
+    with pytest.raises(SpecError, match=match):
+        spec_of([layer, {"type": "flatten"}], (6, 2))
+
+
+def test_batch_norm_in_training_mode_refuses_one_value_per_channel_as_torch_does():
+    spec = spec_of(NETS["bn1d-train"][0], (3,))
+    params, x, y = bp.random_case(spec, 0, batch=1)
+    with pytest.raises(SpecError, match=r"x: layers\.1: batch_norm in training mode sees 1 value per channel"):
+        bp.gradients(spec, params, x, y)
+    with pytest.raises(ValueError, match="more than 1 value per channel"):  # torch refuses the same case
+        torch_reference(spec, params, x, y)
+    evaluating = spec_of([{"type": "batch_norm", "training": False}, {"type": "dense", "units": 2, "activation": "identity"}], (3,))
+    bp.gradients(evaluating, *bp.random_case(evaluating, 0, batch=1))  # eval mode takes a batch of 1
+    conv = spec_of([{"type": "batch_norm"}, {"type": "flatten"}], (2, 3))
+    bp.gradients(conv, *bp.random_case(conv, 0, batch=1))  # (C, L): L values per channel
+
+
+def test_a_negative_running_variance_is_refused():
+    spec = spec_of(NETS["bn1d-eval-no-affine"][0], (4,))
+    params, x, y = bp.random_case(spec, 0, batch=2)
+    params["layers.0.running_var"][1] = -1.0
+    with pytest.raises(SpecError, match=r"params\['layers\.0\.running_var'\]: holds a negative variance"):
+        bp.gradients(spec, params, x, y)
+    del params["layers.0.running_var"]
+    with pytest.raises(SpecError, match=r"params\['layers\.0\.running_var'\]: missing"):
+        bp.gradients(spec, params, x, y)
+
+
+def test_the_twin_module_loads_buffers_and_gives_the_same_gradients():
+    from oracle.twin import Twin, loss_fn
+    spec = bp.example("mlp-batchnorm")
+    params, x, y = bp.random_case(spec, 3, batch=6)
+    model = Twin(spec).load_params(params)
+    assert {k for k in model.state_dict() if not k.endswith("num_batches_tracked")} == set(spec.state_shapes())
+    assert isinstance(model.layers[1], torch.nn.BatchNorm1d) and model.layers[1].training
+    loss = loss_fn(spec.loss)(model(torch.from_numpy(x)), torch.from_numpy(y))
+    loss.backward()
+    ours = bp.gradients(spec, params, x, y)
+    for k, p in model.named_parameters():
+        np.testing.assert_allclose(p.grad.numpy(), ours.grads[k], rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(model.layers[1].running_var.detach().numpy(), ours.buffers["layers.1.running_var"], rtol=1e-12)
+
+
+def test_a_nearly_constant_batch_is_judged_without_false_alarms_and_bugs_still_fail():
+    """Batch norm on a batch whose spread is 1e-4 of its mean: the variance cancels; correct code in float32
+    stays within the allowance; dropping the mean path still fails in float64, at the layer below it."""
+    from oracle.mutants import CATALOGUE
+    spec = spec_of([{"type": "dense", "units": 4, "activation": "identity"}, {"type": "batch_norm", "eps": 1e-8},
+                    {"type": "dense", "units": 2, "activation": "tanh"}], (3,))
+    rng = np.random.default_rng(1)
+    params, _, y = bp.random_case(spec, 1, batch=5)
+    x = 100 + 1e-2 * rng.standard_normal((5, 3))  # z_0 = θx + b: nearly the same row for every example
+    for dt in (np.float64, np.float32):
+        p = {k: v.astype(dt) for k, v in params.items()}
+        result = oracle.check(spec, p, x.astype(dt), y.astype(dt))
+        assert result.passed, result.message()
+    mutant = next(m for m in CATALOGUE if m.name == "batch_norm_mean_path_dropped")
+    result = oracle.check(spec, params, x, y, mutant.grads_fn)
+    assert not result.passed and result.classification == "bug" and result.first_divergent_layer == 0, result.message()
+
+
+@settings(deadline=None)
+@given(cases(specs_strategy=with_norms()))
+def test_correct_backprop_passes_on_random_nets_with_norm_and_dropout(case):
+    result = oracle.check(case.spec, case.params, case.x, case.y)
+    assert result.passed, result.message()
+
+
+def test_bad_batch_for_batch_norm_exits_2_from_the_cli(tmp_path):
+    spec = tmp_path / "bn.json"
+    spec.write_text(json.dumps(bp.example("mlp-batchnorm").to_dict()))
+    run = subprocess.run([sys.executable, "-m", "oracle", "check", str(spec), "--batch", "1", "--report", str(tmp_path / "r")],
+                         capture_output=True, text=True)
+    assert run.returncode == 2 and "batch_norm in training mode" in run.stderr and "Traceback" not in run.stderr
+    assert not (tmp_path / "r").exists() or not any((tmp_path / "r").iterdir())
