@@ -69,6 +69,7 @@ class Candidate:
     grads: dict
     deltas: dict | None = None
     grad_input: np.ndarray | None = None
+    buffers: dict | None = None  # running statistics after the forward, if it reports them (not judged)
 
 
 @dataclass
@@ -131,7 +132,8 @@ def _as_candidate(result: Any) -> Candidate:
     if isinstance(result, tuple) and len(result) in (2, 3):
         return Candidate(result[0], result[1], result[2] if len(result) == 3 else None)
     if hasattr(result, "loss") and hasattr(result, "grads"):
-        return Candidate(result.loss, result.grads, getattr(result, "deltas", None), getattr(result, "grad_input", None))
+        return Candidate(result.loss, result.grads, getattr(result, "deltas", None), getattr(result, "grad_input", None),
+                         getattr(result, "buffers", None))
     raise CandidateError(
         f"returned a {type(result).__name__}",
         "return (loss, grads) or (loss, grads, deltas), grads a dict of arrays keyed like layers.0.weight",
@@ -172,7 +174,12 @@ def _validated(c: Candidate, spec: Spec, m: int, dtype: np.dtype) -> Candidate:
     grad_input = None
     if c.grad_input is not None:
         grad_input = arr("grad_input", c.grad_input, (m, *spec.input_shape))
-    return Candidate(float(loss.reshape(())), grads, deltas or None, grad_input)
+    buffers = None
+    if isinstance(c.buffers, Mapping):  # reported only: kept when they are arrays of the buffers' shapes
+        shapes = spec.buffer_shapes()
+        buffers = {k: np.asarray(v) for k, v in c.buffers.items()
+                   if k in shapes and isinstance(v, np.ndarray) and v.shape == shapes[k] and v.dtype.kind == "f"}
+    return Candidate(float(loss.reshape(())), grads, deltas or None, grad_input, buffers)
 
 
 def run_candidate(grads_fn: GradsFn, spec: Spec, params: dict, x: np.ndarray, y: np.ndarray) -> Candidate:
@@ -300,6 +307,23 @@ def localize(spec: Spec, tensors: list) -> tuple[int | None, str]:
     return None, ""
 
 
+def _running_statistics_note(spec: Spec, got: Mapping, want: dict, tol: Tolerance) -> str:
+    """Batch norm's running statistics after the forward, against torch's update: reported, not judged (they
+    are state, not gradients; a wrong update shows only in a later eval-mode forward)."""
+    off = []
+    for name in spec.buffer_shapes():
+        g = got.get(name)
+        if g is None or np.shape(g) != want[name].shape:
+            off.append(f"{name} missing or of the wrong shape")
+        elif not np.allclose(np.asarray(g, dtype=np.float64), want[name], rtol=100 * tol.rtol, atol=100 * tol.atol):
+            worst = float(np.max(np.abs(np.asarray(g, dtype=np.float64) - want[name])))
+            off.append(f"{name} (max |Δ| {worst:.3g})")
+    if not off:
+        return "Running statistics after the forward (not gradients, not judged): match torch's update."
+    return ("Running statistics after the forward (not gradients, not judged) differ from torch's update: "
+            + ", ".join(off) + ". torch moves them by momentum toward the batch mean and the unbiased variance σ²·N/(N − 1).")
+
+
 def check(
     spec: Spec,
     params: Mapping[str, np.ndarray],
@@ -344,6 +368,8 @@ def check(
     notes: list = []
     if not np.isfinite(cand.loss) or any(not np.all(np.isfinite(g)) for g in cand.grads.values()):
         notes.append("The candidate returned NaN or Inf values.")
+    if spec.buffer_shapes() and isinstance(cand.buffers, Mapping):
+        notes.append(_running_statistics_note(spec, cand.buffers, ref.buffers, tol))
     arrays: dict = {}
     loss_cmp = compare_tensor("loss", np.float64(cand.loss), np.float64(ref.loss), tol, abs(ref.loss) or 1.0)
     tensors = _compare_all(spec, cand, ref, {}, tol, scale, arrays)

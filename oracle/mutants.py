@@ -36,7 +36,7 @@ from manual_bp.layers.norm import normalize_backward
 from manual_bp.layers.windows import col2im, pad, unpad, windows
 
 from .checker import check
-from .strategies import REGIMES, VALUE_LOSSES, cnn_specs, draw_data, draw_params, specs, with_norms
+from .strategies import REGIMES, VALUE_LOSSES, cnn_specs, draw_data, draw_params, fit_batch, specs, with_norms
 
 
 @dataclass(frozen=True)
@@ -579,7 +579,7 @@ def hunt(mutant: Mutant, examples: int, seed: int = 0) -> Row:
     def search(spec, regime, batch, data_seed):
         rng = np.random.default_rng(data_seed)
         params = draw_params(spec, rng, regime)
-        x, y = draw_data(spec, rng, regime, batch)
+        x, y = draw_data(spec, rng, regime, fit_batch(spec, batch))
         result = check(spec, params, x, y, mutant.grads_fn)
         seen["n"] += 1
         if result.classification in target or result.classification == "bug":  # a kink mutant called a bug: stop too

@@ -52,7 +52,7 @@ from manual_bp import Spec, SpecError
 from .checker import CandidateError, check
 from .compare import TOLERANCES, gradient_scale
 from .mutants import CATALOGUE, CORRECT, Mutant
-from .strategies import cases, cnn_specs, draw_data, draw_params, fit_batch, specs
+from .strategies import cases, cnn_specs, draw_data, draw_params, fit_batch, specs, with_norms
 
 RATE_REGIMES = ("well_conditioned", "saturated", "near_zero", "near_kinks", "exact_kinks")
 DTYPES = ("float64", "float32")
@@ -384,14 +384,16 @@ def default_impls() -> dict:
 
 
 def false_alarms(n: int, seed: int, impls: dict | None = None, progress: Callable | None = None, *,
-                 dtypes=DTYPES, bce_share: float = 0.2, cnn_share: float = 0.2, keep: int = 5) -> dict:
+                 dtypes=DTYPES, bce_share: float = 0.2, cnn_share: float = 0.2, norm_share: float = 0.0,
+                 keep: int = 5) -> dict:
     """Run ``n`` cases per dtype through ``oracle.check`` for each correct implementation in ``impls``
     (default: manual_bp and ``tests/impls/second_correct.py``); every verdict that does not pass is a
     false alarm.
 
     A share ``bce_share`` of the cases are saturated networks ending in bce (sigmoid or softmax), where
     torch's 1e-12 guard and the exact gradient part; a share ``cnn_share`` are random conv/pool nets
-    (``cnn_specs()``, every regime); the rest come from ``cases()`` (dense, every regime).
+    (``cnn_specs()``, every regime); a share ``norm_share`` are dense or conv nets with normalization and dropout
+    layers inserted (``with_norms()``, every regime); the rest come from ``cases()`` (dense, every regime).
     ``progress(impl, dtype, case, result)`` is called after each check.
 
     Returns ``{"schema", "schema_version", "n", "seed", "bce_share", "cnn_share", "dtypes", "impls": {impl: {dtype:
@@ -403,13 +405,15 @@ def false_alarms(n: int, seed: int, impls: dict | None = None, progress: Callabl
     impls = impls if impls is not None else default_impls()
     out = {name: {} for name in impls}
     start, checks = time.perf_counter(), 0
-    n_bce, n_cnn = int(round(n * bce_share)), int(round(n * cnn_share))
+    n_bce, n_cnn, n_norm = int(round(n * bce_share)), int(round(n * cnn_share)), int(round(n * norm_share))
     for dtype in dtypes:
-        general = _hypothesis_draws(cases(dtypes=(dtype,)), n - n_bce - n_cnn, stable_seed(seed, "cases", dtype))
+        general = _hypothesis_draws(cases(dtypes=(dtype,)), max(0, n - n_bce - n_cnn - n_norm), stable_seed(seed, "cases", dtype))
         bce = _hypothesis_draws(cases(specs_strategy=specs(losses=("bce",)), regimes=("saturated",), dtypes=(dtype,)),
                            n_bce, stable_seed(seed, "saturated-bce", dtype))
         cnn = _hypothesis_draws(cases(specs_strategy=cnn_specs(), dtypes=(dtype,)), n_cnn, stable_seed(seed, "cnn", dtype))
-        drawn = [("cases", c) for c in general] + [("saturated_bce", c) for c in bce] + [("cnn", c) for c in cnn]
+        norm = _hypothesis_draws(cases(specs_strategy=with_norms(), dtypes=(dtype,)), n_norm, stable_seed(seed, "norm", dtype))
+        drawn = ([("cases", c) for c in general] + [("saturated_bce", c) for c in bce] + [("cnn", c) for c in cnn]
+                 + [("norm", c) for c in norm])
         for name, fn in impls.items():
             entry = {"checks": 0, "refused": 0, "false_alarms": 0, "classifications": Counter(), "examples": []}
             for source, case in drawn:
@@ -425,7 +429,7 @@ def false_alarms(n: int, seed: int, impls: dict | None = None, progress: Callabl
     seconds = time.perf_counter() - start
     return {
         "schema": "bp-oracle/false-alarms", "schema_version": SCHEMA_VERSION, "n": n, "seed": seed,
-        "bce_share": bce_share, "cnn_share": cnn_share, "dtypes": list(dtypes), "impls": out,
+        "bce_share": bce_share, "cnn_share": cnn_share, "norm_share": norm_share, "dtypes": list(dtypes), "impls": out,
         "total_false_alarms": sum(e["false_alarms"] for per in out.values() for e in per.values()),
         "checks": checks, "seconds": round(seconds, 2),
         "seconds_per_check": round(seconds / checks, 4) if checks else None,

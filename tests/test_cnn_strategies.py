@@ -231,8 +231,11 @@ def test_cases_take_cnn_specs():
 
 
 # -- manual_bp against torch ----------------------------------------------------------------------------
+# strictly (no rounding allowance) only where nothing cancels: a saturated tanh's 1 − tanh² loses every digit
+# to rounding (seed 90 of the saturated regime: δ = −7.2e-9 here, −7.6e-8 in torch), which the oracle judges
 @settings(max_examples=60, deadline=None)
-@given(cases(specs_strategy=cnn_specs(), dtypes=("float64",), max_batch=4))
+@given(cases(specs_strategy=cnn_specs(), dtypes=("float64",), max_batch=4,
+             regimes=("well_conditioned", "near_zero", "near_kinks", "exact_kinks")))
 def test_manual_bp_matches_torch_strictly_on_drawn_cnn_cases(case):
     spec, params, x, y = case.spec, case.params, case.x, case.y
     ref = run_twin(spec, params, x, y, np.float64)

@@ -205,3 +205,24 @@ def test_bad_batch_for_batch_norm_exits_2_from_the_cli(tmp_path):
                          capture_output=True, text=True)
     assert run.returncode == 2 and "batch_norm in training mode" in run.stderr and "Traceback" not in run.stderr
     assert not (tmp_path / "r").exists() or not any((tmp_path / "r").iterdir())
+
+
+def test_running_statistics_are_reported_against_torch_but_not_judged():
+    spec = bp.example("mlp-batchnorm")
+    params, x, y = bp.random_case(spec, 0, batch=4)
+    result = oracle.check(spec, params, x, y)
+    assert result.passed and any("Running statistics" in n and "match torch's update" in n for n in result.notes)
+
+    def stale_variance(spec, params, x, y):  # the biased σ² in the running update: a forward-state bug only
+        g = bp.gradients(spec, params, x, y)
+        n = x.shape[0]
+        mom = spec.layers[1].momentum
+        var_new = g.buffers["layers.1.running_var"]
+        old = params["layers.1.running_var"]
+        g.buffers["layers.1.running_var"] = old + (var_new - old) * (n - 1) / n  # momentum · σ² instead of σ²·N/(N − 1)
+        assert mom > 0
+        return g
+
+    result = oracle.check(spec, params, x, y, stale_variance)
+    assert result.passed  # gradients are right: the verdict is about them
+    assert any("differ from torch's update: layers.1.running_var" in n for n in result.notes), result.notes

@@ -31,6 +31,23 @@ slice â_j[x] = â[s x + d j] (one slice per offset, every position and example 
   inside the input, counted by pooling an indicator of the unpadded input the same way; ∂C/∂â_j += δ/N;
 * flatten: a reshape, and its inverse.
 
+Normalization and dropout layers are written as manual_bp's are not: every normalization first lays its
+input out as a 2-D table, one row per set S that it normalizes over (batch norm: channels moved to the
+front, (C, m·positions); layer norm: (m·leading axes, prod normalized_shape); group norm: (m·G, C/G·positions)),
+and runs the forward as a chain of elementary nodes, μ = Σx/N, x−μ, (x−μ)², σ² = Σ(x−μ)²/N,
+r = √(σ² + ε), ρ = 1/r, x̂ = (x−μ)·ρ. The backward walks that graph node by node in reverse (the
+staged derivation, cs231n style), never the compact (g − mean g − x̂ mean(g x̂))/s:
+
+    ∂ρ = Σ g (x−μ);  ∂(x−μ) = g ρ;  ∂r = −∂ρ/r²;  ∂σ² = ∂r/(2r);  ∂(x−μ) += 2 (x−μ) ∂σ²/N;
+    ∂μ = −Σ ∂(x−μ);  ∂x = ∂(x−μ) + ∂μ/N
+
+with g = ∂C/∂x̂ = γ δ. Batch norm in eval mode multiplies by ρ = 1/√(r_σ² + ε) of the running variance
+(∂x = g ρ). ∂C/∂γ and ∂C/∂β are einsums over the axes γ is shared across. Dropout is
+z = where(M, a/(1 − p), 0) (a division, not a product with the scaled mask), ∂C/∂a = where(M, δ/(1 − p), 0),
+M the case's mask, manual_bp.keep_mask(seed, p, shape): case data, not math, drawn here by the same
+documented formula ``default_rng(seed).random(shape) >= p`` so that nothing is imported from manual_bp
+(tests/test_second_correct_norm.py checks the two agree); eval mode is the identity.
+
 ``grads(spec, params, x, y) -> (loss, grads, deltas)``, everything in the params' dtype.
 """
 
@@ -401,6 +418,120 @@ def avg_pool_backward(layer, a, delta):
     return gap[inner]
 
 
+# -- normalization and dropout ----------------------------------------------------------------------------
+def _as_rows(layer, a):
+    """(table, back): a as a 2-D table with one row per normalization set, and the map that puts a table
+    of that shape back into a's layout."""
+    kind = layer.type
+    if kind == "batch_norm":                      # (m, C, *S) -> (C, m, *S) -> (C, m·S)
+        moved = np.moveaxis(a, 1, 0)
+        return moved.reshape(a.shape[1], -1), lambda t: np.moveaxis(t.reshape(moved.shape), 0, 1)
+    if kind == "layer_norm":                      # (..., *normalized_shape) -> (rest, prod normalized_shape)
+        width = math.prod(_ln_shape(layer, a))
+        return a.reshape(-1, width), lambda t: t.reshape(a.shape)
+    if kind == "group_norm":                      # (m, C, *S) -> (m·G, C/G·S), channels of a group consecutive
+        return a.reshape(a.shape[0] * layer.num_groups, -1), lambda t: t.reshape(a.shape)
+    raise ValueError(kind)
+
+
+def _ln_shape(layer, a):
+    return tuple(a.shape[-1:]) if layer.normalized_shape is None else tuple(layer.normalized_shape)
+
+
+def _gamma_view(layer, v, a):
+    """γ or β (per channel, or normalized_shape) shaped to broadcast against a."""
+    if layer.type == "layer_norm":
+        return v.reshape(_ln_shape(layer, a))
+    return v.reshape(1, a.shape[1], *(1,) * (a.ndim - 2))
+
+
+def _affine(layer):
+    return getattr(layer, "affine", getattr(layer, "elementwise_affine", True))
+
+
+def _norm_graph(layer, params, i, a):
+    """The forward as a chain of nodes over the row table: returns (x̂ in a's layout, cache for the backward)."""
+    x, back = _as_rows(layer, a)
+    dt = a.dtype.type
+    eps = dt(layer.eps)
+    if layer.type == "batch_norm" and not layer.training:
+        rmu = params[f"layers.{i}.running_mean"].astype(a.dtype).reshape(-1, 1)
+        rvar = params[f"layers.{i}.running_var"].astype(a.dtype).reshape(-1, 1)
+        rho = dt(1) / np.sqrt(rvar + eps)
+        return back((x - rmu) * rho), {"eval": True, "rho": rho, "back": back}
+    n = x.shape[1]
+    mu = np.einsum("rn->r", x)[:, None] / dt(n)               # node 1: the mean
+    xmu = x - mu                                               # node 2: centred
+    sq = xmu * xmu                                             # node 3: squared
+    var = np.einsum("rn->r", sq)[:, None] / dt(n)             # node 4: biased variance
+    r = np.sqrt(var + eps)                                     # node 5: r = √(σ² + ε)
+    rho = dt(1) / r                                            # node 6: ρ = 1/r
+    xhat = xmu * rho                                           # node 7: x̂ = (x − μ) ρ
+    return back(xhat), {"eval": False, "xmu": xmu, "r": r, "rho": rho, "n": n, "back": back}
+
+
+def _norm_graph_backward(layer, a, g, cache):
+    """∂C/∂a from g = ∂C/∂x̂, node by node in reverse through the forward graph."""
+    rows, _ = _as_rows(layer, g)
+    back = cache["back"]
+    if cache["eval"]:
+        return back(rows * cache["rho"])
+    xmu, r, rho, n = cache["xmu"], cache["r"], cache["rho"], cache["n"]
+    dt = a.dtype.type
+    d_rho = np.einsum("rn,rn->r", rows, xmu)[:, None]          # x̂ = xmu·ρ, ρ shared along the row
+    d_xmu = rows * rho                                         # ... and its xmu branch
+    d_r = -d_rho / (r * r)                                     # ρ = 1/r
+    d_var = d_r / (dt(2) * r)                                  # r = √(σ² + ε)
+    d_sq = np.broadcast_to(d_var / dt(n), xmu.shape)           # σ² = Σ sq / N
+    d_xmu = d_xmu + dt(2) * xmu * d_sq                         # sq = xmu², second branch into xmu
+    d_mu = -np.einsum("rn->r", d_xmu)[:, None]                 # xmu = x − μ, μ's branch
+    d_x = d_xmu + d_mu / dt(n)                                 # μ = Σ x / N
+    return back(d_x)
+
+
+def norm_forward(layer, params, i, a):
+    xhat, _ = _norm_graph(layer, params, i, a)
+    if not _affine(layer):
+        return xhat
+    return xhat * _gamma_view(layer, params[f"layers.{i}.weight"], a) + _gamma_view(layer, params[f"layers.{i}.bias"], a)
+
+
+def norm_backward(layer, params, i, a, delta):
+    """({weight, bias} when affine, ∂C/∂a)."""
+    xhat, cache = _norm_graph(layer, params, i, a)
+    nabla, g = {}, delta
+    if _affine(layer):
+        w = params[f"layers.{i}.weight"]
+        if layer.type == "layer_norm":                          # shared across all leading axes
+            k = w.size
+            nabla["weight"] = np.einsum("qk,qk->k", delta.reshape(-1, k), xhat.reshape(-1, k)).reshape(w.shape)
+            nabla["bias"] = np.einsum("qk->k", delta.reshape(-1, k)).reshape(w.shape)
+        else:                                                   # per channel: shared across batch and positions
+            m, c = a.shape[:2]
+            d3 = delta.reshape(m, c, -1)
+            nabla["weight"] = np.einsum("mcp,mcp->c", d3, xhat.reshape(m, c, -1))
+            nabla["bias"] = np.einsum("mcp->c", d3)
+        g = delta * _gamma_view(layer, w, a)
+    return nabla, _norm_graph_backward(layer, a, g, cache)
+
+
+def keep_mask(seed, p, shape):
+    """The case's dropout mask (True = kept), as manual_bp.keep_mask draws it: NumPy's PCG64 from the seed."""
+    return np.random.default_rng(seed).random(tuple(shape)) >= p
+
+
+def dropout_forward(layer, a):
+    if not layer.training:
+        return a
+    return np.where(keep_mask(layer.seed, layer.p, a.shape), a / a.dtype.type(1 - layer.p), a.dtype.type(0))
+
+
+def dropout_backward(layer, a, delta):
+    if not layer.training:
+        return delta
+    return np.where(keep_mask(layer.seed, layer.p, a.shape), delta / delta.dtype.type(1 - layer.p), delta.dtype.type(0))
+
+
 def layer_forward(layer, params, i, a):
     """z of layer i from its input a."""
     kind = layer.type
@@ -417,6 +548,10 @@ def layer_forward(layer, params, i, a):
         return avg_pool_forward(layer, a)
     if kind == "flatten":
         return a.reshape(a.shape[0], -1)
+    if kind in ("batch_norm", "layer_norm", "group_norm"):
+        return norm_forward(layer, params, i, a)
+    if kind == "dropout":
+        return dropout_forward(layer, a)
     raise ValueError(f"unknown layer type {kind}")
 
 
@@ -438,6 +573,10 @@ def layer_backward(layer, params, i, a, delta):
         return {}, avg_pool_backward(layer, a, delta)
     if kind == "flatten":
         return {}, delta.reshape(a.shape)
+    if kind in ("batch_norm", "layer_norm", "group_norm"):
+        return norm_backward(layer, params, i, a, delta)
+    if kind == "dropout":
+        return {}, dropout_backward(layer, a, delta)
     raise ValueError(f"unknown layer type {kind}")
 
 
