@@ -398,10 +398,13 @@ def check(
     tied = any(t is not None for t in allow.ties or [])
     run_in_dtype = run_twin(spec, params64, x64, y64, dt) if tied and dt != np.float64 else None
     routings = conventions.routings(spec, allow, dt, run_in_dtype)
-    if routings and cand.deltas:  # the candidate's δ shows its routing window by window: try that first
-        read = conventions.routes_from_deltas(spec, ref, allow, cand.deltas)
-        if read:
-            routings.insert(0, ("tied element (or split) its own δ shows, window by window", read))
+    if routings and cand.deltas:  # the candidate's δ shows its routing window by window: try that first, read
+        # starting from torch's first picks and from its picks in the candidate's dtype (where windows overlap)
+        starts = [None] + [r for label, r in routings if label.startswith("maximum that torch picks")]
+        for start in reversed(starts):
+            read = conventions.routes_from_deltas(spec, ref, allow, cand.deltas, start)
+            if read:
+                routings.insert(0, ("tied element (or split) its own δ shows, window by window", read))
     if special.any or routings:  # follow the candidate's valid choices at kinks, guards and ties; judge all again
         # with every δ, the candidate's choices are read from it; with some or none, each consistent choice is
         # also tried on the layers whose δ is missing

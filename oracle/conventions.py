@@ -258,7 +258,7 @@ ROUTING_MODES = ("first", "last", "split")
 SWEEPS = 4  # rounds of reading the tied windows' routing from the candidate's δ (see routes_from_deltas)
 
 
-def routes_from_deltas(spec, ref, allow, deltas: dict) -> dict:
+def routes_from_deltas(spec, ref, allow, deltas: dict, start: dict | None = None) -> dict:
     """Each tied window's routing read from the candidate's δ of the layer feeding the pool, window by window.
 
     Routing a window's δ to contender k puts δ·g′ at k into δ_{i−1} (torch's δ of the pool and g′); splitting
@@ -266,7 +266,9 @@ def routes_from_deltas(spec, ref, allow, deltas: dict) -> dict:
     the option that brings the predicted δ_{i−1} nearest (in Σ|·|) to the candidate's, the other windows held
     as they are. Windows that cannot overlap are updated together (one class per position modulo ⌈k/s⌉ on
     each axis), for ``SWEEPS`` rounds. A wrong read can only fail a candidate, never pass a bug: the re-run
-    following these routes judges every tensor again.
+    following these routes judges every tensor again. ``start`` may give another routing to start from per
+    layer (torch's picks in the candidate's dtype: where windows overlap, the descent can stop short of the
+    candidate's routing, and a start nearer to it helps).
     """
     routes = {}
     for i, contenders in enumerate(allow.ties or []):
@@ -282,10 +284,14 @@ def routes_from_deltas(spec, ref, allow, deltas: dict) -> dict:
             slope = np.where(kinks, max(abs(v) for v in sides) * np.sign(slope + (slope == 0)), slope)
         slope = torch.from_numpy(slope)
         cand = torch.as_tensor(np.asarray(cand, dtype=np.float64))
-        d = torch.from_numpy(ref.deltas[f"layers.{i}"])[..., None]
+        # the δ each window routes: the candidate's own where it gives it (so that a pool above, routed its own way,
+        # does not blur this read), else torch's
+        own = deltas.get(f"layers.{i}")
+        d = torch.as_tensor(np.asarray(own if own is not None and np.shape(own) == ref.z[i].shape
+                                       else ref.deltas[f"layers.{i}"], dtype=np.float64))[..., None]
         mask = contenders.flatten(-nd)
         n = mask.sum(-1, keepdim=True).clamp(min=1)
-        weights = route_weights(contenders, nd, "first").flatten(-nd)
+        weights = (start[i] if start and i in start else route_weights(contenders, nd, "first")).flatten(-nd)
         g = pool_windows(layer, slope, 0.0).flatten(-nd)
         tied = (mask.sum(-1) >= 2)
         out_shape = contenders.shape[2:2 + nd]
