@@ -247,6 +247,14 @@ class Softplus(Activation):
         bz = self.beta * z
         return np.where(bz > self.threshold, 1.0, stable_sigmoid(bz)).astype(z.dtype, copy=False)
 
+    def kink_points(self):
+        """βz = threshold, where torch switches from log(1 + e^{βz})/β to z: the slope jumps from σ(threshold)
+        to 1 and the value by log(1 + e^{−threshold})/β (e.g. 0.0067 at threshold 5)."""
+        return (self.threshold / self.beta,)
+
+    def other_side_slope(self):
+        return 1.0
+
 
 class GELU(Activation):
     r"""Exact GELU: :math:`g(z) = z\,\Phi(z)`, :math:`g'(z) = \Phi(z) + z\,\varphi(z)`,

@@ -139,6 +139,8 @@ def as_batch(spec: Spec, x: np.ndarray) -> tuple[np.ndarray, bool]:
 def check_x(spec: Spec, x: np.ndarray, dtype: np.dtype | None = None) -> tuple[np.ndarray, bool]:
     """Validate x: returns it as (m, input_size) rows, and whether it came as one column example."""
     x2, single = as_batch(spec, x)
+    if spec.token_input:
+        return _check_tokens(spec, x2), single
     ensure_real("x", x2)
     if x2.dtype not in FLOAT_DTYPES:
         raise SpecError("x", f"has dtype {x2.dtype}", "use float64 or float32")
@@ -151,6 +153,21 @@ def check_x(spec: Spec, x: np.ndarray, dtype: np.dtype | None = None) -> tuple[n
     _finite(x2, "x")
     spec.check_batch(x2.shape[0])
     return x2, single
+
+
+def _check_tokens(spec: Spec, x: np.ndarray) -> np.ndarray:
+    """Token indices for an embedding: integers in [0, num_embeddings), as int64."""
+    v = spec.layers[0].num_embeddings
+    if x.dtype.kind not in "iu":
+        raise SpecError("x", f"has dtype {x.dtype}, but the first layer is an embedding",
+                        f"give integer token indices in [0, {v}) (int64)")
+    if x.size and (x.min() < 0 or x.max() >= v):
+        bad = int(x.min()) if x.min() < 0 else int(x.max())
+        raise SpecError("x", f"holds token {bad}", f"token indices must lie in [0, {v}) (num_embeddings)")
+    if x.shape[0] * _widest(spec) > MAX_VALUES:
+        raise SpecError("x", f"has {x.shape[0]} rows", f"give at most {MAX_VALUES // _widest(spec)} rows at once")
+    spec.check_batch(x.shape[0])
+    return x.astype(np.int64, copy=False)
 
 
 def check_y(spec: Spec, y: np.ndarray, m: int, single: bool, dtype: np.dtype) -> np.ndarray:
@@ -250,7 +267,10 @@ def random_batch(spec: Spec, rng: np.random.Generator, batch: int = 4, dtype="fl
     batch = _batch_size(spec, batch)
     n_out = spec.output_size
     try:
-        x = rng.standard_normal((batch, *spec.input_shape)).astype(dt)
+        if spec.token_input:
+            x = rng.integers(0, spec.layers[0].num_embeddings, (batch, *spec.input_shape))
+        else:
+            x = rng.standard_normal((batch, *spec.input_shape)).astype(dt)
         if spec.loss.targets == "classes":
             y = rng.integers(0, n_out, size=batch).astype(np.int64)
         elif spec.loss.name in ("bce", "bce_with_logits"):

@@ -61,7 +61,7 @@ class Gradients:
     * ``loss``: the spec's reduced loss C;
     * ``grads``: ∂C/∂θ and ∂C/∂b keyed ``layers.{i}.weight`` (out, in) / ``layers.{i}.bias`` (out,);
     * ``deltas``: δ_i = ∂C/∂z_i keyed ``layers.{i}``, shape (m, units), or (units,) for one column example;
-    * ``grad_input``: ∂C/∂x, in the shape x was given;
+    * ``grad_input``: ∂C/∂x, in the shape x was given (None for token input: an embedding's x has none);
     * ``buffers``: the state a forward in training mode updates (batch norm's running statistics), keyed
       like the params (``layers.{i}.running_mean``); not gradients.
     """
@@ -103,7 +103,7 @@ def backward(cache: Cache, y: np.ndarray) -> Gradients:
     deltas = {f"layers.{i}": deltas[f"layers.{i}"] for i in range(L)}
     if cache.single:
         deltas = {k: d[0] for k, d in deltas.items()}
-        grad_a = grad_a.reshape(cache.x_shape)
+        grad_a = None if grad_a is None else grad_a.reshape(cache.x_shape)
     buffers = {f"layers.{i}.{k}": v for i, layer in enumerate(spec.layers) if hasattr(layer, "updated_buffers")
                for k, v in layer.updated_buffers(cache.layer_params(i), cache.a[i]).items()}
     return Gradients(loss=loss, grads=grads, deltas=deltas, grad_input=grad_a, buffers=buffers)

@@ -70,6 +70,9 @@ class Spec:
         shapes, buffers, shape, total, outs = {}, {}, tuple(self.input_shape), 0, []
         for i, layer in enumerate(self.layers):
             where = f"layers.{i}"
+            if i > 0 and getattr(layer, "tokens", False):
+                raise SpecError(where, f"{layer.type} takes integer token indices, so it must be the first layer",
+                                "move it to the front, or use a dense layer here")
             layer_shapes = layer.param_shapes(shape, where)
             n = sum(math.prod(s) for s in layer_shapes.values())
             if n > MAX_PARAMETERS:
@@ -111,6 +114,11 @@ class Spec:
     def param_shapes(self) -> dict[str, tuple[int, ...]]:
         """Every parameter's name and shape, in layer order: ``{"layers.0.weight": (out, in), ...}``."""
         return dict(self._shapes)
+
+    @property
+    def token_input(self) -> bool:
+        """The input is integer token indices (the first layer is an embedding), not values."""
+        return bool(self.layers) and getattr(self.layers[0], "tokens", False)
 
     def buffer_shapes(self) -> dict[str, tuple[int, ...]]:
         """State that is not a parameter and gets no gradient, named as in torch's state_dict:

@@ -172,7 +172,7 @@ def _validated(c: Candidate, spec: Spec, m: int, dtype: np.dtype) -> Candidate:
             if key in c.deltas:
                 deltas[key] = arr(f"delta {key}", c.deltas[key], (m, *spec.out_shape(i)))
     grad_input = None
-    if c.grad_input is not None:
+    if c.grad_input is not None and not spec.token_input:  # token indices have no gradient to compare
         grad_input = arr("grad_input", c.grad_input, (m, *spec.input_shape))
     buffers = None
     if isinstance(c.buffers, Mapping):  # reported only: kept when they are arrays of the buffers' shapes
@@ -182,8 +182,9 @@ def _validated(c: Candidate, spec: Spec, m: int, dtype: np.dtype) -> Candidate:
     return Candidate(float(loss.reshape(())), grads, deltas or None, grad_input, buffers)
 
 
-def run_candidate(grads_fn: GradsFn, spec: Spec, params: dict, x: np.ndarray, y: np.ndarray) -> Candidate:
-    """Call ``grads_fn`` on copies (so it cannot change our inputs) and validate its answer."""
+def run_candidate(grads_fn: GradsFn, spec: Spec, params: dict, x: np.ndarray, y: np.ndarray, dtype=None) -> Candidate:
+    """Call ``grads_fn`` on copies (so it cannot change our inputs) and validate its answer, computed in ``dtype``
+    (default x's: token indices are integers, so a check passes the parameters' dtype)."""
     try:
         result = grads_fn(copy.deepcopy(spec), {k: v.copy() for k, v in params.items()}, x.copy(), y.copy())
     except CandidateCrash:
@@ -191,7 +192,7 @@ def run_candidate(grads_fn: GradsFn, spec: Spec, params: dict, x: np.ndarray, y:
     except (Exception, SystemExit) as err:  # the candidate is user code: any failure is a crash verdict
         raise CandidateCrash("raised" if isinstance(err, Exception) else "exit",
                              f"raised {type(err).__name__}: {err}", _user_traceback(err)) from None
-    return _validated(_as_candidate(result), spec, x.shape[0], x.dtype)
+    return _validated(_as_candidate(result), spec, x.shape[0], np.dtype(dtype or x.dtype))
 
 
 def _user_traceback(err: BaseException) -> str:
@@ -205,7 +206,7 @@ def _user_traceback(err: BaseException) -> str:
 
 
 def _scale(ref, dt, tol) -> float:
-    tensors = list(ref.grads.values()) + list(ref.deltas.values()) + [ref.grad_input]
+    tensors = list(ref.grads.values()) + list(ref.deltas.values()) + [t for t in [ref.grad_input] if t is not None]
     largest = max(float(np.max(np.abs(t))) if t.size else 0.0 for t in tensors)
     return gradient_scale(largest, ref.loss, dt, tol)
 
@@ -225,7 +226,7 @@ def _compare_all(spec, cand: Candidate, ref, bounds: dict, tol: Tolerance, scale
         for name in spec.param_shapes():
             if name.startswith(key + "."):
                 one(name, cand.grads[name], ref.grads[name], i)
-    if cand.grad_input is not None:
+    if cand.grad_input is not None and ref.grad_input is not None:
         one("input.grad", cand.grad_input, ref.grad_input)
     return out
 
@@ -239,7 +240,7 @@ def _refuse_overflow(spec: Spec, ref, dt: np.dtype) -> None:
                 raise SpecError("x", f"the forward pass overflows {dt.name} at layer {i} "
                                      f"({what} of {spec.layers[i].activation.name} is not finite in {dt.name})",
                                 "scale the inputs or weights down")
-    tensors = [ref.grad_input, *ref.grads.values(), *ref.deltas.values(), np.float64(ref.loss)]
+    tensors = [t for t in [ref.grad_input] if t is not None] + [*ref.grads.values(), *ref.deltas.values(), np.float64(ref.loss)]
     if not all(np.all(np.isfinite(t)) and (np.size(t) == 0 or float(np.max(np.abs(t))) <= big) for t in tensors):
         raise SpecError("x", f"the loss or its gradients overflow {dt.name} on this case",
                         "scale the inputs, weights or targets down")
@@ -272,6 +273,9 @@ def _param_step(layer) -> str:
         return "∂C/∂θ = δ ⋆ a, δ correlated with the layer's input; ∂C/∂b = Σ δ over the batch and every position"
     if layer.type.endswith("_norm"):
         return "∂C/∂γ = Σ δ ⊙ x̂, ∂C/∂β = Σ δ, summed over everything one γ is shared across"
+    if layer.type == "embedding":
+        return ("∂C/∂W[v] = Σ δ over every occurrence of token v: repeated tokens accumulate, and padding_idx's row "
+                "gets no gradient")
     return "∂C/∂θ = δᵀa, ∂C/∂b = Σ δ"
 
 
@@ -345,7 +349,7 @@ def check(
         check_params(spec, params)  # refuses complex or object params before any cast
         x, y = ensure_real("x", x), ensure_real("y", y)
         params = {k: v.astype(dt) for k, v in params.items()}
-        x = x.astype(dt)
+        x = x if spec.token_input else x.astype(dt)
         if spec.loss.targets == "values":
             y = y.astype(dt)
     dt = check_params(spec, params)
@@ -354,12 +358,12 @@ def check(
     tol = tolerance or TOLERANCES[dt.name]
 
     params64 = {k: v.astype(np.float64) for k, v in params.items()}
-    x64 = x.astype(np.float64)
+    x64 = x if spec.token_input else x.astype(np.float64)
     y64 = y if spec.loss.targets == "classes" else y.astype(np.float64)
     ref = run_twin(spec, params64, x64, y64, np.float64)
     _refuse_overflow(spec, ref, dt)
     try:
-        cand = run_candidate(grads_fn, spec, dict(params), x, y)
+        cand = run_candidate(grads_fn, spec, dict(params), x, y, dt)
     except CandidateCrash as crash:
         return CheckResult(spec, dt.name, False, "crash", tol, 0.0, None, [], None,
                            f"the candidate did not return ({crash.kind}): {crash.message}", crash=crash.to_dict())

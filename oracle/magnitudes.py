@@ -319,7 +319,49 @@ class NormMagnitudes(Magnitudes):
         return None
 
 
+class EmbeddingMagnitudes(Magnitudes):
+    r"""The maps of an embedding, z[m, t] = W[x[m, t]]: a gather, exact (no rounding, k_z = 0), of token indices
+    that have no error. ∂C/∂W[v] adds δ over the n_v occurrences of token v: |J_θ|ᵀv scatters v the same way,
+    k_w = max_v n_v + 1. There is no ∂C/∂x."""
+
+    def __post_init__(self):
+        self._winners = None
+        self.abs_w = {k: np.abs(v) for k, v in self.w.items()}
+        self.tokens = np.asarray(self.a, dtype=np.int64)
+        counts = np.bincount(self.tokens.reshape(-1), minlength=self.layer.num_embeddings)
+        self.k_z, self.k_in, self.k_w = 0, 0, int(counts.max(initial=0)) + 1
+
+    def forward(self, E):
+        return np.zeros((*self.tokens.shape, self.layer.embedding_dim))
+
+    def terms(self, A):
+        return self.forward(A)
+
+    def back_input(self, v):
+        return np.zeros(self.tokens.shape)
+
+    def weight_error(self, Ea):
+        return None
+
+    def back_weight(self, v, A):
+        """Σ over the occurrences of each token of v (A, the tokens' own size, plays no part); 0 for an error A = None."""
+        out = np.zeros(self.w["weight"].shape)
+        if A is not None:
+            np.add.at(out, self.tokens.reshape(-1), np.asarray(v).reshape(-1, out.shape[1]))
+        if self.layer.padding_idx is not None:
+            out[self.layer.padding_idx] = 0
+        return out
+
+    def held(self, a):
+        return None
+
+    def contenders(self, Ea=None, dtype=None):
+        return None
+
+
 def magnitudes(layer, w: dict, a: np.ndarray, route=None) -> Magnitudes:
-    """The magnitude maps of one layer: ``NormMagnitudes`` for the normalizations, ``Magnitudes`` for the rest."""
-    cls = NormMagnitudes if layer.type in ("batch_norm", "layer_norm", "group_norm") else Magnitudes
+    """The magnitude maps of one layer: ``NormMagnitudes`` for the normalizations, ``EmbeddingMagnitudes`` for an
+    embedding, ``Magnitudes`` for the rest."""
+    cls = (NormMagnitudes if layer.type in ("batch_norm", "layer_norm", "group_norm")
+           else EmbeddingMagnitudes if layer.type == "embedding" else Magnitudes)
     return cls(layer, w, np.asarray(a), route)

@@ -36,7 +36,8 @@ from manual_bp.layers.norm import normalize_backward
 from manual_bp.layers.windows import col2im, pad, unpad, windows
 
 from .checker import check
-from .strategies import REGIMES, VALUE_LOSSES, cnn_specs, draw_data, draw_params, fit_batch, specs, with_norms
+from .strategies import (REGIMES, VALUE_LOSSES, cnn_specs, draw_data, draw_params, embedding_specs, fit_batch, specs,
+                         with_norms)
 
 
 @dataclass(frozen=True)
@@ -255,6 +256,10 @@ def _shows(spec, i, layer, mistake, tensor: str, ties: bool) -> bool:
     its centre tap meets the input, a missing 1/k where the padding leaves one element in every window."""
     rng = np.random.default_rng(0)
     a = (rng.integers(0, 2, (4, *spec.in_shape(i))) if ties else rng.standard_normal((4, *spec.in_shape(i)))).astype(float)
+    if getattr(layer, "tokens", False):  # token indices with repeats, the padding token among them
+        a = rng.integers(0, min(layer.num_embeddings, 2), (4, *spec.in_shape(i)))
+        if layer.padding_idx is not None:
+            a.reshape(-1)[0] = layer.padding_idx
     p = {k: rng.standard_normal(s) for k, s in layer.param_shapes(spec.in_shape(i)).items()}
     p.update({k: rng.uniform(0.5, 2.0, s) for k, s in getattr(layer, "buffer_shapes", lambda _: {})(spec.in_shape(i)).items()})
     delta = rng.standard_normal((4, *spec.out_shape(i)))
@@ -353,6 +358,22 @@ def _dropout_grad(scaled: bool):
 
 
 NORM_TYPES = ("batch_norm", "layer_norm", "group_norm")
+
+
+def _embedding_grad(assign: bool, zero_padding: bool):
+    """An embedding's ∂C/∂W with repeated tokens assigned (the last occurrence wins) instead of accumulated,
+    or with padding_idx's row left with its gradient."""
+    def mistake(layer, p, a, delta):
+        grad = np.zeros_like(p["weight"])
+        rows, d = a.reshape(-1), delta.reshape(-1, layer.embedding_dim)
+        if assign:
+            grad[rows] = d
+        else:
+            np.add.at(grad, rows, d)
+        if zero_padding and layer.padding_idx is not None:
+            grad[layer.padding_idx] = 0
+        return {"weight": grad}, None
+    return mistake
 
 
 SQUARE = dict(square=True, max_width=8)
@@ -528,6 +549,12 @@ CATALOGUE = [
     _cnn_mutant("norm_weight_grad_without_xhat", "∂C/∂γ = Σ δ, the x̂ factor forgotten (γ's gradient made β's)",
                 NORM_TYPES, _param_grad("weight", lambda l, p, a, d, g: d.sum(axis=l._shared(a)).reshape(g.shape)),
                 with_norms(kinds=NORM_TYPES), tensor="weight"),
+    _cnn_mutant("embedding_grad_assigned_not_accumulated", "an embedding's ∂C/∂W[x] = δ assigned by fancy indexing: "
+                "a token that repeats keeps only its last occurrence's δ instead of their sum",
+                ("embedding",), _embedding_grad(assign=True, zero_padding=True), embedding_specs(), tensor="weight"),
+    _cnn_mutant("embedding_padding_row_gets_gradient", "an embedding's padding_idx row gets the gradient of its "
+                "occurrences (torch gives it none)", ("embedding",), _embedding_grad(assign=False, zero_padding=False),
+                embedding_specs().filter(lambda s: s.layers[0].padding_idx is not None), tensor="weight"),
     _cnn_mutant("dropout_mask_forgotten_in_backward", "dropout's mask applied in the forward but not the backward: "
                 "∂C/∂a = δ", ("dropout",), _dropout_grad(scaled=False), with_norms(kinds=("dropout",), training=True)),
     _cnn_mutant("dropout_scale_forgotten_in_backward", "dropout's backward applies the mask without its 1/(1 − p): "

@@ -129,7 +129,7 @@ def changes_something(mutant: Mutant, spec: Spec, params: dict, x, y, dtype: str
     """Whether the mutant's loss, gradients or δ, in float64 on these values, differ from the correct
     backward's beyond the strict bound of ``dtype`` (see the module docstring)."""
     p64 = {k: np.asarray(v, dtype=np.float64) for k, v in params.items()}
-    x64 = np.asarray(x, dtype=np.float64)
+    x64 = x if spec.token_input else np.asarray(x, dtype=np.float64)
     y64 = y if spec.loss.targets == "classes" else np.asarray(y, dtype=np.float64)
     with np.errstate(all="ignore"):  # an overflow is an answer here (inf differs), not a warning
         try:

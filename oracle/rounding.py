@@ -90,6 +90,18 @@ def derivatives(act, z: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return d1.detach().numpy(), np.nan_to_num(d2.numpy(), nan=0.0, posinf=0.0, neginf=0.0)
 
 
+def other_branch_offset(act, z: np.ndarray) -> np.ndarray:
+    """How far g(z) moves if z is evaluated on the other side of a kink where g's *value* jumps (softplus's
+    threshold: log(1 + e^{βz})/β on one side, z on the other); 0 for every continuous activation. A correct
+    implementation whose z lands within rounding of such a point may take either value."""
+    if act.name != "softplus":
+        return np.zeros(np.shape(z))
+    beta, t = act.params.get("beta", 1.0), act.params.get("threshold", 20.0)
+    bz = beta * z
+    log_branch = (np.maximum(bz, 0) + np.log1p(np.exp(-np.abs(bz)))) / beta
+    return np.where(bz > t, log_branch - z, z - log_branch)
+
+
 def one_sided_slopes(act, k: float) -> tuple[float, float]:
     """The slopes of g just left and just right of the kink point k."""
     h = 4 * float(np.finfo(np.float64).eps) * max(1.0, abs(k))  # a few ulps: the one-sided limit, to rounding
@@ -261,8 +273,8 @@ def allowance(spec: Spec, params: dict, x: np.ndarray, y: np.ndarray, ref, dtype
     # underflow: each operation may also lose an absolute amount below the smallest normal number
     eta = float(np.finfo(dtype).tiny) + float(np.finfo(np.float64).tiny)
     L = len(spec.layers)
-    A = [np.abs(x)]
-    Ea = [np.zeros_like(x)]
+    A = [np.abs(x).astype(np.float64)]
+    Ea = [np.zeros(np.shape(x))]
     Ez, d1s, slopes, Egs, kink_masks, scales = [], [], [], [], [], []
     mags, ties = [], []
     for i, layer in enumerate(spec.layers):
@@ -294,7 +306,7 @@ def allowance(spec: Spec, params: dict, x: np.ndarray, y: np.ndarray, ref, dtype
                     slope = np.where(near, np.maximum(slope, max(abs(left), abs(right))), slope)
                     mask |= near
             mg, mgp = _scales(act, z, a, d1, us)
-            ea = slope * ez + cu * mg + ULPS * eta
+            ea = slope * ez + cu * mg + ULPS * eta + np.where(mask, np.abs(other_branch_offset(act, z)), 0.0)
             eg = np.abs(d2) * ez + cu * mgp + ULPS * eta
             scales.append((mg, mgp))
         Ez.append(ez)

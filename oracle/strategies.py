@@ -368,6 +368,31 @@ def with_norms(base: st.SearchStrategy | None = None, *, kinds=NORMS, min_insert
     return st.builds(assemble, base, st.lists(insert, min_size=min_inserts, max_size=max_inserts))
 
 
+def embedding_specs(*, max_tokens: int = 6, max_vocab: int = 8, max_dim: int = 6, norms: bool = True,
+                    head: st.SearchStrategy | None = None) -> st.SearchStrategy:
+    """Specs that start from token indices: an embedding (V ≤ ``max_vocab`` so that tokens repeat, optional
+    padding_idx), then optionally a layer norm over each token's vector (``norms``), a flatten, and a dense head
+    drawn by ``head`` (default ``specs(max_depth=3, max_width=12)``; its input size is replaced). Shrinks toward one
+    token, a vocabulary of 1, no padding, no norm."""
+    head = specs(max_depth=3, max_width=12) if head is None else head
+    front = st.tuples(st.integers(1, max_tokens), st.integers(1, max_vocab), st.integers(1, max_dim),
+                      st.none() | st.integers(0, max_vocab - 1), st.booleans() if norms else st.just(False),
+                      st.one_of([_ACTIVATION[n] for n in ("identity",) + ELEMENTWISE]))
+
+    def assemble(parts, dense):
+        t, v, d, pad, norm, act = parts
+        layers = [{"type": "embedding", "num_embeddings": v, "embedding_dim": d,
+                   "padding_idx": None if pad is None else pad % v}]
+        if norm:
+            layers.append({"type": "layer_norm", "normalized_shape": [d], "activation": act})
+        layers.append({"type": "flatten"})
+        layers += dense.to_dict()["layers"]
+        return Spec.from_dict({"format_version": 2, "input": {"shape": [t]}, "layers": layers,
+                               "loss": dense.loss.to_json()})
+
+    return st.builds(assemble, front, head)
+
+
 def _out_sides(layers: list, spatial: list) -> list:
     """The spatial sizes after ``layers`` (already fitted to ``spatial``)."""
     out = []
@@ -458,7 +483,9 @@ def draw_data(spec: Spec, rng: np.random.Generator, regime: str, batch: int, dty
     channel (a signal or image); a signal or image also gets ``_flat_run`` ties along its last axis.
     """
     shape = (batch, *spec.input_shape)
-    if regime == "saturated":
+    if spec.token_input:  # token indices from a small vocabulary: repeats are the rule, not the exception
+        x = rng.integers(0, spec.layers[0].num_embeddings, shape)
+    elif regime == "saturated":
         x = rng.normal(0, 5, shape)
     elif regime == "near_zero":
         x = rng.normal(0, 1e-3, shape)
@@ -486,7 +513,7 @@ def draw_data(spec: Spec, rng: np.random.Generator, regime: str, batch: int, dty
         y = (rng.integers(-2, 3, (batch, n_out)) / 2).astype(dtype)
     else:
         y = rng.normal(0, 1, (batch, n_out)).astype(dtype)
-    return x.astype(dtype), y
+    return (x if spec.token_input else x.astype(dtype)), y
 
 
 @dataclass(frozen=True)

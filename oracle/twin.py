@@ -101,6 +101,7 @@ TWIN_LAYERS = {
     "layer_norm": lambda l, w, a: F.layer_norm(a, _normalized_shape(l, a), w.get("weight"), w.get("bias"), l.eps),
     "group_norm": lambda l, w, a: F.group_norm(a, l.num_groups, w.get("weight"), w.get("bias"), l.eps),
     "dropout": lambda l, w, a: a * _dropout_scale(l, a) if l.training else a,
+    "embedding": lambda l, w, a: F.embedding(a, w["weight"], l.padding_idx),
 }
 
 
@@ -208,6 +209,7 @@ TWIN_MODULES = {
                                                           l.eps, l.affine, dtype=dt),
     "group_norm": lambda l, shape, dt: torch.nn.GroupNorm(l.num_groups, shape[0], l.eps, l.affine, dtype=dt),
     "dropout": lambda l, shape, dt: _MaskedDropout(l),
+    "embedding": lambda l, shape, dt: torch.nn.Embedding(l.num_embeddings, l.embedding_dim, l.padding_idx, dtype=dt),
 }
 
 
@@ -269,7 +271,7 @@ class Reference:
     loss: float
     grads: dict          # layers.{i}.weight / layers.{i}.bias
     deltas: dict         # layers.{i}: ∂C/∂z_i
-    grad_input: np.ndarray
+    grad_input: np.ndarray | None  # None for token input (an embedding's x has no gradient)
     z: tuple             # pre-activations z_0 .. z_{L-1}
     acts: tuple          # a_1 .. a_L (a_L = ỹ)
     upstream: tuple      # ∂C/∂a_{i+1} for each layer i: what the backward step through g_i receives
@@ -289,7 +291,7 @@ def run_twin(spec: Spec, params: dict, x: np.ndarray, y: np.ndarray, dtype, adop
     """
     tdt = {np.dtype(np.float32): torch.float32, np.dtype(np.float64): torch.float64}[np.dtype(dtype)]
     weights = leaf_weights(spec, params, tdt)
-    xt = torch.tensor(x, dtype=tdt, requires_grad=True)
+    xt = input_tensor(spec, x, tdt)
     yt = torch.from_numpy(np.asarray(y)) if spec.loss.targets == "classes" else torch.tensor(y, dtype=tdt)
     out, zs, acts = twin_forward(spec, weights, xt, routes)
     for t in (*zs, *acts):
@@ -306,7 +308,7 @@ def run_twin(spec: Spec, params: dict, x: np.ndarray, y: np.ndarray, dtype, adop
         loss=float(loss.item()),
         grads={name: weights[name].grad.numpy() for name in spec.param_shapes()},
         deltas={f"layers.{i}": z.grad.numpy() for i, z in enumerate(zs)},
-        grad_input=xt.grad.numpy(),
+        grad_input=None if spec.token_input else xt.grad.numpy(),
         z=tuple(z.detach().numpy() for z in zs),
         acts=tuple(a.detach().numpy() for a in acts),
         upstream=tuple(a.grad.numpy() for a in acts),
@@ -314,6 +316,13 @@ def run_twin(spec: Spec, params: dict, x: np.ndarray, y: np.ndarray, dtype, adop
         exact_kinks=kinks,
         buffers={name: weights[name].detach().numpy() for name in spec.buffer_shapes()},
     )
+
+
+def input_tensor(spec: Spec, x, tdt) -> torch.Tensor:
+    """x as a leaf tensor that collects ∂C/∂x; token indices (an embedding's input) as int64, with no gradient."""
+    if spec.token_input:
+        return torch.as_tensor(np.asarray(x, dtype=np.int64))
+    return torch.tensor(x, dtype=tdt, requires_grad=True)
 
 
 def leaf_weights(spec: Spec, params: dict, tdt) -> dict:

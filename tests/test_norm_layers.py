@@ -242,3 +242,20 @@ def test_exact_float32_ties_in_overlapping_windows_after_a_norm_are_a_convention
     result = oracle.check(spec, params, x, y)
     assert result.passed and result.classification == "kink", result.message()
     assert any("Tie convention" in n for n in result.notes)
+
+
+#: a false alarm of the norm run (seed 8): dropout's ×10 puts z exactly on softplus's threshold 5 in float64,
+#: and float32 lands on the other side, where the *value* jumps by log(1 + e^−5) = 0.0067 (torch switches to z)
+SOFTPLUS_JUMP = json.loads((Path(__file__).parent / "data" / "softplus_threshold_after_dropout.json").read_text())
+
+
+def test_softplus_threshold_is_a_kink_whose_value_jump_either_side_may_take_and_bugs_still_fail():
+    from oracle.mutants import CATALOGUE
+    from oracle.rates import replay
+    spec, params, x, y = replay(SOFTPLUS_JUMP)
+    assert spec.layers[5].activation.kink_points() == (5.0,)
+    result = oracle.check(spec, params, x, y)
+    assert result.passed and result.classification == "kink", result.message()
+    mutant = next(m for m in CATALOGUE if m.name == "dropout_scale_forgotten_in_backward")
+    result = oracle.check(spec, params, x, y, mutant.grads_fn)
+    assert result.classification == "bug" and result.first_divergent_layer == 4, result.message()

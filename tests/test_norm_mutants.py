@@ -13,8 +13,8 @@ from oracle.twin import run_twin
 
 from .test_cnn_mutants import drawn_cases, first_divergent
 
-NORM_TYPES = ("batch_norm", "layer_norm", "group_norm", "dropout")
-NORM_BUGS = [m for m in CATALOGUE if m.name.startswith(("batch_norm", "layer_norm", "group_norm", "norm_", "dropout"))]
+NORM_TYPES = ("batch_norm", "layer_norm", "group_norm", "dropout", "embedding")
+NORM_BUGS = [m for m in CATALOGUE if m.name.startswith(("batch_norm", "layer_norm", "group_norm", "norm_", "dropout", "embedding"))]
 
 
 def test_at_least_eight_norm_and_dropout_mutants_each_one_mistake():
