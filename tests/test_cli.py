@@ -1,6 +1,8 @@
 """bp-oracle end to end: every subcommand, the reports, and each kind of bad input (exit 2, one line)."""
 
 import json
+
+import pytest
 import subprocess
 import sys
 from pathlib import Path
@@ -114,6 +116,14 @@ def test_fuzz_over_random_cnns_covers_the_conv_and_pool_layers(capsys, tmp_path)
     summary = json.loads((tmp_path / "fuzz-seed0" / "fuzz.json").read_text())
     assert summary["nets"] == "cnn" and {"conv1d", "conv2d"} & set(summary["coverage"]["layer"])
     assert "flatten" in summary["coverage"]["layer"] and summary["failure"] is None
+
+
+@pytest.mark.parametrize("nets, types", [("norm", {"batch_norm", "layer_norm", "group_norm", "dropout"}), ("tokens", {"embedding"})])
+def test_fuzz_over_norm_and_token_nets_covers_their_layers(capsys, tmp_path, nets, types):
+    code, out, _ = run(capsys, "fuzz", "--examples", "15", "--nets", nets, "--report", str(tmp_path))
+    assert code == 0 and "layer types:" in out
+    summary = json.loads((tmp_path / "fuzz-seed0" / "fuzz.json").read_text())
+    assert summary["nets"] == nets and types & set(summary["coverage"]["layer"]) and summary["failure"] is None
 
 
 def test_fuzz_finds_shrinks_and_records_a_bug(capsys, tmp_path):
