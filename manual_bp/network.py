@@ -96,17 +96,31 @@ def backward(cache: Cache, y: np.ndarray) -> Gradients:
         layer = spec.layers[i]
         delta = layer.activation.vjp(cache.z[i], cache.a[i + 1], grad_a)   # δ_i = ∇_a C ⊙ g'(z_i)
         deltas[f"layers.{i}"] = delta
-        nabla, grad_a = layer.backward(cache.layer_params(i), cache.a[i], delta)  # δ_i^T a_i, Σ δ_i, δ_i θ_i
+        if hasattr(layer, "backward_with_deltas"):  # a block also reports the δ of the layers inside it
+            nabla, grad_a, inner = layer.backward_with_deltas(cache.layer_params(i), cache.a[i], delta)
+            deltas.update({f"layers.{i}.{k}": d for k, d in inner.items()})
+        else:
+            nabla, grad_a = layer.backward(cache.layer_params(i), cache.a[i], delta)  # δ_i^T a_i, Σ δ_i, δ_i θ_i
         for pname, g in nabla.items():
             grads[f"layers.{i}.{pname}"] = g
     grads = {name: grads[name] for name in spec.param_shapes()}  # layer order, as torch lists them
-    deltas = {f"layers.{i}": deltas[f"layers.{i}"] for i in range(L)}
+    deltas = {k: deltas[k] for k in delta_names(spec)}  # layer order, a block's inner δ after its own
     if cache.single:
         deltas = {k: d[0] for k, d in deltas.items()}
         grad_a = None if grad_a is None else grad_a.reshape(cache.x_shape)
     buffers = {f"layers.{i}.{k}": v for i, layer in enumerate(spec.layers) if hasattr(layer, "updated_buffers")
                for k, v in layer.updated_buffers(cache.layer_params(i), cache.a[i]).items()}
     return Gradients(loss=loss, grads=grads, deltas=deltas, grad_input=grad_a, buffers=buffers)
+
+
+def delta_names(spec: Spec) -> list[str]:
+    """The name of every δ backward reports, in layer order: ``layers.{i}``, and after a residual block's own
+    the δ of each layer inside it, ``layers.{i}.body.{j}`` (nested blocks likewise)."""
+    def walk(prefix, layer):
+        yield prefix
+        for j, inner in enumerate(getattr(layer, "body", ())):
+            yield from walk(f"{prefix}.body.{j}", inner)
+    return [name for i, layer in enumerate(spec.layers) for name in walk(f"layers.{i}", layer)]
 
 
 def gradients(spec: Spec, params: dict, x: np.ndarray, y: np.ndarray) -> Gradients:

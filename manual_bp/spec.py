@@ -138,15 +138,7 @@ class Spec:
 
     def describe(self) -> str:
         """One line: ``3 -> 4 sigmoid -> 4 sigmoid -> 1 identity, half_sse``; ``3x8x8 -> conv2d 4 relu -> ...``."""
-        parts = ["x".join(str(d) for d in self.input_shape)]
-        for layer in self.layers:
-            if layer.type == "dense":
-                parts.append(f"{layer.units} {layer.activation.name}{'' if layer.bias else ' (no bias)'}")
-            elif hasattr(layer, "out_channels"):
-                parts.append(f"{layer.type} {layer.out_channels} {layer.activation.name}{'' if layer.bias else ' (no bias)'}")
-            else:
-                act = layer.activation.name
-                parts.append(layer.type if act == "identity" else f"{layer.type} {act}")
+        parts = ["x".join(str(d) for d in self.input_shape)] + [describe_layer(layer) for layer in self.layers]
         return " -> ".join(parts) + f", {self.loss.name}"
 
     # -- JSON --------------------------------------------------------------------------------
@@ -242,6 +234,20 @@ class Spec:
 
 
 _DEPTH_FIX = "a spec nests lists and objects at most 4 levels deep (spec, layers, layer, activation)"
+
+
+def describe_layer(layer) -> str:
+    """One layer in ``Spec.describe``: ``8 tanh``, ``conv2d 4 relu``, ``batch_norm relu``, ``residual[...] relu``."""
+    act = layer.activation.name
+    if layer.type == "dense":
+        return f"{layer.units} {act}{'' if layer.bias else ' (no bias)'}"
+    if hasattr(layer, "out_channels"):
+        return f"{layer.type} {layer.out_channels} {act}{'' if layer.bias else ' (no bias)'}"
+    if layer.type == "residual":
+        proj = "" if layer.projection is None else f" + {describe_layer(layer.projection)}"
+        head = f"residual[{' -> '.join(describe_layer(inner) for inner in layer.body)}{proj}]"
+        return head if act == "identity" else f"{head} {act}"
+    return layer.type if act == "identity" else f"{layer.type} {act}"
 
 
 def check_depth(obj: Any, source: str = "spec") -> None:

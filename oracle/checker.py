@@ -33,6 +33,7 @@ from . import conventions
 from .compare import TOLERANCES, TensorComparison, Tolerance, compare_tensor, gradient_scale
 from .noise import measured_allowance
 from .rounding import allowance
+from .graph import consumers, nodes
 from .twin import run_twin
 
 GradsFn = Callable[[Spec, dict, np.ndarray, np.ndarray], Any]
@@ -167,10 +168,10 @@ def _validated(c: Candidate, spec: Spec, m: int, dtype: np.dtype) -> Candidate:
         if not isinstance(c.deltas, Mapping):
             raise CandidateError(f"returned deltas as a {type(c.deltas).__name__}", "return a dict {'layers.i': δ_i} or None")
         deltas = {}
-        for i, layer in enumerate(spec.layers):
-            key = f"layers.{i}"
+        for node in nodes(spec):  # every layer's δ, and those inside blocks (layers.1.body.0)
+            key = node.name
             if key in c.deltas:
-                deltas[key] = arr(f"delta {key}", c.deltas[key], (m, *spec.out_shape(i)))
+                deltas[key] = arr(f"delta {key}", c.deltas[key], (m, *node.out_shape))
     grad_input = None
     if c.grad_input is not None and not spec.token_input:  # token indices have no gradient to compare
         grad_input = arr("grad_input", c.grad_input, (m, *spec.input_shape))
@@ -219,13 +220,12 @@ def _compare_all(spec, cand: Candidate, ref, bounds: dict, tol: Tolerance, scale
         out.append(compare_tensor(name, got, want, tol, scale, bounds.get(name), layer=layer))
         arrays[name] = (got, want)
 
-    for i, _ in reversed(list(enumerate(spec.layers))):
-        key = f"layers.{i}"
+    for i, node in reversed(list(enumerate(nodes(spec)))):
+        key = node.name
         if cand.deltas and key in cand.deltas:
             one(f"{key}.delta", cand.deltas[key], ref.deltas[key], i)
-        for name in spec.param_shapes():
-            if name.startswith(key + "."):
-                one(name, cand.grads[name], ref.grads[name], i)
+        for name in node.param_names:
+            one(name, cand.grads[name], ref.grads[name], i)
     if cand.grad_input is not None and ref.grad_input is not None:
         one("input.grad", cand.grad_input, ref.grad_input)
     return out
@@ -234,11 +234,11 @@ def _compare_all(spec, cand: Candidate, ref, bounds: dict, tol: Tolerance, scale
 def _refuse_overflow(spec: Spec, ref, dt: np.dtype) -> None:
     """A forward pass that leaves the dtype's range cannot be judged: say where, as bad input."""
     big = float(np.finfo(dt).max)
-    for i, (z, a) in enumerate(zip(ref.z, ref.acts)):
+    for node, z, a in zip(nodes(spec), ref.z, ref.acts):
         for what, t in (("z", z), ("a", a)):
             if not np.all(np.isfinite(t)) or (t.size and float(np.max(np.abs(t))) > big):
-                raise SpecError("x", f"the forward pass overflows {dt.name} at layer {i} "
-                                     f"({what} of {spec.layers[i].activation.name} is not finite in {dt.name})",
+                raise SpecError("x", f"the forward pass overflows {dt.name} at {node.label} "
+                                     f"({what} of {node.activation.name} is not finite in {dt.name})",
                                 "scale the inputs or weights down")
     tensors = [t for t in [ref.grad_input] if t is not None] + [*ref.grads.values(), *ref.deltas.values(), np.float64(ref.loss)]
     if not all(np.all(np.isfinite(t)) and (np.size(t) == 0 or float(np.max(np.abs(t))) <= big) for t in tensors):
@@ -246,8 +246,11 @@ def _refuse_overflow(spec: Spec, ref, dt: np.dtype) -> None:
                         "scale the inputs, weights or targets down")
 
 
-def _input_step(layer, k: int) -> str:
-    """∂C/∂a that layer k hands down, from its δ_k, written for its type."""
+def _input_step(node, k: int) -> str:
+    """∂C/∂a that node k hands down, from its δ_k, written for its type (``node`` a graph node or a layer)."""
+    layer = getattr(node, "layer", node)
+    if getattr(node, "is_sum", False):
+        return f"δ_{k} of the block's sum, unchanged, down its body and its skip path"
     kind = layer.type
     if kind.startswith("conv"):
         return f"δ_{k} fully convolved with the flipped kernel θ_{k}"
@@ -280,35 +283,56 @@ def _param_step(layer) -> str:
 
 
 def localize(spec: Spec, tensors: list) -> tuple[int | None, str]:
-    """Walk back from the loss: the first layer whose δ (or, without δ, parameter gradient) diverges."""
+    """Walk back from the loss: the first layer (node, ``oracle.graph``) whose δ (or, without δ, parameter
+    gradient) diverges. Returns its node index (a chain's layer index) and the sentence saying so."""
+    graph = nodes(spec)
+    readers = consumers(spec)
     by_layer: dict = {}
     for t in tensors:
         by_layer.setdefault(t.layer, []).append(t)
     has_deltas = any(t.name.endswith(".delta") for t in tensors)
-    L = len(spec.layers)
+    L = len(graph)
     for i in reversed(range(L)):
-        act = spec.layers[i].activation.name
+        node = graph[i]
+        act, me = node.activation.name, node.label
         group = by_layer.get(i, [])
         delta = next((t for t in group if t.name.endswith(".delta")), None)
         params_bad = [t.name for t in group if not t.name.endswith(".delta") and not t.passed]
         if delta is not None and not delta.passed:
             if i == L - 1:
-                return i, (f"the output δ (layer {i}) diverges: ∇_a C of the loss ({spec.loss.name}) "
+                return i, (f"the output δ ({me}) diverges: ∇_a C of the loss ({spec.loss.name}) "
                            f"or the output activation's derivative ({act}) is wrong")
-            return i, (f"δ of layer {i + 1} matches, δ of layer {i} diverges: the backward step through "
-                       f"layer {i} ({act}) is wrong: ({_input_step(spec.layers[i + 1], i + 1)}) ⊙ g'(z_{i})")
+            return i, _step_back(graph, readers, i)
         if params_bad:
             if has_deltas:
-                return i, (f"δ of layer {i} matches but {', '.join(params_bad)} does not: the parameter-gradient "
-                           f"step of layer {i} ({_param_step(spec.layers[i])}) is wrong")
-            later = "" if i == L - 1 else (f"layer {L - 1} matches; " if i == L - 2 else f"layers {i + 1}..{L - 1} match; ")
+                return i, (f"δ of {me} matches but {', '.join(params_bad)} does not: the parameter-gradient "
+                           f"step of {me} ({_param_step(node.layer)}) is wrong")
+            later = "" if i == L - 1 else (f"{graph[L - 1].label} matches; " if i == L - 2 else
+                                           f"layers {i + 1}..{L - 1} match; " if len(graph) == len(spec.layers)
+                                           else "the layers after it match; ")
             where = (f"the output layer: check ∇_a C of {spec.loss.name} and the derivative of {act}"
-                     if i == L - 1 else f"the backward step through layer {i} ({act}) or its parameter gradients")
-            return i, f"{later}layer {i} is the first to diverge ({', '.join(params_bad)}): {where}"
+                     if i == L - 1 else f"the backward step through {me} ({act}) or its parameter gradients")
+            return i, f"{later}{me} is the first to diverge ({', '.join(params_bad)}): {where}"
     bad_input = [t for t in tensors if t.layer is None and not t.passed]
     if bad_input:
-        return None, f"every parameter gradient matches, ∂C/∂x does not: the last step {_input_step(spec.layers[0], 0)} is wrong"
+        steps = " + ".join(_input_step(graph[r], r) for r in readers.get(-1, []))
+        return None, f"every parameter gradient matches, ∂C/∂x does not: the last step {steps} is wrong"
     return None, ""
+
+
+def _step_back(graph, readers, i) -> str:
+    """δ of node i diverges while every node reading its output matches: the step back into it is wrong."""
+    node, r = graph[i], readers.get(i, [])
+    act = node.activation.name
+    if len(r) == 1:
+        after = graph[r[0]]
+        return (f"δ of {after.label} matches, δ of {node.label} diverges: the backward step through {node.label} "
+                f"({act}) is wrong: ({_input_step(after, r[0])}) ⊙ g'(z_{i})")
+    names = " and ".join(graph[k].label for k in r)
+    sums = " + ".join(f"({_input_step(graph[k], k)})" for k in r)
+    return (f"δ of {names} match, δ of {node.label} diverges: the backward step into {node.label} ({act}) is wrong: "
+            f"it adds what each of them sends back, ({sums}) ⊙ g'(z_{i}); a missing or doubled path (a residual "
+            f"block's identity path) shows here")
 
 
 def _running_statistics_note(spec: Spec, got: Mapping, want: dict, tol: Tolerance) -> str:
@@ -412,7 +436,7 @@ def check(
     if special.any or routings:  # follow the candidate's valid choices at kinks, guards and ties; judge all again
         # with every δ, the candidate's choices are read from it; with some or none, each consistent choice is
         # also tried on the layers whose δ is missing
-        every_delta = bool(cand.deltas) and all(f"layers.{i}" in cand.deltas for i in range(len(spec.layers)))
+        every_delta = bool(cand.deltas) and all(node.name in cand.deltas for node in nodes(spec))
         tries = ([None] if every_delta else [None] * bool(cand.deltas) + conventions.choices(special)) if special.any else []
         best = None
         for label, routes in [(None, None), *routings]:
@@ -489,11 +513,12 @@ def _net_factors(spec) -> list:
     """Ratios this network's own layers make likely: an average pool's window size N (a missing or a
     spurious 1/N)."""
     out = []
-    for j, layer in enumerate(spec.layers):
+    for node in nodes(spec):
+        layer = node.layer
         if layer.type.startswith("avg_pool"):
             n = float(np.prod(layer.kernel_size))
-            out += [(n, f"a missing 1/N in the backward of avg pool layer {j} (N = {n:g}, its window size)"),
-                    (1 / n, f"a spurious 1/N in the backward of avg pool layer {j} (N = {n:g}, its window size)")]
+            out += [(n, f"a missing 1/N in the backward of avg pool {node.label} (N = {n:g}, its window size)"),
+                    (1 / n, f"a spurious 1/N in the backward of avg pool {node.label} (N = {n:g}, its window size)")]
     return out
 
 

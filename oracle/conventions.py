@@ -31,6 +31,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .graph import nodes
 from .rounding import derivatives, one_sided_slopes
 from .twin import pool_windows, route_weights, run_twin
 
@@ -80,7 +81,7 @@ def find_guards(spec, ref, params, x, y, y64, dtype) -> Guards:
     guards = Guards(mask)
     guards.deltas["exact"], guards.losses["exact"] = exact_bce(spec, ref.z[-1], y64)
     if run32 is not None:
-        guards.deltas["float32"] = run32.deltas[f"layers.{len(spec.layers) - 1}"].astype(np.float64)
+        guards.deltas["float32"] = run32.deltas[nodes(spec)[-1].name].astype(np.float64)
         guards.losses["float32"] = float(run32.loss)
     return guards
 
@@ -88,8 +89,8 @@ def find_guards(spec, ref, params, x, y, y64, dtype) -> Guards:
 def find(spec, ref, allow, y64, guards: Guards) -> Special:
     """Every multi-valued element: kinks within the allowance's E_z, the loss's kink, the guards."""
     kink_points = []
-    for layer in spec.layers:
-        act = layer.activation
+    for node in nodes(spec):
+        act = node.activation
         kink_points.append([(k, *one_sided_slopes(act, k)) for k in act.kink_points()] if not act.output_only else [])
     loss_kink = None
     if spec.loss.name == "l1":
@@ -107,7 +108,7 @@ def exact_bce(spec, z: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, float]:
     """
     zt, yt = torch.from_numpy(np.asarray(z, dtype=np.float64)), torch.from_numpy(np.asarray(y, dtype=np.float64))
     N = zt.numel()
-    if spec.layers[-1].activation.name == "sigmoid":
+    if nodes(spec)[-1].activation.name == "sigmoid":
         delta = (torch.sigmoid(zt) - yt) / N
         loss = F.binary_cross_entropy_with_logits(zt, yt)
         return delta.numpy(), float(loss)
@@ -153,14 +154,15 @@ class Adopter:
 
     def _d1_of(self, i):
         if i not in self._d1:
-            act = self.spec.layers[i].activation
+            act = nodes(self.spec)[i].activation
             self._d1[i] = None if act.output_only else torch.from_numpy(derivatives(act, self.ref.z[i])[0])
         return self._d1[i]
 
     def options(self, i, up, g) -> list:
         """[(category, label, mask, alternative δ)] for layer i given the (re-run) upstream ``up``."""
-        sp, L = self.special, len(self.spec.layers)
-        act = self.spec.layers[i].activation
+        graph = nodes(self.spec)
+        sp, L = self.special, len(graph)
+        act = graph[i].activation
         z = torch.from_numpy(self.ref.z[i])
         out = []
         mask = sp.kink[i]
@@ -195,7 +197,7 @@ class Adopter:
         opts = self.options(i, up, g)
         if not opts:
             return g
-        key = f"layers.{i}"
+        key = nodes(self.spec)[i].name
         new = g.clone()
         if key in self.deltas:  # per element, the option nearest the candidate's own δ
             cand = torch.from_numpy(np.asarray(self.deltas[key], dtype=np.float64).reshape(g.shape))
@@ -236,8 +238,8 @@ def notes(spec, taken: dict) -> list[str]:
     out = []
     for (i, cat, label), n in sorted(taken.items()):
         if cat == "kink":
-            act = spec.layers[i].activation.name
-            out.append(f"Kink convention: at {n} element(s) of layer {i} whose z lies on (or within rounding of) a "
+            act = nodes(spec)[i].activation.name
+            out.append(f"Kink convention: at {n} element(s) of {nodes(spec)[i].label} whose z lies on (or within rounding of) a "
                        f"kink of {act}, the candidate takes the other one-sided slope than torch; "
                        f"both are valid. Layers below are judged from the candidate's choice.")
         elif cat == "loss":
@@ -271,14 +273,16 @@ def routes_from_deltas(spec, ref, allow, deltas: dict, start: dict | None = None
     candidate's routing, and a start nearer to it helps).
     """
     routes = {}
+    graph = nodes(spec)
     for i, contenders in enumerate(allow.ties or []):
-        cand = deltas.get(f"layers.{i - 1}") if i > 0 else None
-        if contenders is None or cand is None or np.shape(cand) != ref.z[i - 1].shape:
+        b = graph[i].src  # the node feeding the pool
+        cand = deltas.get(graph[b].name) if b >= 0 else None
+        if contenders is None or cand is None or np.shape(cand) != ref.z[b].shape:
             continue
-        layer, nd = spec.layers[i], len(spec.layers[i].kernel_size)
-        act = spec.layers[i - 1].activation
-        slope = derivatives(act, ref.z[i - 1])[0]
-        kinks = allow.kink_masks[i - 1]
+        layer, nd = graph[i].layer, len(graph[i].layer.kernel_size)
+        act = graph[b].activation
+        slope = derivatives(act, ref.z[b])[0]
+        kinks = allow.kink_masks[b]
         if kinks is not None and kinks.any():  # within rounding of a kink the candidate may take either side:
             sides = [s for k in act.kink_points() for s in one_sided_slopes(act, k)]   # predict with the larger
             slope = np.where(kinks, max(abs(v) for v in sides) * np.sign(slope + (slope == 0)), slope)
@@ -286,9 +290,9 @@ def routes_from_deltas(spec, ref, allow, deltas: dict, start: dict | None = None
         cand = torch.as_tensor(np.asarray(cand, dtype=np.float64))
         # the δ each window routes: the candidate's own where it gives it (so that a pool above, routed its own way,
         # does not blur this read), else torch's
-        own = deltas.get(f"layers.{i}")
+        own = deltas.get(graph[i].name)
         d = torch.as_tensor(np.asarray(own if own is not None and np.shape(own) == ref.z[i].shape
-                                       else ref.deltas[f"layers.{i}"], dtype=np.float64))[..., None]
+                                       else ref.deltas[graph[i].name], dtype=np.float64))[..., None]
         mask = contenders.flatten(-nd)
         n = mask.sum(-1, keepdim=True).clamp(min=1)
         weights = (start[i] if start and i in start else route_weights(contenders, nd, "first")).flatten(-nd)
@@ -342,8 +346,9 @@ def routings(spec, allow, dtype, run_in_dtype=None) -> list[tuple[str, dict]]:
     if run_in_dtype is not None:
         picks = {}
         for i, mask in tied.items():
-            layer, nd = spec.layers[i], len(spec.layers[i].kernel_size)
-            a = torch.from_numpy(np.asarray(run_in_dtype.acts[i - 1] if i > 0 else allow.magnitudes[0].a, dtype=np.float64))
+            layer, nd = nodes(spec)[i].layer, len(nodes(spec)[i].layer.kernel_size)
+            b = nodes(spec)[i].src
+            a = torch.from_numpy(np.asarray(run_in_dtype.acts[b] if b >= 0 else allow.magnitudes[i].a, dtype=np.float64))
             win = pool_windows(layer, a, -math.inf).flatten(-nd)
             first = win == win.max(-1, keepdim=True).values
             pick = route_weights(first.view(mask.shape), nd, "first")
@@ -354,12 +359,12 @@ def routings(spec, allow, dtype, run_in_dtype=None) -> list[tuple[str, dict]]:
         for mode in ROUTING_MODES:
             if masks:
                 out.append((f"{mode} of the elements {label}",
-                            {i: route_weights(m, len(spec.layers[i].kernel_size), mode) for i, m in masks.items()}))
+                            {i: route_weights(m, len(nodes(spec)[i].layer.kernel_size), mode) for i, m in masks.items()}))
     return out
 
 
 def routing_note(spec, label: str, routes: dict) -> str:
-    layers = ", ".join(str(i) for i in sorted(routes))
-    return (f"Tie convention: at max-pool layer(s) {layers}, where a window's maximum is tied (or tied within "
+    layers = ", ".join(nodes(spec)[i].label for i in sorted(routes))
+    return (f"Tie convention: at the max pool(s) {layers}, where a window's maximum is tied (or tied within "
             f"rounding), the candidate routes δ to the {label}, not to torch's pick; any of them (or a convex "
             f"split) is a valid subgradient. Layers below are judged from the candidate's choice.")

@@ -236,8 +236,9 @@ def _decode_map(node, arrays):
 def _byte_budget(spec, m: int) -> dict:
     """The most bytes the worker may send per returned array name (and ``"*"``: in all)."""
     limits = {k: math.prod(s) * BYTES_PER_ELEMENT + 64 for k, s in spec.param_shapes().items()}
-    for i in range(len(spec.layers)):
-        limits[f"layers.{i}"] = m * math.prod(spec.out_shape(i)) * BYTES_PER_ELEMENT + 64
+    from .graph import nodes
+    for node in nodes(spec):  # every δ, those inside blocks too
+        limits[node.name] = m * math.prod(node.out_shape) * BYTES_PER_ELEMENT + 64
     limits["input.grad"] = m * spec.input_size * BYTES_PER_ELEMENT + 64
     limits["loss"] = BYTES_PER_ELEMENT + 64
     limits["*"] = sum(limits.values())
@@ -704,7 +705,8 @@ def _encode_result(result, spec, x):
 
     limits = _byte_budget(spec, x.shape[0])
     param_keys = set(spec.param_shapes())
-    delta_keys = {f"layers.{i}" for i in range(len(spec.layers))}
+    from .graph import nodes
+    delta_keys = {node.name for node in nodes(spec)}
     out: list = []
 
     def array(value, limit):

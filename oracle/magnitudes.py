@@ -359,6 +359,29 @@ class EmbeddingMagnitudes(Magnitudes):
         return None
 
 
+class SumMagnitudes(Magnitudes):
+    """A residual block's sum z = h + s: each path's δ is z's δ (its maps are the identity), one addition rounds
+    z (k_z = 1), and nothing is summed in the backward (the paths' gradients add where they meet, at the block's
+    input). The analytic bound and the measured noise treat its two inputs themselves (``oracle.graph``)."""
+
+    def __post_init__(self):
+        self._winners = None
+        self.abs_w = {}
+        self.k_z, self.k_in, self.k_w = 1, 0, 0
+
+    def forward(self, E):
+        return E
+
+    def back_input(self, v):
+        return v
+
+    def held(self, a):
+        return None
+
+    def contenders(self, Ea=None, dtype=None):
+        return None
+
+
 def magnitudes(layer, w: dict, a: np.ndarray, route=None) -> Magnitudes:
     """The magnitude maps of one layer: ``NormMagnitudes`` for the normalizations, ``EmbeddingMagnitudes`` for an
     embedding, ``Magnitudes`` for the rest."""

@@ -33,7 +33,8 @@ import numpy as np
 import torch
 
 from .rounding import ULPS, UNIT_ROUNDOFF, other_branch_offset
-from .twin import TWIN_LAYERS, activation_fn, input_tensor, layer_weights, leaf_weights, loss_fn, routed_max_pool
+from .graph import consumers, node_weights, nodes
+from .twin import TWIN_LAYERS, activation_fn, input_tensor, leaf_weights, loss_fn, routed_max_pool
 
 RUNS = 6      # ensemble size
 FACTOR = 10   # allowance = FACTOR × the largest deviation seen
@@ -74,19 +75,27 @@ def jittered_run(spec, params: dict, x: np.ndarray, y, ref, allow, u: float, rng
     """
     weights = leaf_weights(spec, params, torch.float64)
     xt = input_tensor(spec, x, torch.float64)
-    a, zs, acts, ins = xt, [], [], []
+    zs, acts, ins = [], [], []
     cu = EVAL * u
     mags = allow.magnitudes
-    for i, layer in enumerate(spec.layers):
-        mag = mags[i]
+    graph = nodes(spec)
+    for i, node in enumerate(graph):
+        mag, layer = mags[i], node.layer
+        a = xt if node.src < 0 else acts[node.src]
         a_in = a.detach().abs().numpy()
-        z = routed_max_pool(layer, a, routes[i]) if routes and i in routes else mag.held(a)
-        if z is None:
-            z = TWIN_LAYERS[layer.type](layer, layer_weights(weights, i), a)
-        if mag.k_z:
-            terms = torch.from_numpy(mag.terms(a_in))
-            z = z + math.sqrt(mag.k_z) * u * terms * _gauss(rng, terms.shape)
-        act = layer.activation
+        if node.is_sum:  # h + s, one rounding
+            s = xt if node.skip < 0 else acts[node.skip]
+            z = a + s
+            terms = torch.from_numpy(a_in + s.detach().abs().numpy())
+            z = z + u * terms * _gauss(rng, terms.shape)
+        else:
+            z = routed_max_pool(layer, a, routes[i]) if routes and i in routes else mag.held(a)
+            if z is None:
+                z = TWIN_LAYERS[layer.type](layer, node_weights(weights, node), a)
+            if mag.k_z:
+                terms = torch.from_numpy(mag.terms(a_in))
+                z = z + math.sqrt(mag.k_z) * u * terms * _gauss(rng, terms.shape)
+        act = node.activation
         g = activation_fn(act)
         mask = allow.kink_masks[i]
         if mask.any():  # hold the slope: the tangent at torch's z, with torch's slope
@@ -108,7 +117,7 @@ def jittered_run(spec, params: dict, x: np.ndarray, y, ref, allow, u: float, rng
         else:                            # softmax: every p to a few ulps of itself
             size = a.detach().abs()
         jolt = cu * size * _gauss(rng, a.shape)
-        if spec.loss.name == "bce" and i == len(spec.layers) - 1:  # probabilities stay probabilities
+        if spec.loss.name == "bce" and i == len(graph) - 1:  # probabilities stay probabilities
             jolt = torch.maximum(torch.minimum(jolt, 1 - a.detach()), -a.detach())
         a = a + jolt
         zs.append(z)
@@ -116,7 +125,7 @@ def jittered_run(spec, params: dict, x: np.ndarray, y, ref, allow, u: float, rng
         ins.append(a_in)
 
     stash: dict = {}
-    L = len(spec.layers)
+    L = len(graph)
     yt = torch.from_numpy(np.asarray(y)) if spec.loss.targets == "classes" else torch.tensor(y, dtype=torch.float64)
     loss_terms = _loss_gradient_terms(spec.loss, acts[-1].detach(), yt, ref.upstream[-1])
     for i, (z, a) in enumerate(zip(zs, acts)):
@@ -128,7 +137,7 @@ def jittered_run(spec, params: dict, x: np.ndarray, y, ref, allow, u: float, rng
             stash[("up", i)] = g.detach()
             return g + cu * loss_terms * _gauss(rng, g.shape) if i == L - 1 else g
 
-        name = spec.layers[i].activation.name
+        name = graph[i].activation.name
         p = torch.softmax(z.detach(), dim=-1) if name in ("softmax", "log_softmax") else None
 
         def on_z(g, i=i, mgp=mgp, name=name, p=p):
@@ -151,16 +160,31 @@ def jittered_run(spec, params: dict, x: np.ndarray, y, ref, allow, u: float, rng
     def rounded(g, size, k):  # a result that adds up k rounded terms of the given size
         return g + math.sqrt(k) * u * torch.from_numpy(size) * _gauss(rng, g.shape)
 
-    for i in range(L):  # the input of layer i is a_{i-1} (or x): its gradient is δ_i θ_i, rounded
-        mag, target = mags[i], xt if i == 0 else acts[i - 1]
-        if mag.k_in:
-            target.register_hook(lambda g, i=i, mag=mag: rounded(
-                g, mag.input_terms(stash[("delta", i)].abs().numpy()), mag.k_in))
-        if f"layers.{i}.weight" in weights:
-            weights[f"layers.{i}.weight"].register_hook(lambda g, i=i, mag=mag: rounded(
+    # the input of node i (x, or a node's output) gets δ_i θ_i from it, rounded; where several nodes read one
+    # tensor (a block's input: its body and its skip path), their gradients add, one more rounding each
+    readers = consumers(spec)
+    for j in range(-1, L):
+        target = xt if j < 0 else acts[j]
+        if not target.requires_grad or j not in readers:
+            continue
+
+        def at_input(g, j=j):
+            size, k = 0, 0
+            for i in readers[j]:
+                d = stash[("delta", i)].abs().numpy()
+                if graph[i].is_sum:
+                    size, k = size + d, k + 1
+                elif mags[i].k_in:
+                    size, k = size + mags[i].input_terms(d), k + mags[i].k_in
+            return rounded(g, size, k + len(readers[j]) - 1) if k else g
+        target.register_hook(at_input)
+    for i, node in enumerate(graph):
+        mag, name = mags[i], node.name
+        if f"{name}.weight" in weights:
+            weights[f"{name}.weight"].register_hook(lambda g, i=i, mag=mag: rounded(
                 g, mag.weight_terms(stash[("delta", i)].abs().numpy(), ins[i]), mag.k_w))
-        if f"layers.{i}.bias" in weights:
-            weights[f"layers.{i}.bias"].register_hook(lambda g, i=i, mag=mag: rounded(
+        if f"{name}.bias" in weights:
+            weights[f"{name}.bias"].register_hook(lambda g, i=i, mag=mag: rounded(
                 g, mag.back_bias(stash[("delta", i)].abs().numpy()), mag.k_w))
     loss = loss_fn(spec.loss)(acts[-1], yt)
     # the loss value's own rounding (a sum of N terms, a log-sum-exp): the analytic bound's size, at random
@@ -169,8 +193,8 @@ def jittered_run(spec, params: dict, x: np.ndarray, y, ref, allow, u: float, rng
     out = {"loss": np.array(float(loss.item()))}
     if xt.grad is not None:
         out["input.grad"] = xt.grad.numpy()
-    for i in range(L):
-        out[f"layers.{i}.delta"] = zs[i].grad.numpy()
+    for i, node in enumerate(graph):
+        out[f"{node.name}.delta"] = zs[i].grad.numpy() if zs[i].grad is not None else np.zeros(tuple(zs[i].shape))
     out.update({name: weights[name].grad.numpy() for name in spec.param_shapes()})
     return out
 
@@ -184,8 +208,8 @@ def measured_allowance(spec, params: dict, x: np.ndarray, y, ref, allow, dtype, 
     # where some z lies within rounding of a point at which g's *value* jumps (softplus's threshold), a correct
     # implementation may take either value there, element by element: a discrete choice, not random noise, whose
     # every combination the analytic worst case covers (and an ensemble does not)
-    if any(mask.any() and np.any(other_branch_offset(layer.activation, z)[mask])
-           for layer, mask, z in zip(spec.layers, allow.kink_masks, ref.z)):
+    if any(mask.any() and np.any(other_branch_offset(node.activation, z)[mask])
+           for node, mask, z in zip(nodes(spec), allow.kink_masks, ref.z)):
         return dict(allow.bounds)
     u = UNIT_ROUNDOFF[np.dtype(dtype)] + UNIT_ROUNDOFF[np.dtype(np.float64)]
     seed = zlib.crc32(np.ascontiguousarray(x).tobytes() + spec.describe().encode())

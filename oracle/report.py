@@ -354,7 +354,7 @@ def deltas_figure(result, deltas):
     ax.axhline(1.0, color="black", linestyle="--", linewidth=1)
     ax.set_yscale("log")
     ax.set_ylim(lo, hi)
-    ax.set_xlabel("layer")
+    ax.set_xlabel("layer (a block's layers in the order they run)")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlim(min(layers) - 0.5, max(layers) + 0.5)
     ax.set_ylabel("‖δ − δ̂‖ ÷ allowed")

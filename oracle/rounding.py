@@ -52,8 +52,9 @@ import torch
 
 from manual_bp import Spec
 
-from .magnitudes import magnitudes
-from .twin import activation_fn, layer_weights
+from .graph import consumers, node_weights, nodes
+from .magnitudes import SumMagnitudes, magnitudes
+from .twin import activation_fn
 
 #: unit roundoff of each dtype: the largest relative error of one correctly rounded operation
 UNIT_ROUNDOFF = {np.dtype(np.float32): 2.0 ** -24, np.dtype(np.float64): 2.0 ** -53}
@@ -272,19 +273,28 @@ def allowance(spec: Spec, params: dict, x: np.ndarray, y: np.ndarray, ref, dtype
     cu, cu64 = ULPS * u, ULPS * us[1]
     # underflow: each operation may also lose an absolute amount below the smallest normal number
     eta = float(np.finfo(dtype).tiny) + float(np.finfo(np.float64).tiny)
-    L = len(spec.layers)
+    graph = nodes(spec)
+    L = len(graph)
+    # A[j], Ea[j]: the size and the error bound of the input x (j = 0) and of node k's output a_{k+1} (j = k + 1)
     A = [np.abs(x).astype(np.float64)]
     Ea = [np.zeros(np.shape(x))]
     Ez, d1s, slopes, Egs, kink_masks, scales = [], [], [], [], [], []
     mags, ties = [], []
-    for i, layer in enumerate(spec.layers):
-        mag = magnitudes(layer, layer_weights(params, i), x if i == 0 else ref.acts[i - 1], (routes or {}).get(i))
+    for i, node in enumerate(graph):
+        layer, j = node.layer, node.src + 1
+        if node.is_sum:  # z = h + s: the errors add, and the sum rounds once
+            mag = SumMagnitudes(layer, {}, x if node.src < 0 else ref.acts[node.src])
+            k = node.skip + 1
+            ez = Ea[j] + Ea[k] + _gamma(1, u) * (A[j] + A[k]) + eta
+        else:
+            mag = magnitudes(layer, node_weights(params, node), x if node.src < 0 else ref.acts[node.src],
+                             (routes or {}).get(i))
+            ez = mag.forward(Ea[j])
+            if mag.k_z:
+                ez = ez + _gamma(mag.k_z, u) * mag.terms(A[j]) + mag.k_z * eta
         mags.append(mag)
-        ties.append(mag.contenders(Ea[i]))
-        ez = mag.forward(Ea[i])
-        if mag.k_z:
-            ez = ez + _gamma(mag.k_z, u) * mag.terms(A[i]) + mag.k_z * eta
-        z, a, act = ref.z[i], ref.acts[i], layer.activation
+        ties.append(mag.contenders(Ea[j]))
+        z, a, act = ref.z[i], ref.acts[i], node.activation
         mask = np.zeros(z.shape, dtype=bool)
         if act.name == "softmax":
             spread = ez + (a * ez).sum(axis=-1, keepdims=True)
@@ -325,10 +335,26 @@ def allowance(spec: Spec, params: dict, x: np.ndarray, y: np.ndarray, ref, dtype
     loss_bound = EC + cu * (n_terms + 2) * (abs(ref.loss) if mag is None else mag) + (n_terms + 2) * eta
 
     bounds = {"loss": np.array(loss_bound)}
-    up, Eup = G, EG
+    # ∂C/∂a of node k's output (j = k + 1; the input x: j = 0) adds what every node reading it sends back:
+    # their errors, and the rounding of that sum where two or more add (a block's input feeds body and skip)
+    sent_error = {L: EG}
+    sent_size: dict = {}
+    readers = consumers(spec)
+
+    def send(j, err, size):
+        sent_error[j] = sent_error.get(j, 0) + err
+        sent_size[j] = sent_size.get(j, 0) + size
+
+    def received(j):
+        n = len(readers.get(j - 1, ()))
+        extra = _gamma(n - 1, u) * sent_size[j] + (n - 1) * eta if n > 1 else 0
+        return sent_error[j] + extra
+
     for i in reversed(range(L)):
-        layer, act = spec.layers[i], spec.layers[i].activation
-        delta = ref.deltas[f"layers.{i}"]
+        node = graph[i]
+        layer, act = node.layer, node.activation
+        up, Eup = ref.upstream[i], received(i + 1)
+        delta = ref.deltas[node.name]
         ad = np.abs(delta)
         if act.name == "softmax" and i == L - 1 and spec.loss.name == "bce":
             edelta = _softmax_bce_bound(ref.acts[i], yv, Ea[L], up, cu, cu64, us[0])
@@ -369,17 +395,22 @@ def allowance(spec: Spec, params: dict, x: np.ndarray, y: np.ndarray, ref, dtype
                 edelta = edelta + np.where(rows, cu * (big + big.sum(axis=-1, keepdims=True) * act.output_only), 0.0)
         mag, kw = mags[i], mags[i].k_w
         edelta = edelta + ULPS * eta
-        bounds[f"layers.{i}.delta"] = edelta
-        if f"layers.{i}.weight" in params:
-            bounds[f"layers.{i}.weight"] = (mag.back_weight(edelta, mag.weight_input(A[i]))
-                                            + mag.back_weight(ad, mag.weight_error(Ea[i]))
-                                            + _gamma(kw, u) * mag.weight_terms(ad, A[i]) + kw * eta)
-        if f"layers.{i}.bias" in params:
-            bounds[f"layers.{i}.bias"] = mag.back_bias(edelta) + _gamma(kw, u) * mag.back_bias(ad) + kw * eta
-        Eup = mag.back_input(edelta) + mag.back_drift(ad, Ea[i])
+        bounds[f"{node.name}.delta"] = edelta
+        if node.is_sum:  # δ goes to both paths unchanged
+            send(node.src + 1, edelta, ad)
+            send(node.skip + 1, edelta, ad)
+            continue
+        j = node.src + 1
+        if f"{node.name}.weight" in params:
+            bounds[f"{node.name}.weight"] = (mag.back_weight(edelta, mag.weight_input(A[j]))
+                                             + mag.back_weight(ad, mag.weight_error(Ea[j]))
+                                             + _gamma(kw, u) * mag.weight_terms(ad, A[j]) + kw * eta)
+        if f"{node.name}.bias" in params:
+            bounds[f"{node.name}.bias"] = mag.back_bias(edelta) + _gamma(kw, u) * mag.back_bias(ad) + kw * eta
+        back = mag.back_input(edelta) + mag.back_drift(ad, Ea[j])
         if mag.k_in:
-            Eup = Eup + _gamma(mag.k_in, u) * mag.input_terms(ad) + mag.k_in * eta
-        up = ref.upstream[i - 1] if i > 0 else ref.grad_input
-    bounds["input.grad"] = Eup
+            back = back + _gamma(mag.k_in, u) * mag.input_terms(ad) + mag.k_in * eta
+        send(j, back, mag.back_input(ad))
+    bounds["input.grad"] = received(0) if 0 in sent_error else np.zeros(np.shape(x))
     return Allowance(bounds, Ez, Ea[L], kink_masks, scales, mags, ties)
 

@@ -27,6 +27,8 @@ import torch.nn.functional as F
 
 from manual_bp import Spec, keep_mask
 
+from .graph import node_weights, nodes
+
 
 def activation_fn(act):
     """The torch function for a manual_bp activation object (same name, same parameters)."""
@@ -164,28 +166,32 @@ def routed_max_pool(layer, a: torch.Tensor, weights: torch.Tensor) -> torch.Tens
 
 
 def layer_weights(weights: dict, i: int) -> dict:
-    """Layer i's parameters by short name, from ``{"layers.{i}.weight": ...}``."""
+    """Layer i's parameters by short name, from ``{"layers.{i}.weight": ...}`` (a chain's node i)."""
     prefix = f"layers.{i}."
-    return {k[len(prefix):]: v for k, v in weights.items() if k.startswith(prefix)}
+    return {k[len(prefix):]: v for k, v in weights.items() if k.startswith(prefix) and "." not in k[len(prefix):]}
 
 
 def twin_forward(spec: Spec, weights: dict, x, routes=None):
-    """The twin's forward: each layer's torch twin (``TWIN_LAYERS``: F.linear for dense, as
-    ``nn.Linear`` calls it; F.conv2d, F.max_pool2d, ...) then torch's g. ``routes`` may give a max pool
-    layer i the routing weights its backward uses at ties (``route_weights``), instead of torch's.
+    """The twin's forward, node by node (``oracle.graph``: a chain's layers, blocks opened up): each layer's torch
+    twin (``TWIN_LAYERS``: F.linear for dense, as ``nn.Linear`` calls it; F.conv2d, F.max_pool2d, ...) then torch's
+    g; a block's sum adds its skip path. ``routes`` may give a max pool node k the routing weights its backward
+    uses at ties (``route_weights``), instead of torch's.
 
-    Returns (ỹ, [z_0, ..., z_{L-1}], [a_1, ..., a_L]).
+    Returns (ỹ, [z_0, ..., z_{N-1}], [a_1, ..., a_N]), one z and a per node.
     """
-    zs, acts, a = [], [], x
-    for i, layer in enumerate(spec.layers):
-        if routes and i in routes:
-            z = routed_max_pool(layer, a, routes[i])
+    zs, acts = [], []
+    for k, node in enumerate(nodes(spec)):
+        a = x if node.src < 0 else acts[node.src]
+        if node.is_sum:
+            z = a + (x if node.skip < 0 else acts[node.skip])
+        elif routes and k in routes:
+            z = routed_max_pool(node.layer, a, routes[k])
         else:
-            z = TWIN_LAYERS[layer.type](layer, layer_weights(weights, i), a)
-        a = activation_fn(layer.activation)(z)
+            z = TWIN_LAYERS[node.layer.type](node.layer, node_weights(weights, node), a)
+        a = activation_fn(node.activation)(z)
         zs.append(z)
         acts.append(a)
-    return a, zs, acts
+    return acts[-1], zs, acts
 
 
 #: The same twins as ``torch.nn`` modules, so that a user can see, load and run the identical model:
@@ -210,7 +216,27 @@ TWIN_MODULES = {
     "group_norm": lambda l, shape, dt: torch.nn.GroupNorm(l.num_groups, shape[0], l.eps, l.affine, dtype=dt),
     "dropout": lambda l, shape, dt: _MaskedDropout(l),
     "embedding": lambda l, shape, dt: torch.nn.Embedding(l.num_embeddings, l.embedding_dim, l.padding_idx, dtype=dt),
+    "residual": lambda l, shape, dt: _ResidualModule(l, shape, dt),
 }
+
+
+class _ResidualModule(torch.nn.Module):
+    """A residual block as torch users write one: ``body`` (a ModuleList, each followed by its activation), an
+    optional ``projection``, and the block's activation after the sum; names as the spec's (``body.0.weight``)."""
+
+    def __init__(self, layer, shape, dt):
+        super().__init__()
+        self.layer = layer
+        shapes = layer.body_shapes(shape)
+        self.body = torch.nn.ModuleList(TWIN_MODULES[sub.type](sub, shapes[j], dt) for j, sub in enumerate(layer.body))
+        self.projection = (None if layer.projection is None
+                           else TWIN_MODULES[layer.projection.type](layer.projection, tuple(shape), dt))
+
+    def forward(self, a):
+        h = a
+        for sub, module in zip(self.layer.body, self.body):
+            h = activation_fn(sub.activation)(module(h))
+        return h + (a if self.projection is None else self.projection(a))
 
 
 class _MaskedDropout(torch.nn.Module):
@@ -301,21 +327,27 @@ def run_twin(spec: Spec, params: dict, x: np.ndarray, y: np.ndarray, dtype, adop
         _install_adoption(zs, acts, adopt)
     loss = loss_fn(spec.loss)(out, yt)
     loss.backward()
-    masks = [layer.activation.kinks(z.detach().numpy()) for layer, z in zip(spec.layers, zs)]
+    graph = nodes(spec)
+    masks = [node.activation.kinks(z.detach().numpy()) for node, z in zip(graph, zs)]
     loss_mask = spec.loss.kinks(out.detach().numpy(), np.asarray(y)) if spec.loss.targets == "values" else None
     kinks = int(sum(m.sum() for m in masks) + (0 if loss_mask is None else loss_mask.sum()))
     return Reference(
         loss=float(loss.item()),
         grads={name: weights[name].grad.numpy() for name in spec.param_shapes()},
-        deltas={f"layers.{i}": z.grad.numpy() for i, z in enumerate(zs)},
+        deltas={node.name: _grad(z) for node, z in zip(graph, zs)},
         grad_input=None if spec.token_input else xt.grad.numpy(),
         z=tuple(z.detach().numpy() for z in zs),
         acts=tuple(a.detach().numpy() for a in acts),
-        upstream=tuple(a.grad.numpy() for a in acts),
+        upstream=tuple(_grad(a) for a in acts),
         output=out.detach().numpy(),
         exact_kinks=kinks,
         buffers={name: weights[name].detach().numpy() for name in spec.buffer_shapes()},
     )
+
+
+def _grad(t: torch.Tensor) -> np.ndarray:
+    """t's gradient (zeros where nothing below the loss reads t, e.g. no parameter and no input gradient)."""
+    return t.grad.numpy() if t.grad is not None else np.zeros(tuple(t.shape))
 
 
 def input_tensor(spec: Spec, x, tdt) -> torch.Tensor:
