@@ -34,6 +34,7 @@ from .compare import TOLERANCES, TensorComparison, Tolerance, compare_tensor, gr
 from .noise import measured_allowance
 from .rounding import allowance
 from .graph import consumers, nodes
+from .magnitudes import magnitudes
 from .twin import run_twin
 
 GradsFn = Callable[[Spec, dict, np.ndarray, np.ndarray], Any]
@@ -231,7 +232,7 @@ def _compare_all(spec, cand: Candidate, ref, bounds: dict, tol: Tolerance, scale
     return out
 
 
-def _refuse_overflow(spec: Spec, ref, dt: np.dtype) -> None:
+def _refuse_overflow(spec: Spec, ref, dt: np.dtype, x=None) -> None:
     """A forward pass that leaves the dtype's range cannot be judged: say where, as bad input."""
     big = float(np.finfo(dt).max)
     for node, z, a in zip(nodes(spec), ref.z, ref.acts):
@@ -239,6 +240,14 @@ def _refuse_overflow(spec: Spec, ref, dt: np.dtype) -> None:
             if not np.all(np.isfinite(t)) or (t.size and float(np.max(np.abs(t))) > big):
                 raise SpecError("x", f"the forward pass overflows {dt.name} at {node.label} "
                                      f"({what} of {node.activation.name} is not finite in {dt.name})",
+                                "scale the inputs or weights down")
+    for k, node in enumerate(nodes(spec)):  # a norm adds up squares of its centred input: N σ² must fit too
+        if node.layer.type.endswith("_norm") and getattr(node.layer, "training", True):
+            a = x if node.src < 0 else ref.acts[node.src]
+            mag = magnitudes(node.layer, {}, a)
+            if not np.all(np.isfinite(mag.s)) or float(np.max(mag.s)) ** 2 * mag._n > big:
+                raise SpecError("x", f"the forward pass overflows {dt.name} inside {node.label} ({node.layer.type}: "
+                                     f"the sum of squares of its centred input is beyond {dt.name}'s range)",
                                 "scale the inputs or weights down")
     tensors = [t for t in [ref.grad_input] if t is not None] + [*ref.grads.values(), *ref.deltas.values(), np.float64(ref.loss)]
     if not all(np.all(np.isfinite(t)) and (np.size(t) == 0 or float(np.max(np.abs(t))) <= big) for t in tensors):
@@ -335,6 +344,26 @@ def _step_back(graph, readers, i) -> str:
             f"block's identity path) shows here")
 
 
+WEAK = 0.25  # a pass where rounding alone may move a tensor by this share of its norm says little
+
+
+def _weak_notes(tensors: list, arrays: dict) -> list[str]:
+    """Where the rounding allowance is a large share of a tensor itself, a pass cannot rule out a wrong backward
+    of that size: say so (ill-conditioned cases, e.g. a norm of a nearly constant batch in float32)."""
+    weak = []
+    for t in tensors:
+        if t.rounding_allowance is None or t.name not in arrays:
+            continue
+        size = float(np.linalg.norm(np.asarray(arrays[t.name][1], dtype=np.float64)))
+        if size > 0 and t.rounding_allowance > WEAK * size:
+            weak.append(f"{t.name} ({t.rounding_allowance / size:.2g}×)")
+    if not weak:
+        return []
+    return [f"Weak check: rounding alone may move a correct answer by a large share of the gradient itself on "
+            f"{', '.join(weak[:4])}{' and more' if len(weak) > 4 else ''}, so a wrong backward that close would "
+            f"pass too. The case is ill-conditioned in this dtype; check it in float64 or on better-scaled data."]
+
+
 def _running_statistics_note(spec: Spec, got: Mapping, want: dict, tol: Tolerance) -> str:
     """Batch norm's running statistics after the forward, against torch's update: reported, not judged (they
     are state, not gradients; a wrong update shows only in a later eval-mode forward)."""
@@ -385,7 +414,7 @@ def check(
     x64 = x if spec.token_input else x.astype(np.float64)
     y64 = y if spec.loss.targets == "classes" else y.astype(np.float64)
     ref = run_twin(spec, params64, x64, y64, np.float64)
-    _refuse_overflow(spec, ref, dt)
+    _refuse_overflow(spec, ref, dt, x64)
     try:
         cand = run_candidate(grads_fn, spec, dict(params), x, y, dt)
     except CandidateCrash as crash:
@@ -405,6 +434,8 @@ def check(
     bounds: dict = {}
 
     def result(passed, kind, layer=None, where=""):
+        if passed and kind != "match":
+            notes.extend(_weak_notes(tensors, arrays))
         return CheckResult(spec, dt.name, passed, kind, tol, scale, loss_cmp, tensors, layer, where, notes, arrays,
                            bounds=bounds)
 

@@ -168,8 +168,9 @@ class _Gone(Exception):
 class _Returned:
     """What the worker said the candidate returned, rebuilt for ``checker._as_candidate``."""
 
-    def __init__(self, loss, grads, deltas, grad_input):
+    def __init__(self, loss, grads, deltas, grad_input, buffers=None):
         self.loss, self.grads, self.deltas, self.grad_input = loss, grads, deltas, grad_input
+        self.buffers = buffers
 
 
 class _Standin:
@@ -240,6 +241,7 @@ def _byte_budget(spec, m: int) -> dict:
     for node in nodes(spec):  # every δ, those inside blocks too
         limits[node.name] = m * math.prod(node.out_shape) * BYTES_PER_ELEMENT + 64
     limits["input.grad"] = m * spec.input_size * BYTES_PER_ELEMENT + 64
+    limits.update({k: math.prod(s) * BYTES_PER_ELEMENT + 64 for k, s in spec.buffer_shapes().items()})
     limits["loss"] = BYTES_PER_ELEMENT + 64
     limits["*"] = sum(limits.values())
     return limits
@@ -403,7 +405,8 @@ class IsolatedCandidate:
         grads = _decode_map(reply.get("grads"), arrays)
         deltas = _decode_map(reply.get("deltas", {"t": "none"}), arrays)
         grad_input = _decode_leaf(reply.get("grad_input", {"t": "none"}), arrays)
-        return _Returned(loss, grads, deltas, grad_input)
+        buffers = _decode_map(reply.get("buffers", {"t": "none"}), arrays)
+        return _Returned(loss, grads, deltas, grad_input, buffers)
 
     # -- plumbing
     def _send(self, header: dict, arrays: list, deadline: float) -> None:
@@ -736,9 +739,11 @@ def _encode_result(result, spec, x):
 
     if isinstance(result, tuple) and len(result) in (2, 3):
         loss, grads, deltas, grad_input = result[0], result[1], result[2] if len(result) == 3 else None, None
+        buffers = None
     elif hasattr(result, "loss") and hasattr(result, "grads"):
         loss, grads = result.loss, result.grads
         deltas, grad_input = getattr(result, "deltas", None), getattr(result, "grad_input", None)
+        buffers = getattr(result, "buffers", None)
     else:
         return {"status": "ok", "whole": _opaque(result)}, out
     try:
@@ -751,5 +756,6 @@ def _encode_result(result, spec, x):
     else:
         loss_node = _opaque(loss)
     reply = {"status": "ok", "loss": loss_node, "grads": mapping(grads, param_keys, True),
-             "deltas": mapping(deltas, delta_keys, False), "grad_input": array(grad_input, limits["input.grad"])}
+             "deltas": mapping(deltas, delta_keys, False), "grad_input": array(grad_input, limits["input.grad"]),
+             "buffers": mapping(buffers if isinstance(buffers, Mapping) else None, set(spec.buffer_shapes()), False)}
     return reply, out

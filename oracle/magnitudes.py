@@ -210,8 +210,9 @@ class NormMagnitudes(Magnitudes):
 
     The rounding of x̂ itself is not u·|x̂|: μ is a sum of N terms as large as |a|, and a − μ cancels when the
     spread s is small against the mean magnitude M = mean_S |a|. Per element it is γ_k·R with
-    R = (|a| + M)/s + X(1 + R_s), R_s = M·X̄/s the relative rounding of s (the two-pass variance's; a
-    one-pass E[a²] − μ² cancels far worse and is outside this allowance). R enters z's terms, and the
+    R = M/s + X(1 + R_s): the mean's rounding (≤ γ_N M, one shift for the whole set) and the centred value's
+    own; R_s = 1 + γ_k (M/s)² is the relative rounding of s (the two-pass variance's: the mean's error moves σ²
+    by its square only; a one-pass E[a²] − μ² cancels far worse and is outside this allowance). R enters z's terms, and the
     backward's through the x̂ and s it reuses. ``back_drift`` moves ∂C/∂a by the input's errors (x̂ and s move
     with them); ∂C/∂γ = Σ δ x̂ multiplies δ by X. Batch norm in eval mode is linear: x̂ = (a − r_μ)/s.
     """
@@ -247,8 +248,13 @@ class NormMagnitudes(Magnitudes):
             self.s = np.broadcast_to(s, v.shape).reshape(a.shape)
             self.X = np.abs((v - mu) / s).reshape(a.shape)
             M = self._mean(np.abs(a))
-            Rs = M * self._mean(self.X) / self.s
-            self.R = (np.abs(a) + M) / self.s + self.X * (1 + Rs)
+            # the centred value a − μ̂ errs by the mean's rounding Δμ (≤ γ_N·M, the same for the whole set) and by
+            # u·|a − μ|: the input's own errors are the previous layer's, moved here by forward(). Δμ leaves the
+            # variance alone to first order (Σ(a − μ) = 0): it moves σ² by Δμ² only, relatively (γ M/s)², so
+            # the relative rounding of s is R_s = 1 + γ_k (M/s)² (in units of γ_k)
+            gamma = (self._n + 4) * 2.0 ** -24
+            Rs = 1 + gamma * (M / self.s) ** 2
+            self.R = M / self.s + self.X * (1 + Rs)
             self.Rs = Rs
             self.k_z = self.k_in = self._n + 4
         else:

@@ -92,6 +92,8 @@ def jittered_run(spec, params: dict, x: np.ndarray, y, ref, allow, u: float, rng
             z = routed_max_pool(layer, a, routes[i]) if routes and i in routes else mag.held(a)
             if z is None:
                 z = TWIN_LAYERS[layer.type](layer, node_weights(weights, node), a)
+            if z is a:  # its own tensor, as in twin_forward
+                z = a.clone()
             if mag.k_z:
                 terms = torch.from_numpy(mag.terms(a_in))
                 z = z + math.sqrt(mag.k_z) * u * terms * _gauss(rng, terms.shape)

@@ -368,6 +368,60 @@ def with_norms(base: st.SearchStrategy | None = None, *, kinds=NORMS, min_insert
     return st.builds(assemble, base, st.lists(insert, min_size=min_inserts, max_size=max_inserts))
 
 
+def with_residuals(base: st.SearchStrategy | None = None, *, min_blocks: int = 1, max_blocks: int = 2,
+                   activations=("identity", "relu", "tanh")) -> st.SearchStrategy:
+    """Specs from ``base`` (default: ``with_norms()`` over dense and conv nets, at most one insertion) with runs
+    of hidden layers wrapped into residual blocks, ``min_blocks``–``max_blocks`` times (a later wrap may hold an
+    earlier block: blocks nest). A run whose output shape is its input's needs no projection (one is drawn
+    sometimes anyway); a vector run of another width gets a dense projection, an image or signal run with the
+    same positions and other channels a 1×1 conv; any other run is left unwrapped. The block's activation is
+    drawn from ``activations``. Shrinks toward one block of one layer, no projection, identity."""
+    base = with_norms(min_inserts=0, max_inserts=1) if base is None else base
+    act = st.one_of([_ACTIVATION[n] for n in activations])
+    wrap = st.tuples(st.integers(0, 15), st.integers(1, 3), st.booleans(), act)
+
+    def assemble(spec, wraps):
+        obj = spec.to_dict()
+        if obj.get("format_version") == 1:
+            obj = {**{k: v for k, v in obj.items() if k != "input_size"}, "format_version": 2,
+                   "input": {"shape": [obj["input_size"]]}}
+        layers = list(obj["layers"])
+        for pos, length, project, a in wraps:
+            if len(layers) < 2:
+                break
+            start = pos % (len(layers) - 1)                      # never the output layer
+            stop = min(start + length, len(layers) - 1)
+            if spec_tokens(layers[start]):
+                continue
+            here = Spec.from_dict({**obj, "layers": layers})
+            shape_in, shape_out = here.in_shape(start), here.out_shape(stop - 1)
+            block = {"type": "residual", "body": layers[start:stop], "projection": None, "activation": a}
+            if shape_in != shape_out or project:
+                proj = _projection(shape_in, shape_out)
+                if proj is None:
+                    continue
+                block["projection"] = proj
+            layers[start:stop] = [block]
+        return Spec.from_dict({**obj, "layers": layers})
+
+    return st.builds(assemble, base, st.lists(wrap, min_size=min_blocks, max_size=max_blocks))
+
+
+def spec_tokens(layer: dict) -> bool:
+    return layer.get("type") == "embedding"
+
+
+def _projection(shape_in: tuple, shape_out: tuple) -> dict | None:
+    """A layer mapping shape_in to shape_out for a block's skip path: dense between vectors, a 1×1 conv between
+    maps with the same positions; None where neither fits."""
+    if len(shape_in) == 1 and len(shape_out) == 1:
+        return {"type": "dense", "units": shape_out[0], "activation": "identity", "bias": False}
+    if len(shape_in) == len(shape_out) > 1 and shape_in[1:] == shape_out[1:]:
+        return {"type": f"conv{len(shape_in) - 1}d", "out_channels": shape_out[0], "kernel_size": 1,
+                "activation": "identity", "bias": False}
+    return None
+
+
 def embedding_specs(*, max_tokens: int = 6, max_vocab: int = 8, max_dim: int = 6, norms: bool = True,
                     head: st.SearchStrategy | None = None) -> st.SearchStrategy:
     """Specs that start from token indices: an embedding (V ≤ ``max_vocab`` so that tokens repeat, optional
@@ -445,11 +499,11 @@ def draw_params(spec: Spec, rng: np.random.Generator, regime: str, dtype="float6
     """
     params = {}
     shapes = spec.param_shapes()
-    for i, layer in enumerate(spec.layers):
-        shape = shapes.get(f"layers.{i}.weight")
-        if shape is None:
+    for name, shape in shapes.items():  # layer order (blocks' layers in place), each weight with its bias
+        if not name.endswith(".weight"):
             continue
-        n_out, fan_in = shapes.get(f"layers.{i}.bias", shape[:1]), math.prod(shape[1:])
+        prefix = name[: -len("weight")]
+        n_out, fan_in = shapes.get(prefix + "bias", shape[:1]), math.prod(shape[1:])
         if regime == "well_conditioned":
             k = 1 / np.sqrt(fan_in)
             w, b = rng.uniform(-k, k, shape), rng.uniform(-k, k, n_out)
@@ -464,9 +518,9 @@ def draw_params(spec: Spec, rng: np.random.Generator, regime: str, dtype="float6
             _tie(rng, w, axis=0)  # two units (or filters) with the same weights: tied z (softmax/max ties)
         else:
             raise ValueError(f"unknown regime {regime!r}; choose one of {REGIMES}")
-        params[f"layers.{i}.weight"] = w.astype(dtype)
-        if f"layers.{i}.bias" in shapes:
-            params[f"layers.{i}.bias"] = b.astype(dtype)
+        params[name] = w.astype(dtype)
+        if prefix + "bias" in shapes:
+            params[prefix + "bias"] = b.astype(dtype)
     for name, shape in spec.buffer_shapes().items():  # running statistics: on the regime's grid where it has one
         if name.endswith("running_var"):
             v = rng.integers(1, 5, shape) / 2 if regime in ("near_kinks", "exact_kinks") else rng.uniform(0.25, 4, shape)

@@ -188,6 +188,8 @@ def twin_forward(spec: Spec, weights: dict, x, routes=None):
             z = routed_max_pool(node.layer, a, routes[k])
         else:
             z = TWIN_LAYERS[node.layer.type](node.layer, node_weights(weights, node), a)
+        if z is a:  # eval dropout, a flatten of a vector: its own tensor, so that its δ is its own (a block's
+            z = a.clone()  # input also feeds the skip path, whose gradient must not be counted as this δ)
         a = activation_fn(node.activation)(z)
         zs.append(z)
         acts.append(a)

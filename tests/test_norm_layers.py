@@ -259,3 +259,43 @@ def test_softplus_threshold_is_a_kink_whose_value_jump_either_side_may_take_and_
     mutant = next(m for m in CATALOGUE if m.name == "dropout_scale_forgotten_in_backward")
     result = oracle.check(spec, params, x, y, mutant.grads_fn)
     assert result.classification == "bug" and result.first_divergent_layer == 4, result.message()
+
+
+def _near_constant_case():
+    """dense → batch_norm → dense with a bias of 1e5 before the norm: mean/spread ≈ 1e5, hopeless in float32."""
+    spec = spec_of([{"type": "dense", "units": 6, "activation": "identity"}, {"type": "batch_norm"},
+                    {"type": "dense", "units": 3, "activation": "identity"}], (5,), loss="half_sse")
+    rng = np.random.default_rng(1)
+    params, _, y = bp.random_case(spec, 1, batch=8)
+    params["layers.0.weight"] = 0.5 * rng.standard_normal((6, 5))
+    params["layers.0.bias"] = np.full(6, 1e5)
+    return spec, params, rng.standard_normal((8, 5)), y
+
+
+def test_a_pass_that_rounding_could_fake_says_it_is_weak_and_the_classic_bug_still_fails():
+    from oracle.mutants import CATALOGUE
+    spec, params, x, y = _near_constant_case()
+    result = oracle.check(spec, params, x, y, dtype="float32")
+    assert result.passed and any(n.startswith("Weak check") for n in result.notes), result.notes
+    assert not any(n.startswith("Weak check") for n in oracle.check(spec, params, x, y).notes)  # float64 is fine
+    mutant = next(m for m in CATALOGUE if m.name == "batch_norm_mean_path_dropped")
+    assert oracle.check(spec, params, x, y, mutant.grads_fn, dtype="float32").classification == "bug"
+
+
+def test_a_norm_whose_sum_of_squares_overflows_the_dtype_is_refused_not_judged():
+    spec = spec_of([{"type": "layer_norm"}, {"type": "dense", "units": 2, "activation": "identity"}], (4,))
+    params, x, y = bp.random_case(spec, 0, batch=3, dtype="float32")
+    x = (x * np.float32(1e20)).astype(np.float32)
+    with pytest.raises(SpecError, match=r"overflows float32 inside layer 0 \(layer_norm"):
+        oracle.check(spec, params, x, y)
+
+
+def test_eps_must_fit_float32():
+    with pytest.raises(SpecError, match=r"layers\[0\]\.eps: 1e\+308 is outside"):
+        spec_of([{"type": "batch_norm", "eps": 1e308}, {"type": "flatten"}], (2, 2))
+
+
+def test_running_statistics_come_back_from_an_impl_in_its_own_process(tmp_path):
+    run = subprocess.run([sys.executable, "-m", "oracle", "check", "--example", "mlp-batchnorm", "--impl", "manual_bp:gradients",
+                          "--report", str(tmp_path)], capture_output=True, text=True)
+    assert run.returncode == 0 and "Running statistics after the forward (not gradients, not judged): match" in run.stdout

@@ -58,8 +58,8 @@ def normalize_backward(g: np.ndarray, xhat: np.ndarray, s: np.ndarray, axes: tup
 
 
 def _eps(obj: dict, where: str) -> float:
-    return number(obj.get("eps", EPS), at(where, "eps"), 0.0, math.inf, open_low=True, open_high=True,
-                  hint="give ε > 0, e.g. 1e-5 as torch")
+    return number(obj.get("eps", EPS), at(where, "eps"), 0.0, 1e30, open_low=True,
+                  hint="give 0 < ε ≤ 1e30 (it must fit float32), e.g. 1e-5 as torch")
 
 
 @dataclass(frozen=True)
