@@ -115,11 +115,13 @@ def backward(cache: Cache, y: np.ndarray) -> Gradients:
 
 def delta_names(spec: Spec) -> list[str]:
     """The name of every δ backward reports, in layer order: ``layers.{i}``, and after a residual block's own
-    the δ of each layer inside it, ``layers.{i}.body.{j}`` (nested blocks likewise)."""
+    the δ of each layer inside it, ``layers.{i}.body.{j}`` (nested blocks likewise), and its projection's."""
     def walk(prefix, layer):
         yield prefix
         for j, inner in enumerate(getattr(layer, "body", ())):
             yield from walk(f"{prefix}.body.{j}", inner)
+        if getattr(layer, "projection", None) is not None:
+            yield f"{prefix}.projection"
     return [name for i, layer in enumerate(spec.layers) for name in walk(f"layers.{i}", layer)]
 
 

@@ -36,8 +36,9 @@ from manual_bp.layers.norm import normalize_backward
 from manual_bp.layers.windows import col2im, pad, unpad, windows
 
 from .checker import check
+from .graph import nodes
 from .strategies import (REGIMES, VALUE_LOSSES, cnn_specs, draw_data, draw_params, embedding_specs, fit_batch, specs,
-                         with_norms)
+                         with_norms, with_residuals)
 
 
 @dataclass(frozen=True)
@@ -360,6 +361,38 @@ def _dropout_grad(scaled: bool):
 NORM_TYPES = ("batch_norm", "layer_norm", "group_norm")
 
 
+def _residual_mistake(identity: bool):
+    """A residual block's backward with the skip path's gradient dropped at the input (``identity``), or with
+    the projection's weight gradient left at zero."""
+    def mistake(layer, p, a, delta):
+        grads, grad_a, _ = layer.backward_with_deltas(p, a, delta)
+        if identity:
+            through = delta if layer.projection is None else layer.projection.backward(
+                {k[len("projection."):]: v for k, v in p.items() if k.startswith("projection.")}, a, delta)[1]
+            return grads, grad_a - through
+        return {k: (np.zeros_like(g) if k.startswith("projection.") else g) for k, g in grads.items()}, grad_a
+    return mistake
+
+
+def _block_corrupts(identity: bool):
+    """corrupts() of a residual mistake, as a node index (``oracle.graph``): the δ of the node feeding the block
+    (the identity path), or the projection's weight; the top-level block nearest the loss."""
+    def corrupts(spec, cache):
+        graph, found = nodes(spec), []
+        for k, node in enumerate(graph):
+            if not node.is_sum or node.name.count(".") != 1:
+                continue
+            if identity and node.skip >= 0 and graph[node.skip].name.endswith(".projection"):
+                found.append(graph[node.skip].src)        # P's backward dropped: the node feeding the block
+            elif identity:
+                found.append(node.skip)
+            elif node.skip >= 0 and graph[node.skip].name.endswith(".projection") and graph[node.skip].param_names:
+                found.append(node.skip)
+        found = [k for k in found if k >= 0]
+        return (max(found), "weight" if not identity else "delta") if found else (None, "delta")
+    return corrupts
+
+
 def _embedding_grad(assign: bool, zero_padding: bool):
     """An embedding's ∂C/∂W with repeated tokens assigned (the last occurrence wins) instead of accumulated,
     or with padding_idx's row left with its gradient."""
@@ -555,6 +588,14 @@ CATALOGUE = [
     _cnn_mutant("embedding_padding_row_gets_gradient", "an embedding's padding_idx row gets the gradient of its "
                 "occurrences (torch gives it none)", ("embedding",), _embedding_grad(assign=False, zero_padding=False),
                 embedding_specs().filter(lambda s: s.layers[0].padding_idx is not None), tensor="weight"),
+    Mutant("residual_identity_path_dropped", "a residual block's backward returns only the body's ∂C/∂a: the identity "
+           "path's δ (or the projection's backward) is not added at the block's input",
+           Hooks(layer_backward=_backward_of(("residual",), _residual_mistake(identity=True))), _block_corrupts(True),
+           with_residuals()),
+    Mutant("residual_projection_grad_dropped", "a residual block's projection gets no weight gradient (its backward "
+           "forgotten; the body's gradients are right)",
+           Hooks(layer_backward=_backward_of(("residual",), _residual_mistake(identity=False))), _block_corrupts(False),
+           with_residuals().filter(lambda s: any(l.type == "residual" and l.projection is not None for l in s.layers))),
     _cnn_mutant("dropout_mask_forgotten_in_backward", "dropout's mask applied in the forward but not the backward: "
                 "∂C/∂a = δ", ("dropout",), _dropout_grad(scaled=False), with_norms(kinds=("dropout",), training=True)),
     _cnn_mutant("dropout_scale_forgotten_in_backward", "dropout's backward applies the mask without its 1/(1 − p): "

@@ -376,7 +376,9 @@ def with_residuals(base: st.SearchStrategy | None = None, *, min_blocks: int = 1
     sometimes anyway); a vector run of another width gets a dense projection, an image or signal run with the
     same positions and other channels a 1×1 conv; any other run is left unwrapped. The block's activation is
     drawn from ``activations``. Shrinks toward one block of one layer, no projection, identity."""
-    base = with_norms(min_inserts=0, max_inserts=1) if base is None else base
+    if base is None:
+        base = with_norms(st.one_of(specs(min_depth=2, max_depth=4, max_width=12), cnn_specs(max_convs=2)),
+                          min_inserts=0, max_inserts=1)
     act = st.one_of([_ACTIVATION[n] for n in activations])
     wrap = st.tuples(st.integers(0, 15), st.integers(1, 3), st.booleans(), act)
 

@@ -11,10 +11,31 @@ import oracle
 from oracle.mutants import CATALOGUE, Hooks
 from oracle.twin import run_twin
 
-from .test_cnn_mutants import drawn_cases, first_divergent
+from oracle.graph import nodes
 
-NORM_TYPES = ("batch_norm", "layer_norm", "group_norm", "dropout", "embedding")
-NORM_BUGS = [m for m in CATALOGUE if m.name.startswith(("batch_norm", "layer_norm", "group_norm", "norm_", "dropout", "embedding"))]
+from .test_cnn_mutants import drawn_cases
+
+
+def first_divergent(spec, got, ref):
+    """Walking back through the nodes (blocks opened up), the first whose δ (where the candidate gives it) or
+    parameter gradient differs from torch's beyond 1e-10 normwise (S-scaled): its node index."""
+    loss, grads, deltas = got
+    refs = {**ref.grads, **ref.deltas}
+    scale = max(float(np.max(np.abs(t))) for t in refs.values() if t.size) or 1.0
+
+    def differs(g, r):
+        return np.linalg.norm(g - r) > 1e-10 * np.linalg.norm(r) + 1e-10 * scale * np.sqrt(r.size)
+
+    for k in reversed(range(len(nodes(spec)))):
+        node = nodes(spec)[k]
+        if node.name in deltas and differs(deltas[node.name], ref.deltas[node.name]):
+            return k
+        if any(differs(grads[n], ref.grads[n]) for n in node.param_names):
+            return k
+    return None
+
+NORM_TYPES = ("batch_norm", "layer_norm", "group_norm", "dropout", "embedding", "residual")
+NORM_BUGS = [m for m in CATALOGUE if m.name.startswith(("batch_norm", "layer_norm", "group_norm", "norm_", "dropout", "embedding", "residual"))]
 
 
 def test_at_least_eight_norm_and_dropout_mutants_each_one_mistake():

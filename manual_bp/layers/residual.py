@@ -13,7 +13,7 @@ Backward, given :math:`δ = ∂C/∂z`: both paths receive δ, and their gradien
 
 so dropping the identity path's δ is the classic residual bug. Parameters are named as torch's nested
 modules: ``layers.{i}.body.{j}.weight``, ``layers.{i}.projection.weight``; the δ of body layer j is reported
-as ``layers.{i}.body.{j}`` (``backward_with_deltas``).
+as ``layers.{i}.body.{j}``, the projection's (the block's δ) as ``layers.{i}.projection`` (``backward_with_deltas``).
 """
 
 from __future__ import annotations
@@ -156,6 +156,7 @@ class Residual:
             return grads, g + delta, deltas                   # the identity path hands δ straight down
         nabla, through = self.projection.backward(_sub(p, "projection."), a, delta)
         grads.update(_prefixed("projection.", nabla))
+        deltas["projection"] = delta                          # P(a) is added to z: its δ is the block's
         return grads, g + through, deltas
 
     def backward(self, p: dict, a: np.ndarray, delta: np.ndarray):
