@@ -41,19 +41,39 @@ CNN = {"format_version": 2, "name": "cnn-3x32x32", "input": {"shape": [3, 32, 32
 CNN_BATCH = 64
 
 
+def _conv(c, act="identity", bias=True):
+    return {"type": "conv2d", "out_channels": c, "kernel_size": 3, "padding": 1, "activation": act, "bias": bias}
+
+
+#: the batch-norm row: the CNN with a batch norm (training mode) between each conv and its relu
+CNN_BN = {**CNN, "name": "cnn-bn-3x32x32", "layers": [
+    _conv(16, bias=False), {"type": "batch_norm", "activation": "relu"}, {"type": "max_pool2d", "kernel_size": 2},
+    _conv(32, bias=False), {"type": "batch_norm", "activation": "relu"}, {"type": "max_pool2d", "kernel_size": 2},
+    {"type": "flatten"}, {"type": "dense", "units": 10, "activation": "identity"}]}
+
+#: the residual row: a ResNet basic block (conv-bn-relu-conv-bn, identity skip, relu) between the CNN's pools
+RESNET = {**CNN, "name": "resnet-3x32x32", "layers": [
+    _conv(16, "relu"), {"type": "max_pool2d", "kernel_size": 2},
+    {"type": "residual", "activation": "relu", "body": [
+        _conv(16, bias=False), {"type": "batch_norm", "activation": "relu"}, _conv(16, bias=False), {"type": "batch_norm"}]},
+    {"type": "max_pool2d", "kernel_size": 2}, {"type": "flatten"}, {"type": "dense", "units": 10, "activation": "identity"}]}
+
+
 def cnn_rows(repeats: int, progress=print) -> list:
-    """manual_bp vs torch (forward + backward, every δ kept) on the CNN, float64 and float32."""
+    """manual_bp vs torch (forward + backward, every δ kept) on the CNN, its batch-norm version and a residual
+    block, float64 and float32."""
     import manual_bp as bp
 
-    spec = bp.Spec.from_dict(CNN)
     rows = []
-    for dtype in ("float64", "float32"):
-        params, x, y = bp.random_case(spec, 0, batch=CNN_BATCH, dtype=dtype)
-        t = interleaved({"manual_bp": lambda: bp.gradients(spec, params, x, y),
-                         "torch": _torch_step(spec, params, x, y)}, repeats)
-        rows.append({"size": spec.describe().split(",")[0], "batch": CNN_BATCH, "dtype": dtype, "manual_s": t["manual_bp"],
-                     "torch_s": t["torch"], "time_ratio": t["manual_bp"] / t["torch"]})
-        progress(f"  CNN 3x32x32 b{CNN_BATCH} {dtype}: manual/torch time {rows[-1]['time_ratio']:.2f}")
+    for net in (CNN, CNN_BN, RESNET):
+        spec = bp.Spec.from_dict(net)
+        for dtype in ("float64", "float32"):
+            params, x, y = bp.random_case(spec, 0, batch=CNN_BATCH, dtype=dtype)
+            t = interleaved({"manual_bp": lambda: bp.gradients(spec, params, x, y),
+                             "torch": _torch_step(spec, params, x, y)}, repeats)
+            rows.append({"net": net["name"], "size": spec.describe().split(",")[0], "batch": CNN_BATCH, "dtype": dtype,
+                         "manual_s": t["manual_bp"], "torch_s": t["torch"], "time_ratio": t["manual_bp"] / t["torch"]})
+            progress(f"  {net['name']} b{CNN_BATCH} {dtype}: manual/torch time {rows[-1]['time_ratio']:.2f}")
     return rows
 
 
@@ -321,7 +341,8 @@ def markdown(res: dict) -> str:
         mem = f"{r['memory_ratio']:.2f}" if r.get("memory_ratio") else "—"
         lines.append(f"| {r['size']} | {r['batch']} | {r['dtype']} | {1e3 * r['manual_s']:.3f} ms | {1e3 * r['torch_s']:.3f} ms | "
                      f"**{r['time_ratio']:.2f}** | {mem} | {r['backward_gflops']:.2f} | {100 * r['backward_vs_matmul']:.0f}% |")
-    lines += ["", f"### CNN: 3×32×32 images, batch {CNN_BATCH} (target: manual/torch ≤ 2)", "",
+    lines += ["", f"### Conv nets: 3×32×32 images, batch {CNN_BATCH}: plain, with batch norm, with a residual block "
+              "(target: manual/torch ≤ 2)", "",
               "| net | batch | dtype | manual_bp | torch | manual/torch |", "|---|---|---|---|---|---|"]
     for r in res.get("cnn", []):
         lines.append(f"| {r['size']} | {r['batch']} | {r['dtype']} | {1e3 * r['manual_s']:.1f} ms | {1e3 * r['torch_s']:.1f} ms | "

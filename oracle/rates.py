@@ -52,7 +52,7 @@ from manual_bp import Spec, SpecError
 from .checker import CandidateError, check
 from .compare import TOLERANCES, gradient_scale
 from .mutants import CATALOGUE, CORRECT, Mutant
-from .strategies import cases, cnn_specs, draw_data, draw_params, fit_batch, specs, with_norms
+from .strategies import cases, cnn_specs, draw_data, draw_params, embedding_specs, fit_batch, specs, with_norms, with_residuals
 
 RATE_REGIMES = ("well_conditioned", "saturated", "near_zero", "near_kinks", "exact_kinks")
 DTYPES = ("float64", "float32")
@@ -385,7 +385,7 @@ def default_impls() -> dict:
 
 def false_alarms(n: int, seed: int, impls: dict | None = None, progress: Callable | None = None, *,
                  dtypes=DTYPES, bce_share: float = 0.2, cnn_share: float = 0.2, norm_share: float = 0.0,
-                 keep: int = 5) -> dict:
+                 residual_share: float = 0.0, token_share: float = 0.0, keep: int = 5) -> dict:
     """Run ``n`` cases per dtype through ``oracle.check`` for each correct implementation in ``impls``
     (default: manual_bp and ``tests/impls/second_correct.py``); every verdict that does not pass is a
     false alarm.
@@ -393,7 +393,9 @@ def false_alarms(n: int, seed: int, impls: dict | None = None, progress: Callabl
     A share ``bce_share`` of the cases are saturated networks ending in bce (sigmoid or softmax), where
     torch's 1e-12 guard and the exact gradient part; a share ``cnn_share`` are random conv/pool nets
     (``cnn_specs()``, every regime); a share ``norm_share`` are dense or conv nets with normalization and dropout
-    layers inserted (``with_norms()``, every regime); the rest come from ``cases()`` (dense, every regime).
+    layers inserted (``with_norms()``, every regime), ``residual_share`` nets with residual blocks
+    (``with_residuals()``), ``token_share`` token nets (``embedding_specs()``); the rest come from ``cases()``
+    (dense, every regime).
     ``progress(impl, dtype, case, result)`` is called after each check.
 
     Returns ``{"schema", "schema_version", "n", "seed", "bce_share", "cnn_share", "dtypes", "impls": {impl: {dtype:
@@ -406,14 +408,18 @@ def false_alarms(n: int, seed: int, impls: dict | None = None, progress: Callabl
     out = {name: {} for name in impls}
     start, checks = time.perf_counter(), 0
     n_bce, n_cnn, n_norm = int(round(n * bce_share)), int(round(n * cnn_share)), int(round(n * norm_share))
+    n_res, n_tok = int(round(n * residual_share)), int(round(n * token_share))
     for dtype in dtypes:
-        general = _hypothesis_draws(cases(dtypes=(dtype,)), max(0, n - n_bce - n_cnn - n_norm), stable_seed(seed, "cases", dtype))
+        general = _hypothesis_draws(cases(dtypes=(dtype,)), max(0, n - n_bce - n_cnn - n_norm - n_res - n_tok),
+                                    stable_seed(seed, "cases", dtype))
         bce = _hypothesis_draws(cases(specs_strategy=specs(losses=("bce",)), regimes=("saturated",), dtypes=(dtype,)),
                            n_bce, stable_seed(seed, "saturated-bce", dtype))
         cnn = _hypothesis_draws(cases(specs_strategy=cnn_specs(), dtypes=(dtype,)), n_cnn, stable_seed(seed, "cnn", dtype))
         norm = _hypothesis_draws(cases(specs_strategy=with_norms(), dtypes=(dtype,)), n_norm, stable_seed(seed, "norm", dtype))
+        res = _hypothesis_draws(cases(specs_strategy=with_residuals(), dtypes=(dtype,)), n_res, stable_seed(seed, "residual", dtype))
+        tok = _hypothesis_draws(cases(specs_strategy=embedding_specs(), dtypes=(dtype,)), n_tok, stable_seed(seed, "tokens", dtype))
         drawn = ([("cases", c) for c in general] + [("saturated_bce", c) for c in bce] + [("cnn", c) for c in cnn]
-                 + [("norm", c) for c in norm])
+                 + [("norm", c) for c in norm] + [("residual", c) for c in res] + [("tokens", c) for c in tok])
         for name, fn in impls.items():
             entry = {"checks": 0, "refused": 0, "false_alarms": 0, "classifications": Counter(), "examples": []}
             for source, case in drawn:
@@ -429,7 +435,7 @@ def false_alarms(n: int, seed: int, impls: dict | None = None, progress: Callabl
     seconds = time.perf_counter() - start
     return {
         "schema": "bp-oracle/false-alarms", "schema_version": SCHEMA_VERSION, "n": n, "seed": seed,
-        "bce_share": bce_share, "cnn_share": cnn_share, "norm_share": norm_share, "dtypes": list(dtypes), "impls": out,
+        "bce_share": bce_share, "cnn_share": cnn_share, "norm_share": norm_share, "residual_share": residual_share, "token_share": token_share, "dtypes": list(dtypes), "impls": out,
         "total_false_alarms": sum(e["false_alarms"] for per in out.values() for e in per.values()),
         "checks": checks, "seconds": round(seconds, 2),
         "seconds_per_check": round(seconds / checks, 4) if checks else None,

@@ -455,8 +455,8 @@ def _norm_graph(layer, params, i, a):
     dt = a.dtype.type
     eps = dt(layer.eps)
     if layer.type == "batch_norm" and not layer.training:
-        rmu = params[f"layers.{i}.running_mean"].astype(a.dtype).reshape(-1, 1)
-        rvar = params[f"layers.{i}.running_var"].astype(a.dtype).reshape(-1, 1)
+        rmu = params[f"{_key(i)}.running_mean"].astype(a.dtype).reshape(-1, 1)
+        rvar = params[f"{_key(i)}.running_var"].astype(a.dtype).reshape(-1, 1)
         rho = dt(1) / np.sqrt(rvar + eps)
         return back((x - rmu) * rho), {"eval": True, "rho": rho, "back": back}
     n = x.shape[1]
@@ -493,7 +493,7 @@ def norm_forward(layer, params, i, a):
     xhat, _ = _norm_graph(layer, params, i, a)
     if not _affine(layer):
         return xhat
-    return xhat * _gamma_view(layer, params[f"layers.{i}.weight"], a) + _gamma_view(layer, params[f"layers.{i}.bias"], a)
+    return xhat * _gamma_view(layer, params[f"{_key(i)}.weight"], a) + _gamma_view(layer, params[f"{_key(i)}.bias"], a)
 
 
 def norm_backward(layer, params, i, a, delta):
@@ -501,7 +501,7 @@ def norm_backward(layer, params, i, a, delta):
     xhat, cache = _norm_graph(layer, params, i, a)
     nabla, g = {}, delta
     if _affine(layer):
-        w = params[f"layers.{i}.weight"]
+        w = params[f"{_key(i)}.weight"]
         if layer.type == "layer_norm":                          # shared across all leading axes
             k = w.size
             nabla["weight"] = np.einsum("qk,qk->k", delta.reshape(-1, k), xhat.reshape(-1, k)).reshape(w.shape)
@@ -536,12 +536,12 @@ def layer_forward(layer, params, i, a):
     """z of layer i from its input a."""
     kind = layer.type
     if kind == "dense":
-        z = np.einsum("mi,oi->mo", a, params[f"layers.{i}.weight"])
+        z = np.einsum("mi,oi->mo", a, params[f"{_key(i)}.weight"])
         if layer.bias:
-            z = z + params[f"layers.{i}.bias"]
+            z = z + params[f"{_key(i)}.bias"]
         return z
     if kind in ("conv1d", "conv2d"):
-        return conv_forward(layer, params[f"layers.{i}.weight"], params.get(f"layers.{i}.bias") if layer.bias else None, a)
+        return conv_forward(layer, params[f"{_key(i)}.weight"], params.get(f"{_key(i)}.bias") if layer.bias else None, a)
     if kind in ("max_pool1d", "max_pool2d"):
         return max_pool_forward(layer, a)[0]
     if kind in ("avg_pool1d", "avg_pool2d"):
@@ -559,13 +559,13 @@ def layer_backward(layer, params, i, a, delta):
     """({short name: ∂C/∂θ}, ∂C/∂a) of layer i, from its input a and δ_i = ∂C/∂z_i (∂C/∂a None for i = 0)."""
     kind = layer.type
     if kind == "dense":
-        w = params[f"layers.{i}.weight"]
+        w = params[f"{_key(i)}.weight"]
         out = {"weight": np.einsum("mo,mi->oi", delta, a)}
         if layer.bias:
             out["bias"] = np.einsum("mo->o", delta)
         return out, (np.einsum("mo,oi->mi", delta, w) if i else None)
     if kind in ("conv1d", "conv2d"):
-        gw, gb, ga = conv_backward(layer, params[f"layers.{i}.weight"], a, delta)
+        gw, gb, ga = conv_backward(layer, params[f"{_key(i)}.weight"], a, delta)
         return ({"weight": gw, "bias": gb} if layer.bias else {"weight": gw}), ga
     if kind in ("max_pool1d", "max_pool2d"):
         return {}, max_pool_backward(layer, a, delta)
