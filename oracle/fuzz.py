@@ -44,16 +44,17 @@ def _replay_command(impl_name: str) -> str:
     return cmd if impl_name == "manual_bp" else f"{cmd} --impl {shlex.quote(impl_name)}"
 
 
-NETS = ("dense", "cnn", "norm", "tokens", "all")
+NETS = ("dense", "cnn", "norm", "residual", "tokens", "all")
 
 
 def _nets(kind: str):
     """The architectures a campaign draws: dense chains, conv/pool nets, either with normalization and dropout
-    layers inserted, token nets (an embedding front), or any of them."""
-    from .strategies import cnn_specs, embedding_specs, specs, with_norms
+    layers inserted, nets with residual blocks, token nets (an embedding front), or any of them."""
+    from .strategies import cnn_specs, embedding_specs, specs, with_norms, with_residuals
 
-    return {"dense": specs(), "cnn": cnn_specs(), "norm": with_norms(), "tokens": embedding_specs(),
-            "all": specs() | cnn_specs() | with_norms() | embedding_specs()}[kind]
+    return {"dense": specs(), "cnn": cnn_specs(), "norm": with_norms(), "residual": with_residuals(),
+            "tokens": embedding_specs(),
+            "all": specs() | cnn_specs() | with_norms() | with_residuals() | embedding_specs()}[kind]
 
 
 def _width(layer) -> int:

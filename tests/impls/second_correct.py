@@ -48,7 +48,18 @@ M the case's mask, manual_bp.keep_mask(seed, p, shape): case data, not math, dra
 documented formula ``default_rng(seed).random(shape) >= p`` so that nothing is imported from manual_bp
 (tests/test_second_correct_norm.py checks the two agree); eval mode is the identity.
 
-``grads(spec, params, x, y) -> (loss, grads, deltas)``, everything in the params' dtype.
+Embedding and residual layers are written as manual_bp's are not. The embedding's ∂C/∂W is the product
+Hᵀδ with H the (m·T, V) one-hot table of the tokens (repeats summed by the product, never scattered with
+``np.add.at``), the padding row masked to zero afterwards; the forward is ``np.take``. A residual block is
+not a layer with its own backward at all: the forward opens every block into a tape of nodes (its body's
+layers keyed ``layers.{i}.body.{j}``, nested blocks opened in turn, its projection ``layers.{i}.projection``,
+and a sum node ``layers.{i}`` that carries the block's activation), every value numbered; the backward walks
+the tape in reverse as a small reverse-mode autodiff, one adjoint per value, gradients *added* into it by
+every node that reads the value (the block input's adjoint collects the body's and the skip path's before
+its producer is reached). Every node's δ = ∂C/∂z is returned under its key.
+
+``grads(spec, params, x, y) -> (loss, grads, deltas)``, everything in the params' dtype (token indices stay
+integers).
 """
 
 from __future__ import annotations
@@ -532,9 +543,41 @@ def dropout_backward(layer, a, delta):
     return np.where(keep_mask(layer.seed, layer.p, a.shape), delta / delta.dtype.type(1 - layer.p), delta.dtype.type(0))
 
 
+def _key(i):
+    """The parameter prefix of a layer: ``layers.{i}`` for a top-level index, or a full dotted name as given
+    (``layers.2.body.0``, ``layers.2.projection``) for a layer inside a block."""
+    return i if isinstance(i, str) else f"layers.{i}"
+
+
+# -- embedding: a one-hot table times the weight ---------------------------------------------------------------
+def _one_hot_tokens(tokens, vocab, dtype):
+    """The (m·T, V) table with a 1 at each token's column: the embedding is this table times W."""
+    flat = np.asarray(tokens).reshape(-1)
+    return (flat[:, None] == np.arange(vocab)[None, :]).astype(dtype)
+
+
+def embedding_forward(layer, w, tokens):
+    """z[m, t] = W[x[m, t]], read off by ``np.take`` (a product with the one-hot table would turn an infinite
+    entry of W elsewhere in the table into 0·∞ = NaN)."""
+    return np.take(w, np.asarray(tokens, dtype=np.int64), axis=0)
+
+
+def embedding_backward(layer, w, tokens, delta):
+    r"""∂C/∂W = Hᵀ δ with H the one-hot table of the tokens: row v is Σ δ over every (m, t) whose token is v,
+    repeats summed by the product itself; the padding row is then masked to zero. No ∂C/∂x (tokens)."""
+    hot = _one_hot_tokens(tokens, w.shape[0], w.dtype)
+    gw = np.einsum("nv,nd->vd", hot, delta.reshape(-1, w.shape[1]))
+    if layer.padding_idx is not None:
+        live = np.arange(w.shape[0]) != layer.padding_idx % w.shape[0]
+        gw = np.where(live[:, None], gw, w.dtype.type(0))
+    return gw
+
+
 def layer_forward(layer, params, i, a):
-    """z of layer i from its input a."""
+    """z of layer i (an index, or a block's dotted name) from its input a."""
     kind = layer.type
+    if kind == "embedding":
+        return embedding_forward(layer, params[f"{_key(i)}.weight"], a)
     if kind == "dense":
         z = np.einsum("mi,oi->mo", a, params[f"{_key(i)}.weight"])
         if layer.bias:
@@ -555,15 +598,20 @@ def layer_forward(layer, params, i, a):
     raise ValueError(f"unknown layer type {kind}")
 
 
-def layer_backward(layer, params, i, a, delta):
-    """({short name: ∂C/∂θ}, ∂C/∂a) of layer i, from its input a and δ_i = ∂C/∂z_i (∂C/∂a None for i = 0)."""
+def layer_backward(layer, params, i, a, delta, need_input=None):
+    """({short name: ∂C/∂θ}, ∂C/∂a) of layer i, from its input a and δ_i = ∂C/∂z_i (a dense layer's ∂C/∂a is None
+    when ``need_input`` is false, by default for the network's first layer; an embedding's always is)."""
     kind = layer.type
+    if need_input is None:
+        need_input = _key(i) != "layers.0"
+    if kind == "embedding":
+        return {"weight": embedding_backward(layer, params[f"{_key(i)}.weight"], a, delta)}, None
     if kind == "dense":
         w = params[f"{_key(i)}.weight"]
         out = {"weight": np.einsum("mo,mi->oi", delta, a)}
         if layer.bias:
             out["bias"] = np.einsum("mo->o", delta)
-        return out, (np.einsum("mo,oi->mi", delta, w) if i else None)
+        return out, (np.einsum("mo,oi->mi", delta, w) if need_input else None)
     if kind in ("conv1d", "conv2d"):
         gw, gb, ga = conv_backward(layer, params[f"{_key(i)}.weight"], a, delta)
         return ({"weight": gw, "bias": gb} if layer.bias else {"weight": gw}), ga
@@ -580,12 +628,48 @@ def layer_backward(layer, params, i, a, delta):
     raise ValueError(f"unknown layer type {kind}")
 
 
-# -- the network ------------------------------------------------------------------------------------
+# -- the network: a tape of nodes, walked backward with adjoints accumulated per value ----------------------------
+def _record(tape, key, layer, src, params, values, dtype, skip=None):
+    """Run one node forward and append it to the tape: a layer node reads value ``src``; a sum node (a block's,
+    ``skip`` given) adds values ``src`` and ``skip``. Its z and its activation's output both become values;
+    returns the id of the activation's output."""
+    if skip is None:
+        z = layer_forward(layer, params, key, values[src])
+    else:
+        z = values[src] + values[skip]
+    z = np.asarray(z).astype(dtype, copy=False)
+    name, p = _act(layer)
+    values.append(np.asarray(act_value(name, p, z)).astype(dtype, copy=False))
+    tape.append({"key": key, "layer": layer, "src": src, "skip": skip, "z": z, "out": len(values) - 1})
+    return len(values) - 1
+
+
+def _unroll(tape, key, layer, src, params, values, dtype):
+    """Lay a layer, or a residual block opened up, onto the tape: the body's nodes in order from the block's
+    input, then its projection (from the same input), then the sum node that carries the block's activation."""
+    if layer.type != "residual":
+        return _record(tape, key, layer, src, params, values, dtype)
+    cur = src
+    for j, inner in enumerate(layer.body):
+        cur = _unroll(tape, f"{key}.body.{j}", inner, cur, params, values, dtype)
+    skip = src
+    if layer.projection is not None:
+        skip = _record(tape, f"{key}.projection", layer.projection, src, params, values, dtype)
+    return _record(tape, key, layer, cur, params, values, dtype, skip=skip)
+
+
 def grads(spec, params, x, y):
-    """(loss, grads, deltas) of ``spec`` at ``params`` on the batch (x, y), in the params' dtype."""
-    names = list(spec.param_shapes())                 # layers.0.weight first for a dense spec
+    """(loss, grads, deltas) of ``spec`` at ``params`` on the batch (x, y), in the params' dtype.
+
+    The forward lays every node (blocks opened up) onto a tape, each value it makes numbered; the backward
+    walks the tape in reverse, keeping one adjoint ∂C/∂v per value and *adding* into it whenever a node hands
+    a gradient back, so a block input read by its body and by its skip path (or projection) collects both
+    before the node that made it is reached. A node's δ is ∂C/∂z from the adjoint of its output; a sum node
+    passes δ to both its operands."""
+    names = list(spec.param_shapes())
     dtype = params[names[0]].dtype if names else np.asarray(x).dtype
-    x = np.asarray(x, dtype=dtype)
+    tokens = bool(spec.layers) and spec.layers[0].type == "embedding"
+    x = np.asarray(x).astype(np.int64) if tokens else np.asarray(x, dtype=dtype)
     if x.ndim == len(spec.input_shape):
         x = x[None]
     m = x.shape[0]
@@ -594,29 +678,34 @@ def grads(spec, params, x, y):
     else:
         y = np.asarray(y, dtype=dtype).reshape(m, spec.output_size)
 
-    zs, inputs, a = [], [], x
+    tape, values, cur = [], [x], 0                      # value 0: the network's input
     for i, layer in enumerate(spec.layers):
-        z = layer_forward(layer, params, i, a)
-        z = np.asarray(z).astype(dtype, copy=False)
-        inputs.append(a)
-        zs.append(z)
-        name, p = _act(layer)
-        a = np.asarray(act_value(name, p, z)).astype(dtype, copy=False)
+        cur = _unroll(tape, f"layers.{i}", layer, cur, params, values, dtype)
+    a = values[cur]
     loss = dtype.type(loss_value(spec.loss, a, y, m))
 
-    out, deltas = {}, {}
-    L = len(spec.layers)
-    delta = np.asarray(output_delta(spec, zs[-1], a, y, m)).astype(dtype, copy=False)
-    upstream = None
-    for i in reversed(range(L)):
-        if i < L - 1:
-            name, p = _act(spec.layers[i])
-            delta = np.asarray(act_vjp(name, p, zs[i], upstream)).astype(dtype, copy=False)
-        deltas[f"layers.{i}"] = delta
-        nabla, upstream = layer_backward(spec.layers[i], params, i, inputs[i], delta)
-        for k, v in nabla.items():
-            out[f"layers.{i}.{k}"] = v.astype(dtype, copy=False)
-    grads_ = {f"layers.{i}.{k}": out[f"layers.{i}.{k}"] for i in range(L) for k in ("weight", "bias")
-              if f"layers.{i}.{k}" in out}
-    deltas = {f"layers.{i}": deltas[f"layers.{i}"] for i in range(L)}
+    adjoint, out, deltas = {}, {}, {}
+    last = len(tape) - 1
+    for n in reversed(range(len(tape))):
+        node = tape[n]
+        if n == last:                                   # the output node: loss and activation together
+            delta = output_delta(spec, node["z"], a, y, m)
+        else:
+            name, p = _act(node["layer"])
+            delta = act_vjp(name, p, node["z"], adjoint.pop(node["out"]))
+        delta = np.asarray(delta).astype(dtype, copy=False)
+        deltas[node["key"]] = delta
+        if node["skip"] is not None:                    # z = body + skip: δ to both
+            handed = [(node["src"], delta), (node["skip"], delta)]
+        else:
+            nabla, back = layer_backward(node["layer"], params, node["key"], values[node["src"]], delta,
+                                         need_input=node["src"] != 0)
+            for k, v in nabla.items():
+                out[f"{node['key']}.{k}"] = np.asarray(v).astype(dtype, copy=False)
+            handed = [] if back is None or node["src"] == 0 else [(node["src"], back)]
+        for vid, g in handed:
+            g = np.asarray(g).astype(dtype, copy=False)
+            adjoint[vid] = adjoint[vid] + g if vid in adjoint else g
+    grads_ = {name: out[name] for name in names}
+    deltas = {node["key"]: deltas[node["key"]] for node in tape}
     return loss, grads_, deltas
