@@ -384,8 +384,8 @@ def default_impls() -> dict:
 
 
 def false_alarms(n: int, seed: int, impls: dict | None = None, progress: Callable | None = None, *,
-                 dtypes=DTYPES, bce_share: float = 0.2, cnn_share: float = 0.2, norm_share: float = 0.0,
-                 residual_share: float = 0.0, token_share: float = 0.0, keep: int = 5) -> dict:
+                 dtypes=DTYPES, bce_share: float = 0.2, cnn_share: float = 0.2, norm_share: float = 0.15,
+                 residual_share: float = 0.15, token_share: float = 0.05, keep: int = 5) -> dict:
     """Run ``n`` cases per dtype through ``oracle.check`` for each correct implementation in ``impls``
     (default: manual_bp and ``tests/impls/second_correct.py``); every verdict that does not pass is a
     false alarm.
