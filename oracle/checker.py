@@ -347,7 +347,7 @@ def _step_back(graph, readers, i) -> str:
 WEAK = 0.25  # a pass where rounding alone may move a tensor by this share of its norm says little
 
 
-def _weak_notes(tensors: list, arrays: dict) -> list[str]:
+def _weak_notes(tensors: list, arrays: dict, dt=np.dtype(np.float64)) -> list[str]:
     """Where the rounding allowance is a large share of a tensor itself, a pass cannot rule out a wrong backward
     of that size: say so (ill-conditioned cases, e.g. a norm of a nearly constant batch in float32)."""
     weak = []
@@ -361,7 +361,8 @@ def _weak_notes(tensors: list, arrays: dict) -> list[str]:
         return []
     return [f"Weak check: rounding alone may move a correct answer by a large share of the gradient itself on "
             f"{', '.join(weak[:4])}{' and more' if len(weak) > 4 else ''}, so a wrong backward that close would "
-            f"pass too. The case is ill-conditioned in this dtype; check it in float64 or on better-scaled data."]
+            f"pass too. The case is ill-conditioned in {np.dtype(dt).name} (or its gradient is nearly zero); "
+            f"check it {'in float64 or ' if np.dtype(dt) != np.float64 else ''}on better-scaled data."]
 
 
 def _running_statistics_note(spec: Spec, got: Mapping, want: dict, tol: Tolerance) -> str:
@@ -435,7 +436,7 @@ def check(
 
     def result(passed, kind, layer=None, where=""):
         if passed and kind != "match":
-            notes.extend(_weak_notes(tensors, arrays))
+            notes.extend(_weak_notes(tensors, arrays, dt))
         return CheckResult(spec, dt.name, passed, kind, tol, scale, loss_cmp, tensors, layer, where, notes, arrays,
                            bounds=bounds)
 
