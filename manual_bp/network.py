@@ -33,6 +33,7 @@ class Cache:
     z: tuple
     a: tuple
     x_shape: tuple  # the shape x was given in: (m, n), or one column example (n,) / (n, 1)
+    saved: tuple = ()  # per layer: what a block's or a norm's forward keeps for its backward (``forward_saved``)
 
     @property
     def single(self) -> bool:
@@ -77,12 +78,16 @@ def forward(spec: Spec, params: dict, x: np.ndarray) -> Cache:
     """Run x through the network, keeping every z and a."""
     dtype = check_params(spec, params)
     a, _ = check_x(spec, x, dtype)
-    zs, acts = [], [a]
+    zs, acts, saved = [], [a], []
     for i, layer in enumerate(spec.layers):
-        z = layer.forward(layer_params(params, i), acts[-1])
+        if hasattr(layer, "forward_saved"):  # a block keeps its body's z and a, a norm its x̂ and s, for the backward
+            z, keep = layer.forward_saved(layer_params(params, i), acts[-1])
+        else:
+            z, keep = layer.forward(layer_params(params, i), acts[-1]), None
         zs.append(z)
+        saved.append(keep)
         acts.append(layer.activation.value(z))
-    return Cache(spec, dict(params), tuple(zs), tuple(acts), np.shape(x))
+    return Cache(spec, dict(params), tuple(zs), tuple(acts), np.shape(x), tuple(saved))
 
 
 def backward(cache: Cache, y: np.ndarray) -> Gradients:
@@ -97,10 +102,12 @@ def backward(cache: Cache, y: np.ndarray) -> Gradients:
         delta = layer.activation.vjp(cache.z[i], cache.a[i + 1], grad_a)   # δ_i = ∇_a C ⊙ g'(z_i)
         deltas[f"layers.{i}"] = delta
         if hasattr(layer, "backward_with_deltas"):  # a block also reports the δ of the layers inside it
-            nabla, grad_a, inner = layer.backward_with_deltas(cache.layer_params(i), cache.a[i], delta)
+            keep = cache.saved[i] if cache.saved else None
+            nabla, grad_a, inner = layer.backward_with_deltas(cache.layer_params(i), cache.a[i], delta, keep)
             deltas.update({f"layers.{i}.{k}": d for k, d in inner.items()})
         else:
-            nabla, grad_a = layer.backward(cache.layer_params(i), cache.a[i], delta)  # δ_i^T a_i, Σ δ_i, δ_i θ_i
+            keep = (cache.saved[i],) if cache.saved and cache.saved[i] is not None else ()
+            nabla, grad_a = layer.backward(cache.layer_params(i), cache.a[i], delta, *keep)  # δ_i^T a_i, Σ δ_i, δ_i θ_i
         for pname, g in nabla.items():
             grads[f"layers.{i}.{pname}"] = g
     grads = {name: grads[name] for name in spec.param_shapes()}  # layer order, as torch lists them
@@ -108,8 +115,11 @@ def backward(cache: Cache, y: np.ndarray) -> Gradients:
     if cache.single:
         deltas = {k: d[0] for k, d in deltas.items()}
         grad_a = None if grad_a is None else grad_a.reshape(cache.x_shape)
-    buffers = {f"layers.{i}.{k}": v for i, layer in enumerate(spec.layers) if hasattr(layer, "updated_buffers")
-               for k, v in layer.updated_buffers(cache.layer_params(i), cache.a[i]).items()}
+    buffers = {}
+    for i, layer in enumerate(spec.layers):
+        if hasattr(layer, "updated_buffers"):
+            keep = (cache.saved[i],) if cache.saved and cache.saved[i] is not None else ()
+            buffers.update({f"layers.{i}.{k}": v for k, v in layer.updated_buffers(cache.layer_params(i), cache.a[i], *keep).items()})
     return Gradients(loss=loss, grads=grads, deltas=deltas, grad_input=grad_a, buffers=buffers)
 
 

@@ -156,24 +156,30 @@ class _ConvNd:
 
     def forward(self, p: dict[str, np.ndarray], a: np.ndarray) -> np.ndarray:
         r""":math:`z = θ ⋆ a + b`: per group, θ (O/G, C/G·K) times cols (C/G·K, m·P)."""
+        return self.forward_saved(p, a)[0]
+
+    def forward_saved(self, p: dict[str, np.ndarray], a: np.ndarray):
+        """(z, cols): the forward and its im2col matrix, which the backward's ∂C/∂θ = δ colsᵀ reuses."""
         m, G, O = a.shape[0], self.groups, self.out_channels
         out = self.out_shape(a.shape[1:])[1:]
         theta = p["weight"].reshape(G, O // G, -1)
-        z = theta @ self._cols(a)                                            # (G, O/G, m·P)
+        cols = self._cols(a)
+        z = theta @ cols                                                     # (G, O/G, m·P)
         z = z.reshape(O, m, *out).swapaxes(0, 1)                            # (m, O, *out)
         z = np.ascontiguousarray(z)
         if self.bias:
             z += p["bias"].reshape(O, *(1,) * self.nd)
-        return z
+        return z, cols
 
     def backward(
-        self, p: dict[str, np.ndarray], a: np.ndarray, delta: np.ndarray
+        self, p: dict[str, np.ndarray], a: np.ndarray, delta: np.ndarray, saved=None
     ) -> tuple[dict[str, np.ndarray], np.ndarray]:
-        r""":math:`∂C/∂θ = δ ⋆ a`, :math:`∂C/∂b = Σ_{m,x} δ`, :math:`∂C/∂a` = δ fully convolved with the flipped θ."""
+        r""":math:`∂C/∂θ = δ ⋆ a`, :math:`∂C/∂b = Σ_{m,x} δ`, :math:`∂C/∂a` = δ fully convolved with the flipped θ.
+        ``saved``: the forward's cols (``forward_saved``), recomputed when not given."""
         nd, G, O = self.nd, self.groups, self.out_channels
         m, C = a.shape[:2]
         out = delta.shape[2:]
-        cols = self._cols(a)                                                 # (G, C/G·K, m·P)
+        cols = saved if saved is not None else self._cols(a)                 # (G, C/G·K, m·P)
         d = delta.reshape(m, O, -1).swapaxes(0, 1).reshape(G, O // G, -1)   # (G, O/G, m·P)
         theta = p["weight"].reshape(G, O // G, -1)                           # (G, O/G, C/G·K)
         nabla = {"weight": (d @ cols.swapaxes(1, 2)).reshape(p["weight"].shape)}

@@ -101,15 +101,20 @@ class _Norm:
 
     def forward(self, p: dict, a: np.ndarray) -> np.ndarray:
         """z = γ ⊙ x̂ + β."""
-        xhat, _ = self.statistics(p, a)
-        if not self.affine:
-            return xhat
-        shape = self._affine_shape(a)
-        return xhat * p["weight"].reshape(shape) + p["bias"].reshape(shape)
+        return self.forward_saved(p, a)[0]
 
-    def backward(self, p: dict, a: np.ndarray, delta: np.ndarray):
-        """∂C/∂γ = Σ δ ⊙ x̂, ∂C/∂β = Σ δ, ∂C/∂a through x̂, μ and σ² (see the module docstring)."""
+    def forward_saved(self, p: dict, a: np.ndarray):
+        """(z, (x̂, s)): the forward and the statistics its backward reuses (``manual_bp.network`` keeps them)."""
         xhat, s = self.statistics(p, a)
+        if not self.affine:
+            return xhat, (xhat, s)
+        shape = self._affine_shape(a)
+        return xhat * p["weight"].reshape(shape) + p["bias"].reshape(shape), (xhat, s)
+
+    def backward(self, p: dict, a: np.ndarray, delta: np.ndarray, saved=None):
+        """∂C/∂γ = Σ δ ⊙ x̂, ∂C/∂β = Σ δ, ∂C/∂a through x̂, μ and σ² (see the module docstring). ``saved``: the
+        (x̂, s) of ``forward_saved`` (recomputed when not given)."""
+        xhat, s = saved if saved is not None else self.statistics(p, a)
         nabla = {}
         g = delta
         if self.affine:
@@ -197,7 +202,7 @@ class BatchNorm(_Norm):
     def input_gradient(self, p, a, g, xhat, s):
         return super().input_gradient(p, a, g, xhat, s) if self.training else g / s
 
-    def updated_buffers(self, p: dict, a: np.ndarray) -> dict[str, np.ndarray]:
+    def updated_buffers(self, p: dict, a: np.ndarray, saved=None) -> dict[str, np.ndarray]:
         """The running statistics after this forward: unchanged in eval mode; in training mode moved toward
         the batch's mean and its *unbiased* variance, σ² N/(N − 1)."""
         if not self.training:

@@ -125,32 +125,45 @@ class Residual:
 
     # -- forward and backward ------------------------------------------------------------------------------
     def _forward(self, p: dict, a: np.ndarray):
-        """(z, zs, hs): the block's output, each body layer's z_j, and the body's activations h_0 = a, ..., h_J."""
-        hs, zs = [a], []
+        """(z, zs, hs, saved): the block's output, each body layer's z_j, the body's activations h_0 = a, ..., h_J,
+        and what each block inside the body saved (None for other layers)."""
+        hs, zs, self_saved = [a], [], []
         for j, layer in enumerate(self.body):
-            zs.append(layer.forward(_sub(p, f"body.{j}."), hs[-1]))
-            hs.append(layer.activation.value(zs[-1]))
+            if hasattr(layer, "forward_saved"):  # a block or a norm inside: keep what its backward reuses
+                z, keep = layer.forward_saved(_sub(p, f"body.{j}."), hs[-1])
+            else:
+                z, keep = layer.forward(_sub(p, f"body.{j}."), hs[-1]), None
+            zs.append(z)
+            self_saved.append(keep)
+            hs.append(layer.activation.value(z))
         skip = a if self.projection is None else self.projection.forward(_sub(p, "projection."), a)
-        return hs[-1] + skip, zs, hs
+        return hs[-1] + skip, zs, hs, self_saved
 
     def forward(self, p: dict, a: np.ndarray) -> np.ndarray:
         """z = h_J + a (or + P(a))."""
         return self._forward(p, a)[0]
 
-    def backward_with_deltas(self, p: dict, a: np.ndarray, delta: np.ndarray):
+    def forward_saved(self, p: dict, a: np.ndarray):
+        """(z, saved): the forward and what backward and ``updated_buffers`` reuse (every z_j and h_j of the body),
+        so that the body runs once per forward + backward (``manual_bp.network`` keeps it in its Cache)."""
+        z, zs, hs, inner = self._forward(p, a)
+        return z, (zs, hs, inner)
+
+    def backward_with_deltas(self, p: dict, a: np.ndarray, delta: np.ndarray, saved=None):
         """(grads, ∂C/∂a, deltas): δ runs back through the body (δ_j = ∂C/∂z_j, keyed ``body.{j}``) and through the
-        skip path, and the two gradients add at the block's input."""
-        _, zs, hs = self._forward(p, a)
+        skip path, and the two gradients add at the block's input. ``saved``: what ``forward_saved`` returned."""
+        zs, hs, inner_saved = saved if saved is not None else self._forward(p, a)[1:]
         grads, deltas, g = {}, {}, delta                      # ∂C/∂h_J = δ
         for j in reversed(range(len(self.body))):
             layer = self.body[j]
             d = layer.activation.vjp(zs[j], hs[j + 1], g)     # δ_j = ∂C/∂h_{j+1} ⊙ g_j'(z_j)
             deltas[f"body.{j}"] = d
             if hasattr(layer, "backward_with_deltas"):
-                nabla, g, inner = layer.backward_with_deltas(_sub(p, f"body.{j}."), hs[j], d)
+                nabla, g, inner = layer.backward_with_deltas(_sub(p, f"body.{j}."), hs[j], d, inner_saved[j])
                 deltas.update(_prefixed(f"body.{j}.", inner))
             else:
-                nabla, g = layer.backward(_sub(p, f"body.{j}."), hs[j], d)
+                keep = () if inner_saved[j] is None else (inner_saved[j],)
+                nabla, g = layer.backward(_sub(p, f"body.{j}."), hs[j], d, *keep)
             grads.update(_prefixed(f"body.{j}.", nabla))
         if self.projection is None:
             return grads, g + delta, deltas                   # the identity path hands δ straight down
@@ -163,12 +176,13 @@ class Residual:
         grads, grad_a, _ = self.backward_with_deltas(p, a, delta)
         return grads, grad_a
 
-    def updated_buffers(self, p: dict, a: np.ndarray) -> dict[str, np.ndarray]:
-        _, _, hs = self._forward(p, a)
+    def updated_buffers(self, p: dict, a: np.ndarray, saved=None) -> dict[str, np.ndarray]:
+        _, hs, inner_saved = saved if saved is not None else self._forward(p, a)[1:]
         out = {}
         for j, layer in enumerate(self.body):
             if hasattr(layer, "updated_buffers"):
-                out.update(_prefixed(f"body.{j}.", layer.updated_buffers(_sub(p, f"body.{j}."), hs[j])))
+                keep = () if inner_saved[j] is None else (inner_saved[j],)
+                out.update(_prefixed(f"body.{j}.", layer.updated_buffers(_sub(p, f"body.{j}."), hs[j], *keep)))
         return out
 
 
