@@ -19,7 +19,10 @@ through one time in five is killed too. Here each bug mutant is measured per *ce
   (a saturated net whose every gradient underflows to the same zeros): no oracle can tell those apart;
 * the numerator is the number of those cases where ``oracle.check`` does not pass the mutant
   (``bug``, ``forward``, ``crash``, or an unusable answer). A case the oracle refuses to judge at all
-  (``SpecError``, e.g. a forward pass that overflows the dtype) is counted apart as ``refused``.
+  (``SpecError``, e.g. a forward pass that overflows the dtype) is counted apart as ``refused``, and a
+  pass that itself says "Weak check" (the rounding allowance is a large share of some gradient, so the
+  case cannot tell: a norm of a nearly constant batch in float32, a gradient that is zero in exact
+  arithmetic) apart as ``inconclusive``: neither claims anything about the mutant.
   The first missed case of each cell is kept with what replays it (``replay(info)``).
 
 On the same draws, the correct backward and the kink-convention mutant run as controls: any verdict
@@ -209,6 +212,13 @@ def verdict(spec: Spec, params: dict, x, y, grads_fn):
     return result.classification, result.passed, result
 
 
+def is_weak(result) -> bool:
+    """A pass whose notes say the case cannot tell a correct backward from a wrong one that close (the rounding
+    allowance is a large share of some gradient itself: ``checker._weak_notes``). It claims nothing, so a mutant
+    that passes this way is counted as *inconclusive*, apart from detected and missed."""
+    return any(str(n).startswith("Weak check") for n in getattr(result, "notes", None) or [])
+
+
 def _worst_message(result) -> str:
     """The explanation of the worst failing tensor (largest error over its bound), or the crash."""
     if result is None:
@@ -286,6 +296,7 @@ def detection_rates(per_cell: int, seed: int, progress: Callable | None = None, 
             for dtype in dtypes:
                 t0 = time.perf_counter()
                 cell = {"mutant": mutant.name, "regime": regime, "dtype": dtype, "drawn": len(draws), "refused": 0,
+                        "inconclusive": 0,
                         "changed": 0, "detected": 0, "missed": 0, "rate": None, "verdicts": Counter(), "first_missed": None,
                         "hypothesis_seed": hseed}
                 for k, (spec, batch, data_seed) in enumerate(draws):
@@ -302,6 +313,9 @@ def detection_rates(per_cell: int, seed: int, progress: Callable | None = None, 
                     checks += 1
                     if passed is None:  # the oracle cannot judge this case at all: not counted
                         cell["refused"] += 1
+                        continue
+                    if passed and is_weak(r):  # a pass the oracle itself calls inconclusive: counted apart
+                        cell["inconclusive"] += 1
                         continue
                     cell["changed"] += 1
                     cell["verdicts"][classification] += 1
@@ -463,7 +477,9 @@ def _detection_md(d: dict) -> list:
         f"{len(d['cells'])} cells (bug mutant × regime × dtype), {d['per_cell']} cases drawn per cell, seed {d['seed']}; "
         f"{len(d['below_threshold'])} cell(s) below {100 * thr:.0f}%, {len(d['empty_cells'])} cell(s) where the mutant "
         f"changed nothing on any draw. A case counts only where the mutant changes the loss, a gradient or a δ "
-        f"beyond the dtype's strict bound; the rate is the share of those the oracle does not pass. "
+        f"beyond the dtype's strict bound; the rate is the share of those the oracle does not pass. A pass that "
+        f"says \"Weak check\" (rounding alone could move the answer by a large share of the gradient, so the case "
+        f"cannot tell) is counted apart as inconclusive: {sum(c.get('inconclusive', 0) for c in d['cells'])} in all. "
         f"{d['checks']} checks in {d['seconds']:.0f} s ({d['seconds_per_check'] or 0:.3f} s per check).",
         "",
     ]
@@ -483,6 +499,7 @@ def _detection_md(d: dict) -> list:
         missed_as = ", ".join(f"{k} {v}" for k, v in sorted(c["verdicts"].items()) if k in PASSING)
         flag = " ❌" if c["rate"] is not None and c["rate"] < thr else ""
         refused = f" ({c['refused']} refused)" if c.get("refused") else ""
+        refused += f" ({c['inconclusive']} inconclusive)" if c.get("inconclusive") else ""
         lines.append(f"| `{c['mutant']}` | {c['regime']} | {c['dtype']} | {_pct(c['rate'])}{flag} | "
                      f"{c['detected']} / {c['changed']} | {c['drawn']}{refused} | {missed_as or '—'} |")
     if d["controls"]:

@@ -299,3 +299,13 @@ def test_running_statistics_come_back_from_an_impl_in_its_own_process(tmp_path):
     run = subprocess.run([sys.executable, "-m", "oracle", "check", "--example", "mlp-batchnorm", "--impl", "manual_bp:gradients",
                           "--report", str(tmp_path)], capture_output=True, text=True)
     assert run.returncode == 0 and "Running statistics after the forward (not gradients, not judged): match" in run.stdout
+
+
+def test_a_weak_pass_counts_as_inconclusive_in_detection_rates():
+    from oracle.mutants import CATALOGUE
+    from oracle.rates import is_weak
+    spec, params, x, y = _near_constant_case()
+    mutant = next(m for m in CATALOGUE if m.name == "batch_norm_variance_path_dropped")
+    weak = oracle.check(spec, params, x, y, mutant.grads_fn, dtype="float32")
+    assert weak.passed and is_weak(weak)     # it passes, and says it cannot tell
+    assert not is_weak(oracle.check(spec, params, x, y, mutant.grads_fn))  # float64 tells: a bug
