@@ -92,11 +92,18 @@ def check_params(spec: Spec, params: Mapping[str, np.ndarray]) -> np.dtype:
     missing = [k for k in expected if k not in params]
     if missing:
         raise SpecError(f"params[{missing[0]!r}]", "missing", f"the spec needs: {', '.join(expected)}")
-    extra = [k for k in params if k not in expected]
+    # torch's BatchNorm state_dict also holds num_batches_tracked (its step count, used only when momentum is
+    # None): accepted beside the running statistics so that a saved torch state_dict loads, and not used
+    counters = {k[: -len("running_mean")] + "num_batches_tracked" for k in expected if k.endswith(".running_mean")}
+    for k in counters & set(params):
+        arr = np.asarray(params[k])
+        if arr.shape != () or arr.dtype.kind not in "iuf" or not np.isfinite(arr) or arr < 0 or arr != np.round(arr):
+            raise SpecError(f"params[{k!r}]", f"is {show(params[k])}", "give the step count as one whole number ≥ 0, or leave it out")
+    extra = [k for k in params if k not in expected and k not in counters]
     if extra:
         raise SpecError(f"params[{extra[0]!r}]", "is not a parameter of this spec", f"the spec has: {', '.join(expected)}")
     dtype = None
-    for name, shape in expected.items():
+    for name, shape in expected.items():  # (num_batches_tracked, checked above, keeps its own integer dtype)
         arr = params[name]
         field = f"params[{name!r}]"
         if not isinstance(arr, np.ndarray):

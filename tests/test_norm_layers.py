@@ -309,3 +309,16 @@ def test_a_weak_pass_counts_as_inconclusive_in_detection_rates():
     weak = oracle.check(spec, params, x, y, mutant.grads_fn, dtype="float32")
     assert weak.passed and is_weak(weak)     # it passes, and says it cannot tell
     assert not is_weak(oracle.check(spec, params, x, y, mutant.grads_fn))  # float64 tells: a bug
+
+
+def test_a_torch_state_dict_with_num_batches_tracked_loads_from_the_cli(tmp_path):
+    """A user's saved torch model (state_dict → npz) has num_batches_tracked beside the running statistics."""
+    from oracle.twin import Twin
+    spec = bp.example("mlp-batchnorm")
+    model = Twin(spec).train()
+    state = {k: v.detach().numpy() for k, v in model.state_dict().items()}
+    assert state["layers.1.num_batches_tracked"].dtype == np.int64
+    np.savez(tmp_path / "p.npz", **state)
+    run = subprocess.run([sys.executable, "-m", "oracle", "check", "--example", "mlp-batchnorm", "--params", str(tmp_path / "p.npz"),
+                          "--batch", "6", "--report", str(tmp_path / "r")], capture_output=True, text=True)
+    assert run.returncode == 0 and "gradients match" in run.stdout, run.stdout + run.stderr
