@@ -153,6 +153,22 @@ class Magnitudes:
         """The size of the terms ∂C/∂θ adds up (its rounding is γ_{k_w} times that)."""
         return self.back_weight(v, A)
 
+    # -- every parameter's bound, by short name: a layer type with other parameters overrides these two ---------
+    def param_bounds(self, edelta, ad, A, Ea, gamma, eta) -> dict:
+        """{short name: the analytic bound of its gradient's error} given δ's error bound ``edelta``, |δ| ``ad``,
+        the input's size ``A`` and error ``Ea``, and ``gamma(k)`` = γ_k (``oracle.rounding``)."""
+        kw, out = self.k_w, {}
+        if "weight" in self.w:
+            out["weight"] = (self.back_weight(edelta, self.weight_input(A)) + self.back_weight(ad, self.weight_error(Ea))
+                             + gamma(kw) * self.weight_terms(ad, A) + kw * eta)
+        if "bias" in self.w:
+            out["bias"] = self.back_bias(edelta) + gamma(kw) * self.back_bias(ad) + kw * eta
+        return out
+
+    def param_rounding(self, short: str, ad, A) -> tuple:
+        """(size of the terms the gradient of parameter ``short`` adds up, how many): what the measured noise rounds."""
+        return (self.weight_terms(ad, A) if short == "weight" else self.back_bias(ad)), self.k_w
+
     def held(self, a: torch.Tensor) -> torch.Tensor | None:
         """A max pool of ``a`` that keeps the winners torch picks at the reference input (so that noise
         cannot switch them); None for every other layer type."""

@@ -181,13 +181,12 @@ def jittered_run(spec, params: dict, x: np.ndarray, y, ref, allow, u: float, rng
             return rounded(g, size, k + len(readers[j]) - 1) if k else g
         target.register_hook(at_input)
     for i, node in enumerate(graph):
-        mag, name = mags[i], node.name
-        if f"{name}.weight" in weights:
-            weights[f"{name}.weight"].register_hook(lambda g, i=i, mag=mag: rounded(
-                g, mag.weight_terms(stash[("delta", i)].abs().numpy(), ins[i]), mag.k_w))
-        if f"{name}.bias" in weights:
-            weights[f"{name}.bias"].register_hook(lambda g, i=i, mag=mag: rounded(
-                g, mag.back_bias(stash[("delta", i)].abs().numpy()), mag.k_w))
+        mag = mags[i]
+        for full in node.param_names:  # each parameter's gradient, rounded as its layer type says
+            short = full[len(node.name) + 1:]
+            if full in weights and weights[full].requires_grad:
+                weights[full].register_hook(lambda g, i=i, mag=mag, short=short: rounded(
+                    g, *mag.param_rounding(short, stash[("delta", i)].abs().numpy(), ins[i])))
     loss = loss_fn(spec.loss)(acts[-1], yt)
     # the loss value's own rounding (a sum of N terms, a log-sum-exp): the analytic bound's size, at random
     loss = loss + float(allow.bounds["loss"]) * EVAL / ULPS * float(rng.standard_normal())

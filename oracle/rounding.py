@@ -393,7 +393,7 @@ def allowance(spec: Spec, params: dict, x: np.ndarray, y: np.ndarray, ref, dtype
             for alt in alternatives.values():
                 big = np.abs(alt)
                 edelta = edelta + np.where(rows, cu * (big + big.sum(axis=-1, keepdims=True) * act.output_only), 0.0)
-        mag, kw = mags[i], mags[i].k_w
+        mag = mags[i]
         edelta = edelta + ULPS * eta
         bounds[f"{node.name}.delta"] = edelta
         if node.is_sum:  # δ goes to both paths unchanged
@@ -401,12 +401,9 @@ def allowance(spec: Spec, params: dict, x: np.ndarray, y: np.ndarray, ref, dtype
             send(node.skip + 1, edelta, ad)
             continue
         j = node.src + 1
-        if f"{node.name}.weight" in params:
-            bounds[f"{node.name}.weight"] = (mag.back_weight(edelta, mag.weight_input(A[j]))
-                                             + mag.back_weight(ad, mag.weight_error(Ea[j]))
-                                             + _gamma(kw, u) * mag.weight_terms(ad, A[j]) + kw * eta)
-        if f"{node.name}.bias" in params:
-            bounds[f"{node.name}.bias"] = mag.back_bias(edelta) + _gamma(kw, u) * mag.back_bias(ad) + kw * eta
+        for short, bound in mag.param_bounds(edelta, ad, A[j], Ea[j], lambda k: _gamma(k, u), eta).items():
+            if f"{node.name}.{short}" in params:
+                bounds[f"{node.name}.{short}"] = bound
         back = mag.back_input(edelta) + mag.back_drift(ad, Ea[j])
         if mag.k_in:
             back = back + _gamma(mag.k_in, u) * mag.input_terms(ad) + mag.k_in * eta
