@@ -18,8 +18,8 @@ element and run):
 * ∂C/∂a = δθ, ∂C/∂θ = δᵀa and ∂C/∂b = Σδ get √(k+1)·u·(their |terms|)·ξ;
 * ∇ₐC of the loss gets c·u·|∇ₐC|·ξ; its dependence on the rounded a is autograd's own.
 
-Held fixed: at elements within rounding of a kink, g is replaced by its tangent at torch's z with
-torch's slope, so the slope cannot flip; the loss's guard elements are judged by the convention rule.
+Held fixed: at elements within rounding of a kink, g keeps torch's slope in the backward, so the slope
+cannot flip (its value is g's own at the jittered z: either side's, as a correct implementation's); the loss's guard elements are judged by the convention rule.
 The allowance is ``FACTOR`` times the largest deviation any run makes, element by element, and never
 more than the analytic worst case.
 """
@@ -100,14 +100,17 @@ def jittered_run(spec, params: dict, x: np.ndarray, y, ref, allow, u: float, rng
         act = node.activation
         g = activation_fn(act)
         mask = allow.kink_masks[i]
-        if mask.any():  # hold the slope: the tangent at torch's z, with torch's slope
+        if mask.any():  # hold the slope: torch's slope at torch's z
             z_ref = torch.from_numpy(ref.z[i])
             with torch.enable_grad():
                 zr = z_ref.clone().requires_grad_(True)
                 ar = g(zr)
                 (slope,) = torch.autograd.grad(ar.sum(), zr)
-            tangent = ar.detach() + slope * (z - z_ref)
-            a = torch.where(torch.from_numpy(mask), tangent, g(z))
+            # g's own value at the jittered z (a correct implementation whose z lands on the other side of the
+            # kink computes that side's value: (s' − s)(z − k) apart, which a norm with a near-zero variance can
+            # amplify), but torch's slope for the backward: held = g(z) in value, slope·dz in gradient
+            held = g(z).detach() + slope * (z - z.detach())
+            a = torch.where(torch.from_numpy(mask), held, g(z))
         else:
             a = g(z)
         sc = allow.scales[i]
