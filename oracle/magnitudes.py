@@ -362,17 +362,18 @@ class EmbeddingMagnitudes(Magnitudes):
     def back_input(self, v):
         return np.zeros(self.tokens.shape)
 
-    def weight_error(self, Ea):
-        return None
-
-    def back_weight(self, v, A):
-        """Σ over the occurrences of each token of v (A, the tokens' own size, plays no part); 0 for an error A = None."""
+    def back_weight(self, v, A=None):
+        """Σ over the occurrences of each token of v (A, the tokens' own size, plays no part)."""
         out = np.zeros(self.w["weight"].shape)
-        if A is not None:
-            np.add.at(out, self.tokens.reshape(-1), np.asarray(v).reshape(-1, out.shape[1]))
+        np.add.at(out, self.tokens.reshape(-1), np.asarray(v).reshape(-1, out.shape[1]))
         if self.layer.padding_idx is not None:
             out[self.layer.padding_idx] = 0
         return out
+
+    def param_bounds(self, edelta, ad, A, Ea, gamma, eta) -> dict:
+        """∂C/∂W's error: δ's errors summed per token, and the rounding of those sums (tokens carry no error)."""
+        kw = self.k_w
+        return {"weight": self.back_weight(edelta) + gamma(kw) * self.back_weight(ad) + kw * eta}
 
     def held(self, a):
         return None
