@@ -524,7 +524,11 @@ def _false_alarms_md(fa: dict) -> list:
         f"## False alarms of correct implementations: {total} in {fa['checks']} checks — {'PASS' if total == 0 else 'FAIL'}",
         "",
         f"{fa['n']} cases per dtype from `cases()` (every regime), {100 * fa['bce_share']:.0f}% of them saturated "
-        f"networks ending in bce, {100 * fa.get('cnn_share', 0):.0f}% random conv/pool nets (`cnn_specs()`); seed {fa['seed']}; {fa['seconds']:.0f} s ({fa['seconds_per_check'] or 0:.3f} s per check).",
+        f"networks ending in bce, {100 * fa.get('cnn_share', 0):.0f}% random conv/pool nets (`cnn_specs()`), "
+        f"{100 * fa.get('norm_share', 0):.0f}% with norm/dropout layers (`with_norms()`), "
+        f"{100 * fa.get('residual_share', 0):.0f}% with residual blocks (`with_residuals()`), "
+        f"{100 * fa.get('token_share', 0):.0f}% token nets (`embedding_specs()`); seed {fa['seed']}; "
+        f"{fa['seconds']:.0f} s ({fa['seconds_per_check'] or 0:.3f} s per check).",
         "",
         "| implementation | dtype | checks | false alarms | verdicts |", "|---|---|---|---|---|",
     ]
