@@ -285,6 +285,8 @@ def _param_step(layer) -> str:
         return "∂C/∂θ = δ ⋆ a, δ correlated with the layer's input; ∂C/∂b = Σ δ over the batch and every position"
     if layer.type.endswith("_norm"):
         return "∂C/∂γ = Σ δ ⊙ x̂, ∂C/∂β = Σ δ, summed over everything one γ is shared across"
+    if layer.type == "temporal_dense":
+        return "∂C/∂θ = Σ over the batch and every step of δᵀa, ∂C/∂b = Σ δ over the batch and every step"
     if layer.type == "embedding":
         return ("∂C/∂W[v] = Σ δ over every occurrence of token v: repeated tokens accumulate, and padding_idx's row "
                 "gets no gradient")

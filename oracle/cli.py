@@ -354,9 +354,10 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--examples", type=int, default=200, help="examples to run (default 200)")
     f.add_argument("--seed", type=int, default=0)
     f.add_argument("--dtype", choices=["float64", "float32", "both"], default="both")
-    f.add_argument("--nets", choices=["dense", "cnn", "norm", "residual", "tokens", "all"], default="all",
+    f.add_argument("--nets", choices=["dense", "cnn", "norm", "residual", "tokens", "sequence", "all"], default="all",
                    help="architectures to draw: dense chains, conv/pool/flatten nets, either with batch/layer/group "
-                        "norm and dropout inserted, nets with residual blocks, token nets with an embedding front, or all of them "
+                        "norm and dropout inserted, nets with residual blocks, token nets with an embedding front, sequence nets "
+                        "(temporal_dense), or all of them "
                         "(default all)")
     f.add_argument("--impl", help=impl_help)
     f.add_argument("--timeout", type=float, default=60.0, help=timeout_help)

@@ -44,17 +44,18 @@ def _replay_command(impl_name: str) -> str:
     return cmd if impl_name == "manual_bp" else f"{cmd} --impl {shlex.quote(impl_name)}"
 
 
-NETS = ("dense", "cnn", "norm", "residual", "tokens", "all")
+NETS = ("dense", "cnn", "norm", "residual", "tokens", "sequence", "all")
 
 
 def _nets(kind: str):
     """The architectures a campaign draws: dense chains, conv/pool nets, either with normalization and dropout
-    layers inserted, nets with residual blocks, token nets (an embedding front), or any of them."""
-    from .strategies import cnn_specs, embedding_specs, specs, with_norms, with_residuals
+    layers inserted, nets with residual blocks, token nets (an embedding front), sequence nets (dense at every
+    step), or any of them."""
+    from .strategies import cnn_specs, embedding_specs, sequence_specs, specs, with_norms, with_residuals
 
     return {"dense": specs(), "cnn": cnn_specs(), "norm": with_norms(), "residual": with_residuals(),
-            "tokens": embedding_specs(),
-            "all": specs() | cnn_specs() | with_norms() | with_residuals() | embedding_specs()}[kind]
+            "tokens": embedding_specs(), "sequence": sequence_specs(),
+            "all": specs() | cnn_specs() | with_norms() | with_residuals() | embedding_specs() | sequence_specs()}[kind]
 
 
 def _width(layer) -> int:

@@ -15,6 +15,7 @@ magnitudes A, and to ∂C/∂b), plus the number of rounded operations each resu
 layer      k of z                 k of ∂C/∂a                   k of ∂C/∂θ, ∂C/∂b
 =========  =====================  ===========================  ======================
 dense      fan-in + 2             out + 1                      m + 1
+temporal   fan-in + 2             out + 1                      m·T + 1
 conv       C/G·∏kernel + 2        O/G·∏kernel + 1 (a bound)    m·∏out + 1
 avg pool   ∏kernel + 1            ∏⌈k/s⌉ + 1 (overlaps)        –
 max pool   0 (a max is exact)     ∏⌈k/s⌉ − 1 (overlaps add)    –
@@ -80,6 +81,9 @@ class Magnitudes:
             self.k_z, self.k_in, self.k_w = 0, _overlap(layer) - 1, 0
         elif kind == "flatten":
             self.k_z = self.k_in = self.k_w = 0
+        elif kind == "temporal_dense":  # dense at every step: its sums are dense's, θ's over the batch and the steps
+            W = self.abs_w["weight"]
+            self.k_z, self.k_in, self.k_w = W.shape[1] + 2, W.shape[0] + 1, m * self.a.shape[1] + 1
         elif kind == "dropout":  # a ⊙ M/(1 − p): one product per element
             self.k_z, self.k_in, self.k_w = 1, 1, 0
         else:  # a new layer type must say how many terms its sums add (see manual_bp/layers/base.py)
@@ -98,8 +102,8 @@ class Magnitudes:
         """|L|(|a|; |θ|) + |b|: the size of the terms each z adds up (its rounding is γ_{k_z} times that)."""
         b = self.abs_w.get("bias")
         z = self.forward(A)
-        if b is not None:
-            z = z + b.reshape((-1,) + (1,) * (z.ndim - 2))
+        if b is not None:  # per unit: the last axis of a sequence layer's output, the channel axis of a conv's
+            z = z + (b if self.layer.type == "temporal_dense" else b.reshape((-1,) + (1,) * (z.ndim - 2)))
         return z
 
     # -- backward ---------------------------------------------------------------------------------------
@@ -129,7 +133,10 @@ class Magnitudes:
         return g.numpy()
 
     def back_bias(self, v: np.ndarray) -> np.ndarray:
-        """Σ_b v: summed over the batch and every position, one value per output channel/unit."""
+        """Σ_b v: summed over the batch and every position, one value per output channel/unit (the last axis of a
+        sequence layer's output, the second of a conv's)."""
+        if self.layer.type == "temporal_dense":
+            return v.reshape(-1, v.shape[-1]).sum(axis=0)
         return v.sum(axis=(0, *range(2, v.ndim)))
 
     # -- what a nonlinear layer adds (``NormMagnitudes``); a linear layer's defaults -------------------------

@@ -38,8 +38,8 @@ from manual_bp.layers.windows import col2im, pad, unpad, windows
 
 from .checker import check
 from .graph import nodes
-from .strategies import (REGIMES, VALUE_LOSSES, cnn_specs, draw_data, draw_params, embedding_specs, fit_batch, specs,
-                         with_norms, with_residuals)
+from .strategies import (REGIMES, VALUE_LOSSES, cnn_specs, draw_data, draw_params, embedding_specs, fit_batch,
+                         sequence_specs, specs, with_norms, with_residuals)
 
 
 @dataclass(frozen=True)
@@ -597,6 +597,14 @@ CATALOGUE = [
            "forgotten; the body's gradients are right)",
            Hooks(layer_backward=_backward_of(("residual",), _residual_mistake(identity=False))), _block_corrupts(False),
            with_residuals().filter(lambda s: any(l.type == "residual" and l.projection is not None for l in s.layers))),
+    _cnn_mutant("temporal_dense_grad_from_last_step", "∂C/∂θ of a dense layer applied at every step taken from the "
+                "last step only (δ_Tᵀ a_T), not summed through time", ("temporal_dense",),
+                _param_grad("weight", lambda l, p, a, d, g: d[:, -1].T @ a[:, -1]),
+                sequence_specs().filter(lambda s: s.input_shape[0] > 1), tensor="weight"),
+    _cnn_mutant("temporal_dense_bias_averaged_over_steps", "∂C/∂b of a dense layer applied at every step averaged over "
+                "the steps instead of summed", ("temporal_dense",),
+                _param_grad("bias", lambda l, p, a, d, g: d.sum(axis=0).mean(axis=0)),
+                sequence_specs().filter(lambda s: s.input_shape[0] > 1), tensor="bias"),
     _cnn_mutant("dropout_mask_forgotten_in_backward", "dropout's mask applied in the forward but not the backward: "
                 "∂C/∂a = δ", ("dropout",), _dropout_grad(scaled=False), with_norms(kinds=("dropout",), training=True)),
     _cnn_mutant("dropout_scale_forgotten_in_backward", "dropout's backward applies the mask without its 1/(1 − p): "

@@ -424,6 +424,31 @@ def _projection(shape_in: tuple, shape_out: tuple) -> dict | None:
     return None
 
 
+def sequence_specs(*, max_steps: int = 6, max_features: int = 6, max_layers: int = 3, norms: bool = True,
+                   head: st.SearchStrategy | None = None) -> st.SearchStrategy:
+    """Specs over sequences (T, n): 1–``max_layers`` ``temporal_dense`` layers (each drawing its width, activation
+    and bias, optionally followed by a layer norm over its features when ``norms``), then a flatten and a dense
+    head drawn by ``head`` (default ``specs(max_depth=2, max_width=8)``). Shrinks toward one step, one feature,
+    one layer, no norm."""
+    head = specs(max_depth=2, max_width=8) if head is None else head
+    act = st.one_of([_ACTIVATION[n] for n in ELEMENTWISE])
+    layer = st.tuples(st.integers(1, 8), act, st.booleans(), st.booleans() if norms else st.just(False))
+
+    def assemble(t, n, parts, dense):
+        layers = []
+        for units, a, bias, norm in parts:
+            layers.append({"type": "temporal_dense", "units": units, "activation": a, "bias": bias})
+            if norm:
+                layers.append({"type": "layer_norm", "normalized_shape": [units]})
+        layers.append({"type": "flatten"})
+        layers += dense.to_dict()["layers"]
+        return Spec.from_dict({"format_version": 2, "input": {"shape": [t, n]}, "layers": layers,
+                               "loss": dense.loss.to_json()})
+
+    return st.builds(assemble, st.integers(1, max_steps), st.integers(1, max_features),
+                     st.lists(layer, min_size=1, max_size=max_layers), head)
+
+
 def embedding_specs(*, max_tokens: int = 6, max_vocab: int = 8, max_dim: int = 6, norms: bool = True,
                     head: st.SearchStrategy | None = None) -> st.SearchStrategy:
     """Specs that start from token indices: an embedding (V ≤ ``max_vocab`` so that tokens repeat, optional

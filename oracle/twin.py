@@ -104,6 +104,7 @@ TWIN_LAYERS = {
     "group_norm": lambda l, w, a: F.group_norm(a, l.num_groups, w.get("weight"), w.get("bias"), l.eps),
     "dropout": lambda l, w, a: a * _dropout_scale(l, a) if l.training else a,
     "embedding": lambda l, w, a: F.embedding(a, w["weight"], l.padding_idx),
+    "temporal_dense": lambda l, w, a: F.linear(a, w["weight"], w.get("bias")),
 }
 
 
@@ -219,6 +220,7 @@ TWIN_MODULES = {
     "dropout": lambda l, shape, dt: _MaskedDropout(l),
     "embedding": lambda l, shape, dt: torch.nn.Embedding(l.num_embeddings, l.embedding_dim, l.padding_idx, dtype=dt),
     "residual": lambda l, shape, dt: _ResidualModule(l, shape, dt),
+    "temporal_dense": lambda l, shape, dt: torch.nn.Linear(shape[-1], l.units, bias=l.bias, dtype=dt),
 }
 
 

@@ -118,7 +118,7 @@ def test_fuzz_over_random_cnns_covers_the_conv_and_pool_layers(capsys, tmp_path)
     assert "flatten" in summary["coverage"]["layer"] and summary["failure"] is None
 
 
-@pytest.mark.parametrize("nets, types", [("norm", {"batch_norm", "layer_norm", "group_norm", "dropout"}), ("tokens", {"embedding"}), ("residual", {"residual"})])
+@pytest.mark.parametrize("nets, types", [("norm", {"batch_norm", "layer_norm", "group_norm", "dropout"}), ("tokens", {"embedding"}), ("residual", {"residual"}), ("sequence", {"temporal_dense"})])
 def test_fuzz_over_norm_and_token_nets_covers_their_layers(capsys, tmp_path, nets, types):
     code, out, _ = run(capsys, "fuzz", "--examples", "15", "--nets", nets, "--report", str(tmp_path))
     assert code == 0 and "layer types:" in out

@@ -48,7 +48,7 @@ def test_at_least_eight_conv_pool_mutants_each_one_mistake():
     assert len(CNN_BUGS) >= 8 and all(m.kind == "bug" for m in CNN_BUGS)
     names = [m.name for m in CATALOGUE + CNN_KINKS]
     assert len(set(names)) == len(names)
-    norm = [m for m in CATALOGUE if m.name.startswith(("batch_norm", "layer_norm", "group_norm", "norm_", "dropout", "embedding", "residual"))]
+    norm = [m for m in CATALOGUE if m.name.startswith(("batch_norm", "layer_norm", "group_norm", "norm_", "dropout", "embedding", "residual", "temporal"))]
     assert len([m for m in CATALOGUE if m not in CNN_BUGS + norm]) == 30  # the dense catalogue: 29 bugs and the kink mutant
     for m in CNN_BUGS + CNN_KINKS:
         assert m.mistake and m.hooks.layer_backward is not Hooks().layer_backward

@@ -34,8 +34,8 @@ def first_divergent(spec, got, ref):
             return k
     return None
 
-NORM_TYPES = ("batch_norm", "layer_norm", "group_norm", "dropout", "embedding", "residual")
-NORM_BUGS = [m for m in CATALOGUE if m.name.startswith(("batch_norm", "layer_norm", "group_norm", "norm_", "dropout", "embedding", "residual"))]
+NORM_TYPES = ("batch_norm", "layer_norm", "group_norm", "dropout", "embedding", "residual", "temporal_dense")
+NORM_BUGS = [m for m in CATALOGUE if m.name.startswith(("batch_norm", "layer_norm", "group_norm", "norm_", "dropout", "embedding", "residual", "temporal"))]
 
 
 def test_at_least_eight_norm_and_dropout_mutants_each_one_mistake():

@@ -10,6 +10,7 @@ parts of a new layer type go (this package, ``oracle/twin.py``, ``oracle/strateg
 * ``norm``: :class:`BatchNorm`, :class:`LayerNorm`, :class:`GroupNorm`;
 * ``dropout``: :class:`Dropout` (its mask: :func:`keep_mask`);
 * ``embedding``: :class:`Embedding` (integer token input);
+* ``temporal``: :class:`TemporalDense` (dense at every step of a sequence (T, n));
 * ``residual``: :class:`Residual`, a block body(x) + x (or + P(x)) whose body holds any layers;
 * ``windows``: the padding / sliding-window index maps conv and pooling share.
 
@@ -25,15 +26,16 @@ from .norm import BatchNorm, GroupNorm, LayerNorm
 from .dropout import Dropout, keep_mask
 from .embedding import Embedding
 from .residual import Residual
+from .temporal import TemporalDense
 
 #: spec "type" -> layer class. Format version 1 specs hold dense layers only (a vector input);
 #: version 2 gives the input's shape, so any of these can follow it.
 LAYER_TYPES: dict[str, type] = {cls.type: cls for cls in (Dense, Conv1d, Conv2d, MaxPool1d, MaxPool2d,
                                                           AvgPool1d, AvgPool2d, Flatten, BatchNorm, LayerNorm,
-                                                          GroupNorm, Dropout, Embedding, Residual)}
+                                                          GroupNorm, Dropout, Embedding, Residual, TemporalDense)}
 
 __all__ = [
     "MAX_SIZE", "parse_named", "positive_int", "reject_unknown", "LAYER_TYPES",
     "Dense", "Conv1d", "Conv2d", "MaxPool1d", "MaxPool2d", "AvgPool1d", "AvgPool2d", "Flatten",
-    "BatchNorm", "LayerNorm", "GroupNorm", "Dropout", "keep_mask", "Embedding", "Residual",
+    "BatchNorm", "LayerNorm", "GroupNorm", "Dropout", "keep_mask", "Embedding", "Residual", "TemporalDense",
 ]
