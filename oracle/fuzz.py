@@ -21,6 +21,7 @@ from tqdm import tqdm
 from manual_bp import SpecError
 
 from .checker import CandidateError, check
+from .graph import nodes
 from .strategies import cases
 
 #: once a failure is found, stop trying new (smaller) cases after this many seconds of shrinking
@@ -88,7 +89,8 @@ def campaign(*, examples: int, seed: int, dtypes: str, impl, impl_name: str, rep
             worst[case.dtype] = max([worst[case.dtype]] + [t.normwise_rel_err for t in result.tensors if np.isfinite(t.normwise_rel_err)])
         coverage["depth"][len(case.spec.layers)] += 1
         coverage["loss"][case.spec.loss.name] += 1
-        for layer in case.spec.layers:
+        for node in nodes(case.spec):  # every layer, those inside residual blocks too (a block counts as its sum)
+            layer = node.layer
             coverage["layer"][layer.type] += 1
             coverage["activation"][layer.activation.name] += 1
             if _width(layer):
