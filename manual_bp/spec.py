@@ -233,7 +233,8 @@ class Spec:
         return cls.from_dict(obj, source)
 
 
-_DEPTH_FIX = "a spec nests lists and objects at most 4 levels deep (spec, layers, layer, activation)"
+_DEPTH_FIX = ("a layer nests 3 levels (spec, layers, layer, activation) and each residual block 2 more (body, layer): "
+              f"at most {32} levels in all, about 14 blocks inside one another")
 
 
 def describe_layer(layer) -> str:

@@ -28,6 +28,7 @@ import numpy as np
 import manual_bp
 from manual_bp import Spec, SpecError
 from manual_bp.data import check_params, check_x, check_y, dtype_of, ensure_real
+from manual_bp.named import show
 
 from . import conventions
 from .compare import TOLERANCES, TensorComparison, Tolerance, compare_tensor, gradient_scale
@@ -168,6 +169,11 @@ def _validated(c: Candidate, spec: Spec, m: int, dtype: np.dtype) -> Candidate:
     if c.deltas is not None:
         if not isinstance(c.deltas, Mapping):
             raise CandidateError(f"returned deltas as a {type(c.deltas).__name__}", "return a dict {'layers.i': δ_i} or None")
+        names = [node.name for node in nodes(spec)]
+        unknown = [k for k in c.deltas if k not in names]
+        if unknown:  # a misspelled key would leave that δ unchecked without a word
+            raise CandidateError(f"returned a δ under an unknown key {show(unknown[0])}",
+                                 f"key each δ by its layer's name: {', '.join(names)}")
         deltas = {}
         for node in nodes(spec):  # every layer's δ, and those inside blocks (layers.1.body.0)
             key = node.name
@@ -255,28 +261,30 @@ def _refuse_overflow(spec: Spec, ref, dt: np.dtype, x=None) -> None:
                         "scale the inputs, weights or targets down")
 
 
-def _input_step(node, k: int) -> str:
-    """∂C/∂a that node k hands down, from its δ_k, written for its type (``node`` a graph node or a layer)."""
+def _input_step(node, k) -> str:
+    """∂C/∂a that node k hands down, from its δ, written for its type (``node`` a graph node or a layer; ``k`` its
+    index, or the subscript to write: "_3", "[layers.1.body.0]")."""
     layer = getattr(node, "layer", node)
+    k = k if isinstance(k, str) else f"_{k}"
     if getattr(node, "is_sum", False):
-        return f"δ_{k} of the block's sum, unchanged, down its body and its skip path"
+        return f"δ{k} of the block's sum, unchanged, down its body and its skip path"
     kind = layer.type
     if kind.startswith("conv"):
-        return f"δ_{k} fully convolved with the flipped kernel θ_{k}"
+        return f"δ{k} fully convolved with the flipped kernel θ{k}"
     if kind.startswith("max_pool"):
-        return f"δ_{k} routed to each window's maximum"
+        return f"δ{k} routed to each window's maximum"
     if kind.startswith("avg_pool"):
-        return f"δ_{k} / N spread over each window"
+        return f"δ{k} / N spread over each window"
     if kind == "flatten":
-        return f"δ_{k} reshaped back"
+        return f"δ{k} reshaped back"
     if kind == "dropout":
-        return f"δ_{k} ⊙ M/(1 − p), the forward's mask and scale"
+        return f"δ{k} ⊙ M/(1 − p), the forward's mask and scale"
     if kind.endswith("_norm") and getattr(layer, "training", True):
-        return (f"(g − mean g − x̂ ⊙ mean(g ⊙ x̂))/s with g = γ ⊙ δ_{k}: the paths through x̂, the mean and the "
+        return (f"(g − mean g − x̂ ⊙ mean(g ⊙ x̂))/s with g = γ ⊙ δ{k}: the paths through x̂, the mean and the "
                 f"variance of each set it normalizes")
     if kind.endswith("_norm"):
-        return f"γ ⊙ δ_{k} / √(running_var + ε)"
-    return f"δ_{k} θ_{k}"
+        return f"γ ⊙ δ{k} / √(running_var + ε)"
+    return f"δ{k} θ{k}"
 
 
 def _param_step(layer) -> str:
@@ -331,6 +339,13 @@ def localize(spec: Spec, tensors: list) -> tuple[int | None, str]:
     return None, ""
 
 
+def _sub(graph, k) -> str:
+    """How an equation names node k's δ and z: its index in a chain (δ_3), its name where blocks open up
+    (δ[layers.1.body.0])."""
+    chain = all("." not in n.name[len("layers."):] for n in graph)
+    return f"_{k}" if chain else f"[{graph[k].name}]"
+
+
 def _step_back(graph, readers, i) -> str:
     """δ of node i diverges while every node reading its output matches: the step back into it is wrong."""
     node, r = graph[i], readers.get(i, [])
@@ -338,11 +353,11 @@ def _step_back(graph, readers, i) -> str:
     if len(r) == 1:
         after = graph[r[0]]
         return (f"δ of {after.label} matches, δ of {node.label} diverges: the backward step through {node.label} "
-                f"({act}) is wrong: ({_input_step(after, r[0])}) ⊙ g'(z_{i})")
+                f"({act}) is wrong: ({_input_step(after, _sub(graph, r[0]))}) ⊙ g'(z{_sub(graph, i)})")
     names = " and ".join(graph[k].label for k in r)
-    sums = " + ".join(f"({_input_step(graph[k], k)})" for k in r)
+    sums = " + ".join(f"({_input_step(graph[k], _sub(graph, k))})" for k in r)
     return (f"δ of {names} match, δ of {node.label} diverges: the backward step into {node.label} ({act}) is wrong: "
-            f"it adds what each of them sends back, ({sums}) ⊙ g'(z_{i}); a missing or doubled path (a residual "
+            f"it adds what each of them sends back, ({sums}) ⊙ g'(z{_sub(graph, i)}); a missing or doubled path (a residual "
             f"block's identity path) shows here")
 
 
@@ -403,7 +418,7 @@ def check(
     if dtype is not None:
         dt = dtype_of(dtype)
         check_params(spec, params)  # refuses complex or object params before any cast
-        x, y = ensure_real("x", x), ensure_real("y", y)
+        x, y = (x if spec.token_input else ensure_real("x", x)), ensure_real("y", y)  # tokens: check_x says what
         params = {k: v.astype(dt) for k, v in params.items()}
         x = x if spec.token_input else x.astype(dt)
         if spec.loss.targets == "values":

@@ -112,3 +112,10 @@ def test_a_token_case_checks_from_the_cli_with_an_impl_in_its_own_process(tmp_pa
                           "--impl", f"{tmp_path / 'mine.py'}:grads", "--report", str(tmp_path / "r")], capture_output=True, text=True)
     assert run.returncode == 0, run.stdout + run.stderr
     assert "gradients match" in run.stdout
+
+
+def test_boolean_tokens_with_a_dtype_get_the_token_message():
+    spec = spec_of([EMB, *HEAD])
+    params, _, y = bp.random_case(spec, 0, batch=2)
+    with pytest.raises(SpecError, match=r"x: has dtype bool, but the first layer is an embedding"):
+        oracle.check(spec, params, np.zeros((2, 4), dtype=bool), y, dtype="float32")

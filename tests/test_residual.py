@@ -116,3 +116,27 @@ def test_resnet_tiny_checks_from_the_cli(tmp_path):
     run = subprocess.run([sys.executable, "-m", "oracle", "check", "--example", "resnet-tiny", "--report", str(tmp_path)],
                          capture_output=True, text=True)
     assert run.returncode == 0 and "gradients match" in run.stdout and "residual[" in run.stdout, run.stdout + run.stderr
+
+
+def test_a_delta_under_a_misspelled_key_is_refused_not_silently_skipped():
+    from oracle.checker import CandidateError
+    spec = spec_of(*NETS["identity skip"])
+    params, x, y = bp.random_case(spec, 0, batch=3)
+
+    def typo(spec, params, x, y):
+        g = bp.gradients(spec, params, x, y)
+        deltas = dict(g.deltas)
+        deltas["layers.1.body0"] = 3 * deltas.pop("layers.1.body.0")
+        return g.loss, g.grads, deltas
+
+    with pytest.raises(CandidateError, match=r"unknown key 'layers\.1\.body0'.*layers\.1\.body\.0"):
+        oracle.check(spec, params, x, y, typo)
+
+
+def test_localization_inside_blocks_writes_node_names_not_indices():
+    from oracle.mutants import CATALOGUE
+    mutant = next(m for m in CATALOGUE if m.name == "residual_identity_path_dropped")
+    spec = spec_of(*NETS["identity skip"])
+    params, x, y = bp.random_case(spec, 0, batch=3)
+    where = oracle.check(spec, params, x, y, mutant.grads_fn).localization
+    assert "δ[layers.1.body.0] θ[layers.1.body.0]" in where and "g'(z[layers.0])" in where, where

@@ -18,6 +18,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 
 import manual_bp as bp
+from manual_bp import LOSSES
 import oracle
 from oracle.strategies import cases, cnn_specs
 from oracle.twin import run_twin
@@ -61,9 +62,11 @@ def assert_oracle_passes(spec, params, x, y, dtypes=("float64", "float32")):
 
 # -- random CNNs ------------------------------------------------------------------------------------------
 @settings(FAST, max_examples=60)
-@given(cases(specs_strategy=cnn_specs(), regimes=("well_conditioned", "near_zero"), dtypes=("float64",)))
+@given(cases(specs_strategy=cnn_specs(losses=tuple(n for n in LOSSES if n != "l1")), regimes=("well_conditioned", "near_zero"),
+             dtypes=("float64",)))
 def test_matches_torch_strictly_on_drawn_cnn_cases(case):
-    """Continuous draws: no element on a kink, no saturation, so the answer is unique to ~1e-16."""
+    """Continuous draws: no element on a kink, no saturation, so the answer is unique to ~1e-16. (Not l1: behind a
+    softmax whose residuals all have one sign its δ is 0 in exact arithmetic, and rounding is all that is left.)"""
     assert_strict(case.spec, case.params, case.x, case.y)
 
 

@@ -11,7 +11,8 @@ Backward, given :math:`δ = ∂C/∂z`: both paths receive δ, and their gradien
 .. math::  ∂C/∂h_J = δ,\qquad ∂C/∂a = \underbrace{(\text{the body's δ recursion from } δ)}_{\text{through } L_{J-1} \dots L_0}
            + \underbrace{δ \text{ (or } P\text{'s backward of } δ)}_{\text{the identity path}}
 
-so dropping the identity path's δ is the classic residual bug. Parameters are named as torch's nested
+so dropping the identity path's δ is the classic residual bug. P is a dense layer or a conv (usually 1×1; any
+conv whose output has the body's shape works). Parameters are named as torch's nested
 modules: ``layers.{i}.body.{j}.weight``, ``layers.{i}.projection.weight``; the δ of body layer j is reported
 as ``layers.{i}.body.{j}``, the projection's (the block's δ) as ``layers.{i}.projection`` (``backward_with_deltas``).
 """
@@ -73,7 +74,7 @@ class Residual:
             w = at(where, "projection")
             proj = _parse(proj, w, LAYER_TYPES)
             if proj.type not in PROJECTIONS:
-                raise SpecError(f"{w}.type", f"a projection is a {proj.type}", "use a dense layer or a 1×1 conv (conv1d/conv2d)")
+                raise SpecError(f"{w}.type", f"{proj.type} cannot be a projection", "use a dense layer or a conv (conv1d/conv2d, usually 1×1)")
             if proj.activation.name != "identity":
                 raise SpecError(f"{w}.activation", f"{proj.activation.name} on a projection", "a projection is linear: use identity")
         return cls(body=tuple(layers), projection=proj, activation=optional_activation(obj, where))
