@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .data import check_params, check_x, check_y
+from .layers.base import forward_keeping, kept
 from .spec import Spec
 
 
@@ -80,10 +81,7 @@ def forward(spec: Spec, params: dict, x: np.ndarray) -> Cache:
     a, _ = check_x(spec, x, dtype)
     zs, acts, saved = [], [a], []
     for i, layer in enumerate(spec.layers):
-        if hasattr(layer, "forward_saved"):  # a block keeps its body's z and a, a norm its x̂ and s, for the backward
-            z, keep = layer.forward_saved(layer_params(params, i), acts[-1])
-        else:
-            z, keep = layer.forward(layer_params(params, i), acts[-1]), None
+        z, keep = forward_keeping(layer, layer_params(params, i), acts[-1])  # a conv's cols, a norm's x̂ and s, ...
         zs.append(z)
         saved.append(keep)
         acts.append(layer.activation.value(z))
@@ -96,18 +94,17 @@ def backward(cache: Cache, y: np.ndarray) -> Gradients:
     y = check_y(spec, y, cache.output.shape[0], cache.single, cache.output.dtype)
     loss = spec.loss.value(cache.output, y)
     grads, deltas = {}, {}
+    saved = cache.saved or (None,) * L  # a Cache built by hand may keep nothing
     grad_a = spec.loss.grad(cache.output, y)                       # ∇_a C at a_L
     for i in reversed(range(L)):
         layer = spec.layers[i]
         delta = layer.activation.vjp(cache.z[i], cache.a[i + 1], grad_a)   # δ_i = ∇_a C ⊙ g'(z_i)
         deltas[f"layers.{i}"] = delta
         if hasattr(layer, "backward_with_deltas"):  # a block also reports the δ of the layers inside it
-            keep = cache.saved[i] if cache.saved else None
-            nabla, grad_a, inner = layer.backward_with_deltas(cache.layer_params(i), cache.a[i], delta, keep)
+            nabla, grad_a, inner = layer.backward_with_deltas(cache.layer_params(i), cache.a[i], delta, *kept(saved[i]))
             deltas.update({f"layers.{i}.{k}": d for k, d in inner.items()})
         else:
-            keep = (cache.saved[i],) if cache.saved and cache.saved[i] is not None else ()
-            nabla, grad_a = layer.backward(cache.layer_params(i), cache.a[i], delta, *keep)  # δ_i^T a_i, Σ δ_i, δ_i θ_i
+            nabla, grad_a = layer.backward(cache.layer_params(i), cache.a[i], delta, *kept(saved[i]))  # δ_i^T a_i, Σ δ_i, δ_i θ_i
         for pname, g in nabla.items():
             grads[f"layers.{i}.{pname}"] = g
     grads = {name: grads[name] for name in spec.param_shapes()}  # layer order, as torch lists them
@@ -118,8 +115,8 @@ def backward(cache: Cache, y: np.ndarray) -> Gradients:
     buffers = {}
     for i, layer in enumerate(spec.layers):
         if hasattr(layer, "updated_buffers"):
-            keep = (cache.saved[i],) if cache.saved and cache.saved[i] is not None else ()
-            buffers.update({f"layers.{i}.{k}": v for k, v in layer.updated_buffers(cache.layer_params(i), cache.a[i], *keep).items()})
+            buffers.update({f"layers.{i}.{k}": v
+                            for k, v in layer.updated_buffers(cache.layer_params(i), cache.a[i], *kept(saved[i])).items()})
     return Gradients(loss=loss, grads=grads, deltas=deltas, grad_input=grad_a, buffers=buffers)
 
 

@@ -166,12 +166,6 @@ def routed_max_pool(layer, a: torch.Tensor, weights: torch.Tensor) -> torch.Tens
     return _RoutedMaxPool.apply(a, layer, weights)
 
 
-def layer_weights(weights: dict, i: int) -> dict:
-    """Layer i's parameters by short name, from ``{"layers.{i}.weight": ...}`` (a chain's node i)."""
-    prefix = f"layers.{i}."
-    return {k[len(prefix):]: v for k, v in weights.items() if k.startswith(prefix) and "." not in k[len(prefix):]}
-
-
 def twin_forward(spec: Spec, weights: dict, x, routes=None):
     """The twin's forward, node by node (``oracle.graph``: a chain's layers, blocks opened up): each layer's torch
     twin (``TWIN_LAYERS``: F.linear for dense, as ``nn.Linear`` calls it; F.conv2d, F.max_pool2d, ...) then torch's

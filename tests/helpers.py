@@ -14,3 +14,59 @@ def central_difference(f, x: np.ndarray, h: float = 1e-6) -> np.ndarray:
         xm[idx] -= step
         grad[idx] = (f(xp) - f(xm)) / (2 * step)
     return grad
+
+
+def functional_reference(spec, params, x, y):
+    """torch.autograd on a chain of layers written out with torch.nn.functional here (not the oracle's twin), mse
+    loss: ``(loss, grads, deltas, grad_input, buffers)``; δ_i = ∂C/∂z_i of each layer's output before its activation,
+    buffers the running statistics after the forward (F.batch_norm updates its copies in place in training mode)."""
+    import torch
+    import torch.nn.functional as F
+
+    import manual_bp as bp
+
+    act = {"identity": lambda t: t, "tanh": torch.tanh, "relu": F.relu, "sigmoid": torch.sigmoid}
+    P = {k: torch.tensor(v, requires_grad=True) for k, v in params.items() if k in spec.param_shapes()}
+    P.update({k: torch.tensor(params[k]) for k in spec.buffer_shapes()})
+    xt = torch.tensor(x, requires_grad=True)
+    a, zs = xt, []
+    for i, l in enumerate(spec.layers):
+        w = lambda n: P.get(f"layers.{i}.{n}")  # noqa: E731
+        if l.type == "dense":
+            z = F.linear(a, w("weight"), w("bias"))
+        elif l.type in ("conv1d", "conv2d"):
+            z = (F.conv1d if l.type == "conv1d" else F.conv2d)(a, w("weight"), w("bias"))
+        elif l.type == "flatten":
+            z = a.flatten(1)
+        elif l.type == "batch_norm":
+            z = F.batch_norm(a, w("running_mean"), w("running_var"), w("weight"), w("bias"), l.training, l.momentum, l.eps)
+        elif l.type == "layer_norm":
+            shape = tuple(a.shape[-1:]) if l.normalized_shape is None else tuple(l.normalized_shape)
+            z = F.layer_norm(a, shape, w("weight"), w("bias"), l.eps)
+        elif l.type == "group_norm":
+            z = F.group_norm(a, l.num_groups, w("weight"), w("bias"), l.eps)
+        elif l.type == "dropout":
+            keep = torch.from_numpy(np.random.default_rng(l.seed).random(tuple(a.shape)) >= l.p)
+            z = a * keep / (1 - l.p) if l.training else a * 1
+        else:
+            raise AssertionError(f"no functional reference for {l.type}")
+        z.retain_grad()
+        zs.append(z)
+        a = act[l.activation.name](z)
+    loss = F.mse_loss(a, torch.tensor(y))
+    loss.backward()
+    return (loss.item(), {k: P[k].grad.numpy() for k in spec.param_shapes()},
+            {f"layers.{i}": z.grad.numpy() for i, z in enumerate(zs)}, xt.grad.numpy(),
+            {k: P[k].numpy() for k in spec.buffer_shapes()})
+
+
+def assert_close_to_reference(spec, got, ref, rtol=1e-9):
+    """(loss, grads, deltas) against a torch reference's, float64, element by element; the atol is 1e-12 of the
+    largest reference value (a sum that cancels, e.g. β's gradient before a training-mode batch norm, is rounding)."""
+    (loss, g, d), (ref_loss, ref_g, ref_d) = got, ref
+    np.testing.assert_allclose(loss, ref_loss, rtol=rtol)
+    scale = max(float(np.abs(t).max()) for t in (*ref_g.values(), *ref_d.values()) if t.size)
+    for name, want in {**ref_g, **ref_d}.items():
+        have = {**g, **d}[name]
+        assert have.shape == want.shape and have.dtype == np.float64, name
+        np.testing.assert_allclose(have, want, rtol=rtol, atol=1e-12 * scale, err_msg=f"{spec.describe()}: {name}")

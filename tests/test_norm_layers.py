@@ -12,7 +12,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 from hypothesis import given, settings
 
 import manual_bp as bp
@@ -20,8 +19,7 @@ import oracle
 from manual_bp import SpecError
 from oracle.strategies import cases, with_norms
 
-ACT = {"identity": lambda t: t, "relu": F.relu, "tanh": torch.tanh}
-
+from .helpers import functional_reference
 
 def spec_of(layers, shape, loss="mse"):
     return bp.Spec.from_dict({"format_version": 2, "input": {"shape": list(shape)}, "layers": layers, "loss": loss})
@@ -29,35 +27,8 @@ def spec_of(layers, shape, loss="mse"):
 
 def torch_reference(spec, params, x, y):
     """loss, grads, ∂C/∂x and the running statistics after the forward, by torch.nn.functional."""
-    P = {k: torch.tensor(v, requires_grad=k in spec.param_shapes()) for k, v in params.items()}
-    P = {k: (v if v.requires_grad else v.clone()) for k, v in P.items()}
-    xt = torch.tensor(x, requires_grad=True)
-    a = xt
-    for i, l in enumerate(spec.layers):
-        w = lambda n: P.get(f"layers.{i}.{n}")  # noqa: E731
-        if l.type == "dense":
-            a = F.linear(a, w("weight"), w("bias"))
-        elif l.type == "conv2d":
-            a = F.conv2d(a, w("weight"), w("bias"))
-        elif l.type == "flatten":
-            a = a.flatten(1)
-        elif l.type == "batch_norm":
-            a = F.batch_norm(a, w("running_mean"), w("running_var"), w("weight"), w("bias"), l.training, l.momentum, l.eps)
-        elif l.type == "layer_norm":
-            shape = tuple(a.shape[-1:]) if l.normalized_shape is None else tuple(l.normalized_shape)
-            a = F.layer_norm(a, shape, w("weight"), w("bias"), l.eps)
-        elif l.type == "group_norm":
-            a = F.group_norm(a, l.num_groups, w("weight"), w("bias"), l.eps)
-        elif l.type == "dropout":
-            if l.training:
-                keep = torch.from_numpy(np.random.default_rng(l.seed).random(tuple(a.shape)) >= l.p)
-                a = a * keep / (1 - l.p)
-        a = ACT[l.activation.name](a)
-    loss = F.mse_loss(a, torch.tensor(y))
-    loss.backward()
-    grads = {k: P[k].grad.numpy() for k in spec.param_shapes()}
-    buffers = {k: P[k].numpy() for k in spec.buffer_shapes()}
-    return loss.item(), grads, xt.grad.numpy(), buffers
+    loss, grads, _, dx, buffers = functional_reference(spec, params, x, y)
+    return loss, grads, dx, buffers
 
 
 NETS = {

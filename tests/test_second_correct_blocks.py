@@ -20,6 +20,7 @@ import oracle
 from oracle.graph import nodes
 from oracle.strategies import cases, embedding_specs, with_residuals
 
+from .helpers import assert_close_to_reference
 from .impls.second_correct import grads
 
 ACT = {"identity": lambda t: t, "tanh": torch.tanh, "relu": F.relu, "sigmoid": torch.sigmoid}
@@ -93,12 +94,7 @@ def assert_matches_torch(spec, params, x, y):
     ref_loss, ref_g, ref_d = torch_reference(spec, params, x, y)
     assert list(g) == list(spec.param_shapes()) and set(g) == set(ref_g)   # trainable parameters only, no buffers
     assert set(d) == set(ref_d)                                              # every node's δ, inner ones too
-    np.testing.assert_allclose(loss, ref_loss, rtol=1e-9)
-    scale = max(float(np.abs(t).max()) for t in (*ref_g.values(), *ref_d.values()) if t.size)
-    for name, ref in {**ref_g, **ref_d}.items():
-        got = {**g, **d}[name]
-        assert got.shape == ref.shape and got.dtype == np.float64, name
-        np.testing.assert_allclose(got, ref, rtol=1e-9, atol=1e-12 * scale, err_msg=f"{spec.describe()}: {name}")
+    assert_close_to_reference(spec, (loss, g, d), (ref_loss, ref_g, ref_d))
     return g, d
 
 

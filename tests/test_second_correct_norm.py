@@ -10,19 +10,15 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
-import torch.nn.functional as F
 from hypothesis import HealthCheck, given, settings
 
 import manual_bp as bp
 import oracle
 from oracle.strategies import cases, with_norms
 
+from .helpers import assert_close_to_reference, functional_reference
 from .impls import second_correct
 from .impls.second_correct import grads
-
-ACT = {"identity": lambda t: t, "tanh": torch.tanh, "relu": F.relu, "sigmoid": torch.sigmoid}
-
 
 def spec_of(shape, layers, loss="mse"):
     return bp.Spec.from_dict({"format_version": 2, "input": {"shape": list(shape)}, "layers": layers, "loss": loss})
@@ -30,43 +26,6 @@ def spec_of(shape, layers, loss="mse"):
 
 def dense(units, act="identity"):
     return {"type": "dense", "units": units, "activation": act}
-
-
-def torch_reference(spec, params, x, y):
-    """(loss, grads, deltas) by torch.autograd, each layer by torch.nn.functional, δ_i = ∂C/∂z_i read from
-    z_i (the layer's output before its activation)."""
-    P = {k: torch.tensor(v, requires_grad=k in spec.param_shapes()) for k, v in params.items()}
-    a, zs = torch.tensor(x, requires_grad=True), []
-    for i, l in enumerate(spec.layers):
-        w = lambda n: P.get(f"layers.{i}.{n}")  # noqa: E731
-        if l.type == "dense":
-            z = F.linear(a, w("weight"), w("bias"))
-        elif l.type == "conv1d":
-            z = F.conv1d(a, w("weight"), w("bias"))
-        elif l.type == "conv2d":
-            z = F.conv2d(a, w("weight"), w("bias"))
-        elif l.type == "flatten":
-            z = a.flatten(1)
-        elif l.type == "batch_norm":  # running stats cloned: F.batch_norm updates them in place in training mode
-            rm, rv = w("running_mean").detach().clone(), w("running_var").detach().clone()
-            z = F.batch_norm(a, rm, rv, w("weight"), w("bias"), l.training, l.momentum, l.eps)
-        elif l.type == "layer_norm":
-            z = F.layer_norm(a, tuple(a.shape[-1:]) if l.normalized_shape is None else tuple(l.normalized_shape),
-                             w("weight"), w("bias"), l.eps)
-        elif l.type == "group_norm":
-            z = F.group_norm(a, l.num_groups, w("weight"), w("bias"), l.eps)
-        elif l.type == "dropout":
-            keep = torch.from_numpy(bp.keep_mask(l.seed, l.p, tuple(a.shape)))
-            z = a * keep / (1 - l.p) if l.training else a * 1
-        else:
-            raise AssertionError(l.type)
-        z.retain_grad()
-        zs.append(z)
-        a = ACT[l.activation.name](z)
-    loss = F.mse_loss(a, torch.tensor(y))
-    loss.backward()
-    return (loss.item(), {k: P[k].grad.numpy() for k in spec.param_shapes()},
-            {f"layers.{i}": z.grad.numpy() for i, z in enumerate(zs)})
 
 
 def case_of(spec, seed=0):
@@ -79,16 +38,10 @@ def case_of(spec, seed=0):
 
 def assert_matches_torch(spec, params, x, y):
     loss, g, d = grads(spec, params, x, y)
-    ref_loss, ref_g, ref_d = torch_reference(spec, params, x, y)
+    ref_loss, ref_g, ref_d, _, _ = functional_reference(spec, params, x, y)
     assert set(g) == set(spec.param_shapes()) == set(ref_g)           # trainable parameters only, no buffers
     assert set(d) == {f"layers.{i}" for i in range(len(spec.layers))}
-    np.testing.assert_allclose(loss, ref_loss, rtol=1e-9)
-    # atol: a sum that cancels (β's gradient before a training-mode batch norm is Σδ ≈ 0) is rounding noise
-    scale = max(float(np.abs(t).max()) for t in (*ref_g.values(), *ref_d.values()) if t.size)
-    for name, ref in {**ref_g, **ref_d}.items():
-        got = {**g, **d}[name]
-        assert got.shape == ref.shape and got.dtype == np.float64, name
-        np.testing.assert_allclose(got, ref, rtol=1e-9, atol=1e-12 * scale, err_msg=f"{spec.describe()}: {name}")
+    assert_close_to_reference(spec, (loss, g, d), (ref_loss, ref_g, ref_d))
 
 
 def bn(training=True, affine=True, act="identity"):

@@ -167,3 +167,16 @@ def optional_activation(obj: dict, where: str) -> Activation:
     if "activation" not in obj:
         return make_activation("identity")
     return parse_named(obj["activation"], at(where, "activation"), make_activation)
+
+
+# -- what a forward keeps for its backward (conv's im2col, a norm's x̂ and s, a block's body) -------------------
+def forward_keeping(layer, p: dict, a):
+    """(z, saved): ``layer.forward_saved`` where the type has one (what its backward reuses), else (z, None)."""
+    if hasattr(layer, "forward_saved"):
+        return layer.forward_saved(p, a)
+    return layer.forward(p, a), None
+
+
+def kept(saved) -> tuple:
+    """The extra argument a backward (or ``updated_buffers``) takes: (saved,), or () when nothing was kept."""
+    return () if saved is None else (saved,)

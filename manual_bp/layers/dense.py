@@ -36,7 +36,7 @@ class Dense:
         reject_unknown(obj, cls.fields, where)
         for key in ("units", "activation"):
             if key not in obj:
-                raise SpecError(f"{where}.{key}", "missing", f"every dense layer needs {key}")
+                raise SpecError(f"{where}.{key}", "missing", f"every {cls.type} layer needs {key}")
         bias = obj.get("bias", True)
         if not isinstance(bias, bool):
             raise SpecError(f"{where}.bias", f"{bias!r} is not true or false", "write true or false")

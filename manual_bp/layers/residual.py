@@ -27,7 +27,7 @@ import numpy as np
 from ..activations import Activation, make_activation
 from ..errors import SpecError
 from ..named import show
-from .base import at, optional_activation, reject_unknown, shape_text
+from .base import at, forward_keeping, kept, optional_activation, reject_unknown, shape_text
 
 PROJECTIONS = ("dense", "conv1d", "conv2d")
 
@@ -130,10 +130,7 @@ class Residual:
         and what each block inside the body saved (None for other layers)."""
         hs, zs, self_saved = [a], [], []
         for j, layer in enumerate(self.body):
-            if hasattr(layer, "forward_saved"):  # a block or a norm inside: keep what its backward reuses
-                z, keep = layer.forward_saved(_sub(p, f"body.{j}."), hs[-1])
-            else:
-                z, keep = layer.forward(_sub(p, f"body.{j}."), hs[-1]), None
+            z, keep = forward_keeping(layer, _sub(p, f"body.{j}."), hs[-1])  # what its backward reuses
             zs.append(z)
             self_saved.append(keep)
             hs.append(layer.activation.value(z))
@@ -163,8 +160,7 @@ class Residual:
                 nabla, g, inner = layer.backward_with_deltas(_sub(p, f"body.{j}."), hs[j], d, inner_saved[j])
                 deltas.update(_prefixed(f"body.{j}.", inner))
             else:
-                keep = () if inner_saved[j] is None else (inner_saved[j],)
-                nabla, g = layer.backward(_sub(p, f"body.{j}."), hs[j], d, *keep)
+                nabla, g = layer.backward(_sub(p, f"body.{j}."), hs[j], d, *kept(inner_saved[j]))
             grads.update(_prefixed(f"body.{j}.", nabla))
         if self.projection is None:
             return grads, g + delta, deltas                   # the identity path hands δ straight down
@@ -182,8 +178,7 @@ class Residual:
         out = {}
         for j, layer in enumerate(self.body):
             if hasattr(layer, "updated_buffers"):
-                keep = () if inner_saved[j] is None else (inner_saved[j],)
-                out.update(_prefixed(f"body.{j}.", layer.updated_buffers(_sub(p, f"body.{j}."), hs[j], *keep)))
+                out.update(_prefixed(f"body.{j}.", layer.updated_buffers(_sub(p, f"body.{j}."), hs[j], *kept(inner_saved[j]))))
         return out
 
 

@@ -14,37 +14,22 @@ Backward, given :math:`δ = ∂C/∂z` of shape (m, T, out):
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import numpy as np
 
-from ..activations import Activation, make_activation
 from ..errors import SpecError
-from .base import at, parse_bool, parse_named, positive_int, reject_unknown, shape_text
+from .base import shape_text
+from .dense import Dense
 
 
 @dataclass(frozen=True)
-class TemporalDense:
-    """A dense layer over the last axis of a sequence (T, n): weight (out, n), bias (out,), like ``torch.nn.Linear``."""
+class TemporalDense(Dense):
+    """A dense layer over the last axis of a sequence (T, n): weight (out, n), bias (out,), like ``torch.nn.Linear``.
+    Its fields, spec form and forward (a θᵀ + b, on the last axis) are Dense's; its shapes and the sums of its
+    backward are over every step too."""
 
-    units: int
-    activation: Activation
-    bias: bool = True
     type: ClassVar[str] = "temporal_dense"
-    fields: ClassVar[tuple[str, ...]] = ("type", "units", "activation", "bias")
-
-    @classmethod
-    def from_json(cls, obj: dict[str, Any], where: str) -> "TemporalDense":
-        reject_unknown(obj, cls.fields, where)
-        for key in ("units", "activation"):
-            if key not in obj:
-                raise SpecError(at(where, key), "missing", f"every temporal_dense layer needs {key}")
-        return cls(units=positive_int(obj["units"], at(where, "units")),
-                   activation=parse_named(obj["activation"], at(where, "activation"), make_activation),
-                   bias=parse_bool(obj.get("bias", True), at(where, "bias")))
-
-    def to_json(self) -> dict[str, Any]:
-        return {"type": self.type, "units": self.units, "activation": self.activation.to_json(), "bias": self.bias}
 
     def out_shape(self, in_shape, where: str = "") -> tuple[int, ...]:
         """(T, units) from a sequence (T, n)."""
@@ -55,22 +40,13 @@ class TemporalDense:
         return (shape[0], self.units)
 
     def param_shapes(self, in_shape, where: str = "") -> dict[str, tuple[int, ...]]:
-        shape = self.out_shape(in_shape, where)
-        out = {"weight": (self.units, int(tuple(in_shape)[1]))}
+        self.out_shape(in_shape, where)
+        shapes = {"weight": (self.units, int(tuple(in_shape)[1]))}
         if self.bias:
-            out["bias"] = (shape[1],)
-        return out
-
-    def forward(self, p: dict, a: np.ndarray) -> np.ndarray:
-        z = a @ p["weight"].T
-        if self.bias:
-            z += p["bias"]
-        return z
+            shapes["bias"] = (self.units,)
+        return shapes
 
     def backward(self, p: dict, a: np.ndarray, delta: np.ndarray):
-        """Σ over the batch and every step for θ and b; δθ at each step for a."""
-        d2, a2 = delta.reshape(-1, delta.shape[-1]), a.reshape(-1, a.shape[-1])
-        nabla = {"weight": d2.T @ a2}
-        if self.bias:
-            nabla["bias"] = d2.sum(axis=0)
+        """Σ over the batch and every step for θ and b (Dense's, on (m·T) rows); δθ at each step for a."""
+        nabla, _ = super().backward(p, a.reshape(-1, a.shape[-1]), delta.reshape(-1, delta.shape[-1]))
         return nabla, delta @ p["weight"]
