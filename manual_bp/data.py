@@ -6,7 +6,10 @@ Conventions shared by manual_bp, the oracle and the command line:
   float64 arrays, all of one dtype.
 * ``x`` is (m, input_size), one example per row. A single example may be given as the seed's
   column: shape (input_size,) or (input_size, 1).
-* ``y`` is (m, n_out) target values, or (m,) integer class indices for cross_entropy / nll.
+* ``y`` is (m, n_out) target values, or (m,) integer class indices for cross_entropy / nll. A network with a
+  per-step head (output (T, n_out) per example) takes (m, T, n_out) values (or (m, T) when n_out = 1), or (m, T)
+  class indices. A class index of −100 (torch's default ``ignore_index``) marks an example or a step that the loss
+  ignores (its mean is over the others); not every target may be −100.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from typing import Any, Mapping, NamedTuple
 import numpy as np
 
 from .errors import SpecError
+from .losses import IGNORE_INDEX
 from .named import count, show
 from .spec import Spec
 
@@ -178,31 +182,42 @@ def _check_tokens(spec: Spec, x: np.ndarray) -> np.ndarray:
 
 
 def check_y(spec: Spec, y: np.ndarray, m: int, single: bool, dtype: np.dtype) -> np.ndarray:
-    """Validate targets for m examples: (m, n_out) values in ``dtype``, or (m,) int64 class indices."""
+    """Validate targets for m examples: (m, n_out) values in ``dtype``, or (m,) int64 class indices; for a
+    sequence output (T, n_out) (a per-step head), (m, T, n_out) values ((m, T) taken when n_out = 1) or (m, T)
+    class indices. A class index of −100 (``losses.IGNORE_INDEX``) is kept: the loss ignores that row."""
     n_out = spec.output_size
+    out = tuple(spec.output_shape)
+    lead = (int(m), *out[:-1])  # one target per example (m,), or per step of each example (m, T)
+    what = "one per example" if len(out) == 1 else "one per step of each example"
     classes = spec.loss.targets == "classes"
     y = ensure_real("y", y, f"give integer class indices in [0, {n_out})" if classes else _REAL)
     if classes:
         y2 = y.reshape(-1) if (single and y.size == 1) else y
-        if y2.shape != (m,):
-            raise SpecError("y", f"has shape {y.shape}", f"give ({m},) class indices, one per example")
+        if y2.shape != lead:
+            raise SpecError("y", f"has shape {y.shape}", f"give {lead} class indices, {what}")
         if y2.dtype.kind not in "iu":
             if y2.dtype.kind == "f" and np.all(np.isfinite(y2)) and np.all(y2 == np.round(y2)):
                 y2 = y2.astype(np.int64)
             else:
                 raise SpecError("y", f"has dtype {y2.dtype}", f"give integer class indices in [0, {n_out})")
-        if y2.size and (y2.min() < 0 or y2.max() >= n_out):
-            bad = int(y2.min()) if y2.min() < 0 else int(y2.max())
-            raise SpecError("y", f"holds class {bad}", f"class indices must lie in [0, {n_out})")
+        kept = y2[y2 != IGNORE_INDEX]
+        if y2.size and not kept.size:
+            raise SpecError("y", "every target is −100 (ignored): nothing to average",
+                            f"keep at least one class index in [0, {n_out}); torch's mean over no targets is NaN")
+        if kept.size and (kept.min() < 0 or kept.max() >= n_out):
+            bad = int(kept.min()) if kept.min() < 0 else int(kept.max())
+            raise SpecError("y", f"holds class {bad}",
+                            f"class indices must lie in [0, {n_out}), or be −100 to ignore {'an example' if len(out) == 1 else 'a step'}")
         return y2.astype(np.int64, copy=False)
-    if single and y.size == n_out:
+    if single and y.size == n_out and len(out) == 1:
         y2 = y.reshape(1, n_out)
-    elif y.shape == (m, n_out):
+    elif y.shape == (m, *out):
         y2 = y
-    elif n_out == 1 and y.shape == (m,):
-        y2 = y[:, None]
+    elif n_out == 1 and y.shape == lead:
+        y2 = y[..., None]
     else:
-        raise SpecError("y", f"has shape {y.shape}", f"give ({m}, {n_out}) targets, one row per example")
+        rows = "one row per example" if len(out) == 1 else "one row per step of each example"
+        raise SpecError("y", f"has shape {y.shape}", f"give {(m, *out)} targets, {rows}")
     if y2.dtype.kind not in "fiu":
         raise SpecError("y", f"has dtype {y2.dtype}", "give numbers")
     y2 = y2.astype(dtype, copy=False)
@@ -269,21 +284,23 @@ def _batch_size(spec: Spec, batch: Any) -> int:
 
 
 def random_batch(spec: Spec, rng: np.random.Generator, batch: int = 4, dtype="float64") -> Batch:
-    """Inputs N(0, 1) and targets that fit the loss (probabilities, class indices or values)."""
+    """Inputs N(0, 1) and targets that fit the loss (probabilities, class indices or values): one per example,
+    or one per step of each example for a sequence output (none ignored)."""
     dt = dtype_of(dtype)
     batch = _batch_size(spec, batch)
     n_out = spec.output_size
+    out = (batch, *spec.output_shape)  # (batch, n_out), or (batch, T, n_out)
     try:
         if spec.token_input:
             x = rng.integers(0, spec.layers[0].num_embeddings, (batch, *spec.input_shape))
         else:
             x = rng.standard_normal((batch, *spec.input_shape)).astype(dt)
         if spec.loss.targets == "classes":
-            y = rng.integers(0, n_out, size=batch).astype(np.int64)
+            y = rng.integers(0, n_out, size=out[:-1]).astype(np.int64)
         elif spec.loss.name in ("bce", "bce_with_logits"):
-            y = rng.uniform(0, 1, size=(batch, n_out)).astype(dt)
+            y = rng.uniform(0, 1, size=out).astype(dt)
         else:
-            y = rng.standard_normal((batch, n_out)).astype(dt)
+            y = rng.standard_normal(out).astype(dt)
     except MemoryError:
         raise SpecError("batch", f"{batch} examples do not fit in memory", "give a smaller batch") from None
     return Batch(x, y)

@@ -17,6 +17,16 @@ bce_with_logits same as bce on σ(ỹ), computed stably from the logits ỹ     
 cross_entropy  :math:`\tfrac{1}{m}\sum_i \big(\log\sum_j e^{ỹ_{ij}} - ỹ_{i,y_i}\big)` on logits (m,) class indices
 nll            :math:`-\tfrac{1}{m}\sum_i ỹ_{i,y_i}` on log-probabilities                 (m,) class indices
 ============== ===================================================================== ==================
+
+**Sequence outputs.** A network that ends in a ``temporal_dense`` head outputs ỹ of shape (m, T, n_out): it is
+judged as m·T rows of n_out (``as_rows``), as torch users write ``F.cross_entropy(out.reshape(-1, k),
+y.reshape(-1))``. Every reduction above is then over those rows: "m" is m·T, N = m·T·n_out. Targets are (m, T)
+class indices or (m, T, n_out) values.
+
+**Ignored targets.** For cross_entropy and nll a class index of −100 (``IGNORE_INDEX``, torch's default
+``ignore_index``) marks a row (an example, or one step of a sequence) that contributes nothing: its gradient is 0
+and the mean is over the m' rows that are kept (m' replaces m above). This is the mask of a padded sequence
+(cs231n's ``temporal_softmax_loss``), in torch's convention. Every row ignored is refused (torch gives NaN).
 """
 
 from __future__ import annotations
@@ -28,6 +38,9 @@ import numpy as np
 from .activations import Activation, log_softmax, softmax, stable_sigmoid
 from .errors import SpecError
 from .named import Named
+
+#: torch's default ``ignore_index``: a cross_entropy / nll target equal to it marks a row that counts for nothing
+IGNORE_INDEX = -100
 
 
 class Loss(Named):
@@ -52,6 +65,15 @@ class Loss(Named):
     def kinks(self, a: np.ndarray, y: np.ndarray) -> np.ndarray:
         """Elements of a where C is not differentiable (none by default)."""
         return np.zeros(np.shape(a), dtype=bool)
+
+    def as_rows(self, a: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(a, y) as the rows the loss is applied to: a sequence output (m, T, k) as m·T rows (m·T, k), its targets
+        as m·T class indices or (m·T, k) values; a vector output (m, k) unchanged. ``grad`` of the rows,
+        reshaped to a's shape, is ∇_a C."""
+        if np.ndim(a) <= 2:
+            return a, y
+        k = a.shape[-1]
+        return a.reshape(-1, k), (y.reshape(-1) if self.targets == "classes" else y.reshape(-1, k))
 
 
 def _scalar(x: np.ndarray, like: np.ndarray) -> np.floating:
@@ -215,15 +237,26 @@ class _ClassLoss(Loss):
 
     @staticmethod
     def one_hot(y: np.ndarray, like: np.ndarray) -> np.ndarray:
+        """1 at (i, y_i) for every kept row; an ignored row (y_i = −100) is all zeros."""
         hot = np.zeros_like(like)
-        hot[np.arange(like.shape[0]), y] = 1
+        rows = np.flatnonzero(np.asarray(y) != IGNORE_INDEX)
+        hot[rows, np.asarray(y)[rows]] = 1
         return hot
+
+    @staticmethod
+    def kept(y: np.ndarray) -> np.ndarray:
+        """The rows that count: y_i ≠ −100 (torch's default ``ignore_index``)."""
+        return np.asarray(y) != IGNORE_INDEX
 
 
 class CrossEntropy(_ClassLoss):
     r"""Softmax cross-entropy on logits x with class indices: :math:`C = \tfrac1m \sum_i \mathrm{lse}(x_i) - x_{i,y_i}`.
 
     :math:`\nabla_a C = (\mathrm{softmax}(x) - \mathrm{onehot}(y)) / m`.
+
+    A target y_i = −100 ignores row i (torch's default ``ignore_index``): the sums run over the kept rows only,
+    m is their number, and an ignored row's gradient is 0. lse is the stable log-sum-exp (max subtracted).
+    On a sequence output (m, T, k) the rows are the m·T steps (``as_rows``): a step with y = −100 is masked.
     """
 
     name = "cross_entropy"
@@ -234,16 +267,25 @@ class CrossEntropy(_ClassLoss):
         return super().check_output(activation, units)
 
     def value(self, a, y):
+        kept = self.kept(y)
+        if not kept.any():  # torch: the mean over no rows, NaN (check_y refuses such targets)
+            return _scalar(np.nan, a)
+        a, y = a[kept], np.asarray(y)[kept]
         return _scalar(-np.mean(log_softmax(a)[np.arange(a.shape[0]), y]), a)
 
     def grad(self, a, y):
-        return (softmax(a) - self.one_hot(y, a)) / a.shape[0]
+        kept = self.kept(y)
+        return np.where(kept[:, None], (softmax(a) - self.one_hot(y, a)) / max(int(np.count_nonzero(kept)), 1), 0)
 
 
 class NLL(_ClassLoss):
     r"""Negative log-likelihood of log-probabilities with class indices: :math:`C = -\tfrac1m \sum_i a_{i,y_i}`.
 
     :math:`\nabla_a C = -\mathrm{onehot}(y) / m`. Follows a ``log_softmax`` output layer.
+
+    A target y_i = −100 ignores row i (torch's default ``ignore_index``): the sum runs over the kept rows only,
+    m is their number, and an ignored row's gradient is 0. On a sequence output (m, T, k) the rows are the m·T
+    steps (``as_rows``): a step with y = −100 is masked.
     """
 
     name = "nll"
@@ -254,10 +296,14 @@ class NLL(_ClassLoss):
         return super().check_output(activation, units)
 
     def value(self, a, y):
+        kept = self.kept(y)
+        if not kept.any():  # torch: the mean over no rows, NaN (check_y refuses such targets)
+            return _scalar(np.nan, a)
+        a, y = a[kept], np.asarray(y)[kept]
         return _scalar(-np.mean(a[np.arange(a.shape[0]), y]), a)
 
     def grad(self, a, y):
-        return -self.one_hot(y, a) / a.shape[0]
+        return -self.one_hot(y, a) / max(int(np.count_nonzero(self.kept(y))), 1)
 
 
 LOSSES: dict[str, type[Loss]] = {

@@ -92,10 +92,11 @@ def backward(cache: Cache, y: np.ndarray) -> Gradients:
     """The δ recursion from the loss back to the input; a pure function of (cache, y)."""
     spec, L = cache.spec, len(cache.spec.layers)
     y = check_y(spec, y, cache.output.shape[0], cache.single, cache.output.dtype)
-    loss = spec.loss.value(cache.output, y)
+    out_rows, y_rows = spec.loss.as_rows(cache.output, y)  # a sequence output (m, T, k): the loss on m·T rows of k
+    loss = spec.loss.value(out_rows, y_rows)
     grads, deltas = {}, {}
     saved = cache.saved or (None,) * L  # a Cache built by hand may keep nothing
-    grad_a = spec.loss.grad(cache.output, y)                       # ∇_a C at a_L
+    grad_a = spec.loss.grad(out_rows, y_rows).reshape(cache.output.shape)   # ∇_a C at a_L
     for i in reversed(range(L)):
         layer = spec.layers[i]
         delta = layer.activation.vjp(cache.z[i], cache.a[i + 1], grad_a)   # δ_i = ∇_a C ⊙ g'(z_i)

@@ -45,6 +45,8 @@ MAX_PARAMETERS = 2**31
 #: deepest nesting of lists and objects a spec may have; a valid one nests 4 deep (spec, layers, layer,
 #: activation object), so this only stops documents built to exhaust the parser or the stack
 MAX_DEPTH = 32
+#: layer types that may end a network with a sequence (T, k): a loss at every step, on m·T rows of k
+SEQUENCE_HEADS = ("temporal_dense",)
 #: largest spec file read (a spec is a small JSON document; this stops /dev/zero and the like)
 MAX_FILE_BYTES = 16 * 2**20
 #: a name becomes part of a report folder's name: at most this many UTF-8 bytes
@@ -89,9 +91,10 @@ class Spec:
         if total > MAX_PARAMETERS:
             raise SpecError("layers", f"{count(total)} parameters in all is too large",
                             f"a spec may have at most {MAX_PARAMETERS} (2^31) parameters; use fewer or narrower layers")
-        if len(outs[-1]) != 1:
-            raise SpecError(f"layers.{len(self.layers) - 1}", f"the network ends in {outs[-1]}, but a loss needs a vector (n,)",
-                            "end with a flatten and a dense layer")
+        if len(outs[-1]) != 1 and not (len(outs[-1]) == 2 and self.layers[-1].type in SEQUENCE_HEADS):
+            raise SpecError(f"layers.{len(self.layers) - 1}", f"the network ends in {outs[-1]}, but a loss needs a vector (n,)"
+                            " or, after a temporal_dense head, a sequence (T, k)",
+                            "end with a flatten and a dense layer, or (a loss at every step) with a temporal_dense layer")
         object.__setattr__(self, "_shapes", shapes)
         object.__setattr__(self, "_buffers", buffers)
         object.__setattr__(self, "_out_shapes", tuple(outs))
@@ -101,7 +104,14 @@ class Spec:
 
     @property
     def output_size(self) -> int:
-        return self._out_shapes[-1][0]
+        """k, the units of the output (its last axis): one example's (k,), or each step's of a sequence (T, k)."""
+        return self._out_shapes[-1][-1]
+
+    @property
+    def output_shape(self) -> tuple[int, ...]:
+        """One example's output, batch first omitted: (k,), or (T, k) for a sequence with a per-step head
+        (the loss then applies to the m·T rows of k, see ``manual_bp.losses``)."""
+        return self._out_shapes[-1]
 
     def out_shape(self, i: int) -> tuple[int, ...]:
         """The shape of layer i's output (and of its δ), one example, batch first omitted."""
@@ -248,6 +258,11 @@ def describe_layer(layer) -> str:
         proj = "" if layer.projection is None else f" + {describe_layer(layer.projection)}"
         head = f"residual[{' -> '.join(describe_layer(inner) for inner in layer.body)}{proj}]"
         return head if act == "identity" else f"{head} {act}"
+    if layer.type == "attention":  # ``attention 4 heads causal``, ``attention 1 head relu (no bias)``
+        head = f"attention {layer.num_heads} head{'s' if layer.num_heads > 1 else ''}{' causal' if layer.causal else ''}"
+        return f"{head}{'' if act == 'identity' else ' ' + act}{'' if layer.bias else ' (no bias)'}"
+    if hasattr(layer, "hidden_size"):  # rnn, lstm, gru: "lstm 16 (last step)"
+        return layer.describe() if act == "identity" else f"{layer.describe()} {act}"
     return layer.type if act == "identity" else f"{layer.type} {act}"
 
 

@@ -31,10 +31,10 @@ from manual_bp.data import check_params, check_x, check_y, dtype_of, ensure_real
 from manual_bp.named import show
 
 from . import conventions
-from .compare import TOLERANCES, TensorComparison, Tolerance, compare_tensor, gradient_scale
+from .compare import TOLERANCES, TensorComparison, Tolerance, compare_tensor, gradient_scale, mismatch_mask
 from .noise import measured_allowance
 from .rounding import allowance
-from .graph import consumers, nodes
+from .graph import RECURRENT, consumers, nodes
 from .magnitudes import magnitudes
 from .twin import run_twin
 
@@ -284,6 +284,12 @@ def _input_step(node, k) -> str:
                 f"variance of each set it normalizes")
     if kind.endswith("_norm"):
         return f"γ ⊙ δ{k} / √(running_var + ε)"
+    if kind in RECURRENT:
+        return (f"backprop through time from δ{k}: dh_t = δ{k}[t] + what step t + 1 hands back through W_hh, through "
+                f"step t's gates, then the gate gradients times W_ih at every step")
+    if kind == "attention":
+        return (f"δ{k} W_out split into heads, back through O = P v, the softmax's Jacobian and S = q kᵀ/√d_h, "
+                f"then [dq dk dv] W_in")
     return f"δ{k} θ{k}"
 
 
@@ -298,6 +304,11 @@ def _param_step(layer) -> str:
     if layer.type == "embedding":
         return ("∂C/∂W[v] = Σ δ over every occurrence of token v: repeated tokens accumulate, and padding_idx's row "
                 "gets no gradient")
+    if layer.type in RECURRENT:
+        return ("∂C/∂W_ih = Σ_t dgates_tᵀ x_t, ∂C/∂W_hh = Σ_t dgates_tᵀ h_(t−1), the biases Σ_t dgates_t: every "
+                "step's share summed through time")
+    if layer.type == "attention":
+        return "∂C/∂W_out = Σ δᵀ O, ∂C/∂W_in = Σ [dq dk dv]ᵀ x, the biases Σ over the batch and every step"
     return "∂C/∂θ = δᵀa, ∂C/∂b = Σ δ"
 
 
@@ -535,13 +546,35 @@ def check(
     if all(t.passed for t in tensors):
         return result(True, "rounding")
     layer, where = localize(spec, tensors)
+    where += _through_time(spec, layer, arrays, bounds, tol, scale)
     failed = result(False, "bug", layer, where)
     failed.arrays = arrays
-    failed.hints = _hints(spec, failed, ref, special, x64)
+    failed.hints = _hints(spec, failed, ref, special, x64, y64)
     return failed
 
 
-def _hints(spec, result, ref, special, x64) -> dict:
+def _input_gradient_name(spec: Spec, k: int) -> str:
+    """The compared tensor that holds ∂C/∂(node k's input): the δ of the node it reads, or ∂C/∂x."""
+    src = nodes(spec)[k].src
+    return "input.grad" if src < 0 else f"{nodes(spec)[src].name}.delta"
+
+
+def _through_time(spec: Spec, k, arrays: dict, bounds: dict, tol, scale) -> str:
+    """For a recurrent layer found first to diverge: at which step, counted back from the last, the gradient it
+    hands its input first diverges (read from that tensor, when the candidate gave it)."""
+    from .diagnose import step_hint
+
+    if k is None or nodes(spec)[k].layer.type not in RECURRENT:
+        return ""
+    name = _input_gradient_name(spec, k)
+    if name not in arrays:  # the candidate gave no δ (an embedding's token input has no gradient at all)
+        return "" if name == "input.grad" else " (give δ to see at which step its backward first diverges)"
+    got, want = arrays[name]
+    found = step_hint(mismatch_mask(got, want, tol, scale, bounds.get(name)), got, want)
+    return f"; through time: {'; '.join(found)}" if found else ""
+
+
+def _hints(spec, result, ref, special, x64, y64=None) -> dict:
     """Diagnosis hints for every failing tensor."""
     from .diagnose import hints
 
@@ -553,8 +586,36 @@ def _hints(spec, result, ref, special, x64) -> dict:
         allowed = result.tolerance.atol * result.scale + result.tolerance.rtol * np.abs(reference)
         found = hints(t.name, cand, reference, batch=x64.shape[0], others=others, kink_mask=kink, allowed=allowed,
                       factors=_net_factors(spec))
+        found += _sequence_hints(spec, t, cand, reference, result, y64)
         if found:
             out[t.name] = found
+    return out
+
+
+def _sequence_hints(spec, t, cand, reference, result, y) -> list[str]:
+    """The sequence patterns of a failing tensor: which gates' rows of a recurrent weight (q/k/v of attention's
+    in_proj) hold the error; where in time the gradient a recurrent layer hands down diverges; an error confined
+    to the steps a class loss ignores (targets −100)."""
+    from .diagnose import GATES, gate_hint, step_hint
+
+    graph = nodes(spec)
+    bad = mismatch_mask(cand, reference, result.tolerance, result.scale, (result.bounds or {}).get(t.name))
+    out = []
+    if t.layer is not None and not t.name.endswith(".delta"):
+        node = graph[t.layer]
+        if node.layer.type in GATES and t.name[len(node.name) + 1:].startswith(("weight_", "bias_", "in_proj")):
+            out += gate_hint(node.layer.type, bad)
+        return out
+    src = -1 if t.name == "input.grad" else t.layer
+    if any(graph[r].layer.type in RECURRENT for r in consumers(spec).get(src, [])):
+        out += step_hint(bad, cand, reference)
+    if (y is not None and spec.loss.targets == "classes" and np.ndim(y) == 2 and t.layer == len(graph) - 1
+            and np.shape(bad)[:2] == np.shape(y) and bad.any()):
+        ignored = np.asarray(y) == -100
+        steps = bad.reshape(bad.shape[0], bad.shape[1], -1).any(axis=-1)
+        if ignored.any() and not (steps & ~ignored).any():
+            out.append("the error is confined to the masked steps (targets −100, which the loss ignores): "
+                       "they must get no gradient")
     return out
 
 

@@ -142,6 +142,17 @@ def _index(flat: int, shape: tuple) -> tuple:
     return tuple(int(i) for i in np.unravel_index(flat, shape)) if shape else ()
 
 
+def mismatch_mask(got, ref, tol: Tolerance, scale: float, bound=None) -> np.ndarray:
+    """The elements of ``got`` outside what ``compare_tensor`` allows each one (its tolerance plus its rounding
+    allowance), in ``ref``'s shape: where a failing tensor fails."""
+    g, r = np.asarray(got, dtype=np.float64), np.asarray(ref, dtype=np.float64)
+    allowed = tol.atol * scale + tol.rtol * np.abs(r)
+    if bound is not None:
+        allowed = allowed + tol.rounding_factor * np.broadcast_to(np.asarray(bound, dtype=np.float64), r.shape)
+    with np.errstate(invalid="ignore", over="ignore"):
+        return ~(np.abs(g - r) <= allowed)
+
+
 def compare_tensor(
     name: str,
     got: np.ndarray,

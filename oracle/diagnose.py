@@ -124,3 +124,47 @@ def _where_on_the_map(bad: np.ndarray) -> list[str]:
         out.append("the error is confined to the border of the feature map: padding (or the positions the "
                    "kernel reaches only partly) handled wrongly")
     return out
+
+
+#: the row blocks of a recurrent layer's weights (torch's gate order) and of attention's packed projection
+GATES = {"lstm": ("i (input)", "f (forget)", "g (cell candidate)", "o (output)"),
+         "gru": ("r (reset)", "z (update)", "n (new)"), "attention": ("q", "k", "v")}
+
+
+def gate_hint(kind: str, bad: np.ndarray) -> list[str]:
+    """Which gates' rows of a recurrent weight or bias (attention's q/k/v blocks of in_proj) hold the error."""
+    names = GATES.get(kind)
+    if names is None or bad.shape[0] % len(names) or not bad.any():
+        return []
+    rows = bad.reshape(len(names), -1).any(axis=1)
+    if rows.all():
+        return []
+    what = "projection" if kind == "attention" else "gate"
+    hit = [n for n, r in zip(names, rows) if r]
+    return [f"the error is confined to the rows of {what}{'s' if len(hit) > 1 else ''} {', '.join(hit)} "
+            f"(torch's order: {', '.join(n.split()[0] for n in names)})"]
+
+
+def step_hint(bad: np.ndarray, cand, ref) -> list[str]:
+    """Where in time a sequence gradient (m, T, ...) fails: counted back from the last step, and whether the error
+    grows with the distance from it (what a dropped or wrong recurrent gradient does)."""
+    if bad.ndim < 3 or not bad.any():
+        return []
+    T = bad.shape[1]
+    steps = np.flatnonzero(bad.swapaxes(0, 1).reshape(T, -1).any(axis=1))
+    diff = np.abs(np.asarray(cand, dtype=np.float64) - np.asarray(ref, dtype=np.float64))
+    per_step = np.sqrt((diff.swapaxes(0, 1).reshape(T, -1) ** 2).sum(axis=1))
+    back = T - 1 - int(steps.max())
+    out = []
+    if back > 0:
+        out.append(f"the last {back} step{'s' if back > 1 else ''} match; the first step counted back from the last "
+                   f"that diverges is {back} back (t = {T - 1 - back} of 0..{T - 1}): what is carried back through "
+                   f"time (dh from step t + 1, through the hidden-to-hidden path) is wrong or dropped")
+    elif len(steps) < T:
+        out.append(f"only steps {', '.join(str(int(t)) for t in steps[:6])}{' …' if len(steps) > 6 else ''} of "
+                   f"0..{T - 1} diverge")
+    early = per_step[: int(steps.max()) + 1][::-1]  # from the last diverging step back to t = 0
+    if len(early) >= 3 and np.all(np.diff(early) >= -1e-12 * early.max()) and early[-1] > 2 * early[0]:
+        out.append("the error grows with the distance from the last step: a recurrent gradient dropped or wrong at "
+                   "every step compounds back through time")
+    return out

@@ -51,12 +51,14 @@ NETS = ("dense", "cnn", "norm", "residual", "tokens", "sequence", "all")
 def _nets(kind: str):
     """The architectures a campaign draws: dense chains, conv/pool nets, either with normalization and dropout
     layers inserted, nets with residual blocks, token nets (an embedding front), sequence nets (dense at every
-    step), or any of them."""
-    from .strategies import cnn_specs, embedding_specs, sequence_specs, specs, with_norms, with_residuals
+    step, into a flattened head or a per-step head with a loss at every step), or any of them."""
+    from .strategies import (cnn_specs, embedding_specs, per_step_specs, sequence_specs, specs, with_norms,
+                             with_residuals)
 
     return {"dense": specs(), "cnn": cnn_specs(), "norm": with_norms(), "residual": with_residuals(),
-            "tokens": embedding_specs(), "sequence": sequence_specs(),
-            "all": specs() | cnn_specs() | with_norms() | with_residuals() | embedding_specs() | sequence_specs()}[kind]
+            "tokens": embedding_specs(), "sequence": sequence_specs() | per_step_specs(),
+            "all": (specs() | cnn_specs() | with_norms() | with_residuals() | embedding_specs() | sequence_specs()
+                    | per_step_specs())}[kind]
 
 
 def _width(layer) -> int:

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+RECURRENT = ("rnn", "lstm", "gru")  # the layer types that carry a state through time
+
 
 @dataclass(frozen=True)
 class Node:
@@ -66,8 +68,8 @@ def nodes(spec) -> tuple[Node, ...]:
     out: list[Node] = []
     shapes = spec.param_shapes()
 
-    def own(name):
-        return tuple(k for k in shapes if k.startswith(name + ".") and "." not in k[len(name) + 1:])
+    def own(name):  # every parameter under the layer's name (attention's "out_proj.weight" too): a layer that is
+        return tuple(k for k in shapes if k.startswith(name + "."))  # not a block holds no other layer's
 
     def walk(name, layer, src, in_shape) -> int:
         if layer.type != "residual":
@@ -104,6 +106,9 @@ def consumers(spec) -> dict[int, list[int]]:
 
 
 def node_weights(weights: dict, node: Node) -> dict:
-    """A node's parameters (and buffers) by short name, from ``{"layers.1.body.0.weight": ...}``."""
+    """A node's parameters (and buffers) by short name, from ``{"layers.1.body.0.weight": ...}``: everything under
+    its name (``out_proj.weight`` of an attention layer included); a block's sum owns none (they are its body's)."""
+    if node.is_sum:
+        return {}
     prefix = node.name + "."
-    return {k[len(prefix):]: v for k, v in weights.items() if k.startswith(prefix) and "." not in k[len(prefix):]}
+    return {k[len(prefix):]: v for k, v in weights.items() if k.startswith(prefix)}

@@ -414,7 +414,11 @@ class SumMagnitudes(Magnitudes):
 
 def magnitudes(layer, w: dict, a: np.ndarray, route=None) -> Magnitudes:
     """The magnitude maps of one layer: ``NormMagnitudes`` for the normalizations, ``EmbeddingMagnitudes`` for an
-    embedding, ``Magnitudes`` for the rest."""
+    embedding, ``oracle.composite.CompositeMagnitudes`` for the layers many operations deep (rnn, lstm, gru,
+    attention), ``Magnitudes`` for the rest."""
+    from .composite import TAPES, CompositeMagnitudes  # it reads oracle.rounding's constants, which imports us
+    if layer.type in TAPES:
+        return CompositeMagnitudes(layer, w, np.asarray(a), route)
     cls = (NormMagnitudes if layer.type in ("batch_norm", "layer_norm", "group_norm")
            else EmbeddingMagnitudes if layer.type == "embedding" else Magnitudes)
     return cls(layer, w, np.asarray(a), route)

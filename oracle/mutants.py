@@ -33,13 +33,15 @@ from hypothesis import strategies as st
 import manual_bp as bp
 from manual_bp.activations import GELUTanh
 from manual_bp.data import check_y
+from manual_bp.layers.attention import softmax as attention_softmax
 from manual_bp.layers.norm import normalize_backward
+from manual_bp.layers.recurrent import gru_step_backward, lstm_step_backward, rnn_step_backward, weight_grads
 from manual_bp.layers.windows import col2im, pad, unpad, windows
 
 from .checker import check
-from .graph import nodes
+from .graph import RECURRENT, nodes
 from .strategies import (REGIMES, VALUE_LOSSES, cnn_specs, draw_data, draw_params, embedding_specs, fit_batch,
-                         sequence_specs, specs, with_norms, with_residuals)
+                         sequence_model_specs, sequence_specs, specs, with_norms, with_residuals)
 
 
 @dataclass(frozen=True)
@@ -65,10 +67,10 @@ def faulty_gradients(spec, params, x, y, hooks: Hooks):
     """
     loss_cache = bp.forward(spec, hooks.forward_params(spec, params), x)
     y = check_y(spec, y, loss_cache.output.shape[0], False, loss_cache.output.dtype)
-    loss = spec.loss.value(loss_cache.output, y)
+    loss = spec.loss.value(*spec.loss.as_rows(loss_cache.output, y))  # a sequence output: on m·T rows of k
     cache = bp.forward(spec, params, hooks.cache_x(x))
     grads, deltas = {}, {}
-    grad_a = hooks.loss_grad(spec, cache.output, y)
+    grad_a = hooks.loss_grad(spec, *spec.loss.as_rows(cache.output, y)).reshape(cache.output.shape)
     for i in reversed(range(len(spec.layers))):
         layer = spec.layers[i]
         delta = hooks.vjp(cache, i, layer.activation, cache.z[i], cache.a[i + 1], grad_a)
@@ -413,6 +415,133 @@ def _embedding_grad(assign: bool, zero_padding: bool):
 SQUARE = dict(square=True, max_width=8)
 CORRECT = Mutant("correct", "the correct backward (must never be flagged)", Hooks(), lambda s, c: (None, ""), kind="correct")
 
+# -- helpers of the sequence mutants: a recurrent step or attention's backward taken wrong ---------------------------
+STEP_BACKWARD = {"rnn": rnn_step_backward, "lstm": lstm_step_backward, "gru": gru_step_backward}
+
+
+def _recurrent_mistake(wrong_step=None, **knobs):
+    """A recurrent layer's BPTT with ``wrong_step(right_step) -> step_backward`` in place of its step backward,
+    or with ``knobs`` (``sum_over_time=False``)."""
+    def mistake(layer, p, a, delta):
+        step = None if wrong_step is None else wrong_step(STEP_BACKWARD[layer.type])
+        return layer.backward(p, a, delta, step_backward=step, **knobs)
+    return mistake
+
+
+def _truncated(right):
+    """A step that hands nothing back to the step before it: BPTT cut to one step (dh_prev, and dc_prev, dropped)."""
+    return lambda p, cache, *carried: (lambda out: (*out[:2], *(np.zeros_like(c) for c in out[2:])))(
+        right(p, cache, *carried))
+
+
+def _forget_path_dropped(right):
+    """An LSTM step that carries no cell-state gradient back: dc_{t−1} = dc_t ⊙ f left out."""
+    return lambda p, cache, dh, dc: (lambda out: (*out[:3], np.zeros_like(out[3])))(right(p, cache, dh, dc))
+
+
+def _tanh_c_derivative_wrong(right):
+    """An LSTM step whose dh path into the cell uses 1 − c² for tanh′(c) (not 1 − tanh² c): the step's own
+    dc = dc_in + dh ⊙ o ⊙ (1 − tanh² c), shifted by dh ⊙ o ⊙ (tanh² c − c²)."""
+    return lambda p, cache, dh, dc: right(p, cache, dh, dc + dh * cache.o * (cache.tanh_c ** 2 - cache.c ** 2))
+
+
+def _gru_update_sign_flipped(right):
+    """A GRU step with ∂h/∂z taken as n − h_{t−1} (its sign flipped: the (1 − z) of h = (1 − z) n + z h_{t−1}
+    put on the other term)."""
+    def step(p, cache, dh):
+        r, z, n = cache.r, cache.z, cache.n
+        d_n = dh * (1 - z) * (1 - n * n)
+        d_z = dh * (n - cache.h_prev) * z * (1 - z)          # the mistake: (h_{t−1} − n) belongs here
+        d_r = d_n * cache.hn * r * (1 - r)
+        d_x = np.concatenate((d_r, d_z, d_n), axis=1)
+        d_h = np.concatenate((d_r, d_z, d_n * r), axis=1)
+        grads, dx = weight_grads(p, cache.x, cache.h_prev, d_x, d_h)
+        return grads, dx, d_h @ p["weight_hh_l0"] + dh * z
+    return lambda right_step: step
+
+
+def _attention_mistake(**knobs):
+    """Attention's backward with a knob of ``Attention.backward`` turned (scale, softmax Jacobian, k/v routing)."""
+    return lambda layer, p, a, delta: layer.backward(p, a, delta, **knobs)
+
+
+def _mask_after_softmax(layer, p, a, delta):
+    """Attention's backward with P recomputed as softmax(S) masked afterwards (the future entries zeroed, the rest
+    not renormalized), as when the causal mask is applied after the softmax."""
+    _, saved = layer.forward_saved(p, a)
+    S = saved["q"] @ saved["k"].swapaxes(-1, -2) / math.sqrt(saved["q"].shape[-1])
+    T = S.shape[-1]
+    wrong = dict(saved, probs=np.where(np.triu(np.ones((T, T), dtype=bool), 1), 0.0, attention_softmax(S)))
+    return layer.backward(p, a, delta, wrong)
+
+
+def _sequence_corrupts(types, mistake):
+    """corrupts() of a mistake in a recurrent or attention layer's backward, as a node index: the layer itself when
+    its parameter gradients change (on a random probe), else the node feeding it (its ∂C/∂a); the one nearest the
+    loss. Only top-level layers take the mistake (a block calls its body's backward itself)."""
+    def corrupts(spec, cache):
+        graph, found = nodes(spec), []
+        rng = np.random.default_rng(0)
+        for k, node in enumerate(graph):
+            if node.layer.type not in types or node.name.count(".") != 1:
+                continue
+            i = int(node.name.split(".")[1])
+            a = rng.standard_normal((3, *spec.in_shape(i)))
+            p = {n: rng.standard_normal(s) for n, s in node.layer.param_shapes(spec.in_shape(i)).items()}
+            delta = rng.standard_normal((3, *spec.out_shape(i)))
+            right, wrong = node.layer.backward(p, a, delta), mistake(node.layer, p, a, delta)
+            if any(not np.allclose(wrong[0][n], g, rtol=1e-9, atol=1e-12) for n, g in right[0].items()):
+                found.append((k, "weight"))
+            elif node.src >= 0 and not np.allclose(wrong[1], right[1], rtol=1e-9, atol=1e-12):
+                found.append((node.src, "delta"))
+        return max(found) if found else (None, "delta")
+    return corrupts
+
+
+def _sequence_mutant(name, mistake_text, types, mistake, strategy) -> Mutant:
+    return Mutant(name, mistake_text, Hooks(layer_backward=_backward_of(types, mistake)),
+                  _sequence_corrupts(types, mistake), strategy)
+
+
+def _recurrent_specs(*kinds):
+    return sequence_model_specs(kinds=kinds, min_steps=2, max_blocks=1)
+
+
+def _attention_specs(causal=None):
+    out = sequence_model_specs(kinds=("attention",), pre_norm=False, min_steps=2, max_blocks=1)
+    return out if causal is None else out.filter(lambda s: any(getattr(l, "causal", False) for l in s.layers))
+
+
+SEQUENCE_MUTANTS = [
+    _sequence_mutant("bptt_truncated_to_one_step", "backprop through time cut to one step: each step's gradient of "
+                     "h_{t−1} (and c_{t−1}) dropped, so dh_t = δ_t only", RECURRENT,
+                     _recurrent_mistake(_truncated), _recurrent_specs(*RECURRENT)),
+    _sequence_mutant("lstm_forget_path_dropped", "the LSTM cell-state gradient not carried back through the forget "
+                     "gate: dc_{t−1} = dc_t ⊙ f left out", ("lstm",),
+                     _recurrent_mistake(_forget_path_dropped), _recurrent_specs("lstm")),
+    _sequence_mutant("lstm_tanh_c_derivative_wrong", "the output gate's path into the cell with tanh′(c) taken as "
+                     "1 − c² instead of 1 − tanh² c", ("lstm",),
+                     _recurrent_mistake(_tanh_c_derivative_wrong), _recurrent_specs("lstm")),
+    _sequence_mutant("gru_update_gate_sign_flipped", "the GRU update gate's derivative with its sign flipped: "
+                     "∂h/∂z = n − h_{t−1} (the (1 − z) of h = (1 − z) n + z h_{t−1} on the wrong term)", ("gru",),
+                     _recurrent_mistake(_gru_update_sign_flipped(None)), _recurrent_specs("gru")),
+    _sequence_mutant("recurrent_hh_grad_not_summed_over_time", "the hidden-to-hidden gradients (W_hh, b_hh) taken "
+                     "from the last step only, not summed through time", RECURRENT,
+                     _recurrent_mistake(sum_over_time=False), _recurrent_specs(*RECURRENT)),
+    _sequence_mutant("attention_scale_missing_in_backward", "attention's backward without the 1/√d_h of "
+                     "S = q kᵀ/√d_h in dq and dk", ("attention",), _attention_mistake(scale_in_backward=False),
+                     _attention_specs()),
+    _sequence_mutant("attention_causal_mask_after_softmax", "the causal mask applied after the softmax: P = "
+                     "softmax(S) with the future entries zeroed afterwards, rows no longer summing to 1", ("attention",),
+                     _mask_after_softmax, _attention_specs(causal=True)),
+    _sequence_mutant("attention_softmax_jacobian_identity", "the softmax of the attention weights differentiated as "
+                     "the identity: dS = dP", ("attention",), _attention_mistake(softmax_vjp=lambda P, dP: dP),
+                     _attention_specs()),
+    _sequence_mutant("attention_value_key_grads_swapped", "the value and key gradients swapped (dk written where dv "
+                     "belongs in ∂C/∂W_in)", ("attention",), _attention_mistake(swap_kv=True), _attention_specs()),
+]
+
+
 CATALOGUE = [
     # -- the seed notes' own mistakes (SEED-NOTES E1–E6) ------------------------------------------
     Mutant("E1_sigmoid_prime_twice", "σ'(z)(1 − σ(z)) used as the sigmoid derivative: (1 − σ) applied twice",
@@ -609,6 +738,7 @@ CATALOGUE = [
                 "∂C/∂a = δ", ("dropout",), _dropout_grad(scaled=False), with_norms(kinds=("dropout",), training=True)),
     _cnn_mutant("dropout_scale_forgotten_in_backward", "dropout's backward applies the mask without its 1/(1 − p): "
                 "∂C/∂a = δ ⊙ M", ("dropout",), _dropout_grad(scaled=True), with_norms(kinds=("dropout",), training=True)),
+    *SEQUENCE_MUTANTS,
 ]
 
 #: Valid conventions of conv/pool layers, run like the kink mutant (the oracle must call them ``kink``,

@@ -32,6 +32,8 @@ import zlib
 import numpy as np
 import torch
 
+from manual_bp.losses import IGNORE_INDEX
+
 from .rounding import ULPS, UNIT_ROUNDOFF, other_branch_offset
 from .graph import consumers, node_weights, nodes
 from .twin import TWIN_LAYERS, activation_fn, input_tensor, leaf_weights, loss_fn, routed_max_pool
@@ -47,13 +49,22 @@ def _gauss(rng, shape):
 
 def _loss_gradient_terms(loss, a, y, upstream) -> torch.Tensor:
     """The size of the terms ∇ₐC is formed from (its rounding is u times that, not u times the result):
-    softmax(a) − onehot for cross-entropy, a − y for the squared and Huber losses, σ(a) − y, ..."""
+    softmax(a) − onehot for cross-entropy, a − y for the squared and Huber losses, σ(a) − y, ...
+
+    On the rows the loss applies to: a sequence output (m, T, k) as its m·T rows of k (the result in a's shape);
+    a class target −100 ignores its row (0 there, and m counts the kept rows only)."""
+    if a.dim() > 2:
+        k = a.shape[-1]
+        rows = y.reshape(-1) if loss.targets == "classes" else y.reshape(-1, k)
+        return _loss_gradient_terms(loss, a.reshape(-1, k), rows, np.reshape(upstream, (-1, k))).reshape(a.shape)
     N, m = a.numel(), a.shape[0]
     name = loss.name
     if name == "cross_entropy":
+        kept = y != IGNORE_INDEX
+        m = max(int(kept.sum()), 1)
         onehot = torch.zeros_like(a)
-        onehot[torch.arange(m), y] = 1.0
-        return (torch.softmax(a, dim=-1) + onehot) / m
+        onehot[torch.arange(a.shape[0])[kept], y[kept]] = 1.0
+        return (torch.softmax(a, dim=-1) + onehot) * kept[:, None] / m
     if name == "nll":
         return torch.zeros_like(a)
     if name == "bce_with_logits":

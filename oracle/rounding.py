@@ -51,6 +51,7 @@ import numpy as np
 import torch
 
 from manual_bp import Spec
+from manual_bp.losses import IGNORE_INDEX
 
 from .graph import consumers, node_weights, nodes
 from .magnitudes import SumMagnitudes, magnitudes
@@ -192,8 +193,23 @@ def _scales(act, z, a, d1, us) -> tuple[np.ndarray | float, np.ndarray | float]:
 
 
 def _loss_bounds(loss, a, y, G, Ea, u, guard):
-    """(E_G, E_C): bounds on the errors of ∇_a C and of C, given E_a at the output."""
+    """(E_G, E_C): bounds on the errors of ∇_a C and of C, given E_a at the output.
+
+    ``y``: the values (float64) of a value loss, or the class indices of cross_entropy / nll, where a row with
+    −100 is ignored: its E_G is 0 and m is the number of kept rows. A sequence output (m, T, k) is bounded as the
+    m·T rows of k the loss applies to (``Loss.as_rows``); E_G comes back in a's shape.
+    """
+    shape = np.shape(a)
+    if len(shape) > 2:
+        k = shape[-1]
+        a, G, Ea = (np.reshape(t, (-1, k)) for t in (a, G, Ea))
+        guard = None if guard is None else np.reshape(guard, (-1, k))
+        y = None if y is None else np.reshape(y, -1 if loss.targets == "classes" else (-1, k))
     N, m = a.size, a.shape[0]
+    kept = np.ones(m, dtype=bool)
+    if loss.targets == "classes" and y is not None:
+        kept = np.asarray(y) != IGNORE_INDEX
+        m = max(int(kept.sum()), 1)
     cu = ULPS * u
     aG = np.abs(G)
     name = loss.name
@@ -217,21 +233,22 @@ def _loss_bounds(loss, a, y, G, Ea, u, guard):
         p = np.exp(a - a.max(axis=-1, keepdims=True))
         p /= p.sum(axis=-1, keepdims=True)
         EG = p * (Ea + (p * Ea).sum(axis=-1, keepdims=True)) / m + cu * (p + np.abs(m * G)) / m
+        EG = np.where(kept[:, None], EG, 0.0)  # an ignored row's gradient is exactly 0
     else:  # nll: −onehot/m is exact
         EG = np.zeros_like(a)
     # the loss value: first-order change through a, plus summing N terms of the loss's magnitude
     if name == "cross_entropy":
-        mag = (np.abs(a).max(axis=-1) + np.log(a.shape[1]) + np.abs(a).max(axis=-1)).mean()
+        mag = (np.abs(a[kept]).max(axis=-1) + np.log(a.shape[1]) + np.abs(a[kept]).max(axis=-1)).mean()
     elif name == "bce_with_logits":
         mag = (np.abs(a) * (1 + np.abs(y)) + np.log(2)).mean()
     elif name == "nll":
-        mag = np.abs(a).max(axis=-1).mean()
+        mag = np.abs(a[kept]).max(axis=-1).mean()
     elif name == "bce":
         mag = 100.0 if np.any(guard) else float(np.mean(np.abs(np.log(np.clip(a, 1e-300, 1))) + np.abs(np.log(np.clip(1 - a, 1e-300, 1)))))
     else:
         mag = None
     EC = float(np.sum(aG * Ea))
-    return EG, EC, mag
+    return np.reshape(EG, shape), EC, mag
 
 
 def _softmax_bce_bound(p, y, Ea, G, cu, cu64, u_c):
@@ -330,7 +347,8 @@ def allowance(spec: Spec, params: dict, x: np.ndarray, y: np.ndarray, ref, dtype
     guard = np.zeros(ref.output.shape, dtype=bool) if guard is None else guard
     G = ref.upstream[L - 1]
     yv = np.asarray(y, dtype=np.float64) if spec.loss.targets == "values" else None
-    EG, EC, mag = _loss_bounds(spec.loss, ref.output, yv, G, Ea[L], u, guard)
+    # on the rows the loss applies to (a sequence output's m·T steps); class indices: −100 rows ignored
+    EG, EC, mag = _loss_bounds(spec.loss, ref.output, np.asarray(y) if yv is None else yv, G, Ea[L], u, guard)
     n_terms = ref.output.size
     loss_bound = EC + cu * (n_terms + 2) * (abs(ref.loss) if mag is None else mag) + (n_terms + 2) * eta
 

@@ -33,6 +33,8 @@ import numpy as np
 from hypothesis import strategies as st
 
 from manual_bp import ACTIVATIONS, LOSSES, Spec, SpecError
+from manual_bp.losses import IGNORE_INDEX
+from .graph import RECURRENT
 
 REGIMES = ("well_conditioned", "saturated", "near_zero", "near_kinks", "exact_kinks")
 ELEMENTWISE = tuple(name for name, cls in ACTIVATIONS.items() if not cls.output_only)
@@ -449,6 +451,38 @@ def sequence_specs(*, max_steps: int = 6, max_features: int = 6, max_layers: int
                      st.lists(layer, min_size=1, max_size=max_layers), head)
 
 
+def per_step_specs(*, max_steps: int = 6, max_features: int = 6, max_layers: int = 2, max_units: int = 6,
+                   norms: bool = True, losses=tuple(LOSSES)) -> st.SearchStrategy:
+    """Sequence specs with a loss at every step: input (T, n), 0–``max_layers`` hidden ``temporal_dense`` layers
+    (each drawing its width, activation and bias, optionally followed by a layer norm over its features when
+    ``norms``), then a ``temporal_dense`` head of k ≤ ``max_units`` units whose activation fits the loss (as in
+    ``specs()``), no flatten: the output is (T, k) per example and the loss (drawn from ``losses``) applies to
+    its m·T rows of k. ``draw_data`` gives such specs (m, T) class targets with some steps masked (−100, never
+    all) or (m, T, k) values. Shrinks toward one step, one feature, no hidden layer, the first loss."""
+    act = st.one_of([_ACTIVATION[n] for n in ELEMENTWISE])
+    layer = st.tuples(st.integers(1, max_units), act, st.booleans(), st.booleans() if norms else st.just(False))
+
+    def tail(loss):  # (loss spec, head activation, head units, head bias), prebuilt per loss below
+        names, least = _outputs_for(loss)
+        return st.tuples(_LOSS[loss], st.one_of([_ACTIVATION[n] for n in names]),
+                         st.integers(least, max(least, max_units)), st.booleans())
+
+    tails = {loss: tail(loss) for loss in losses}
+
+    def assemble(t, n, parts, tail_parts):
+        loss_spec, out_act, k, bias = tail_parts
+        layers = []
+        for units, a, b, norm in parts:
+            layers.append({"type": "temporal_dense", "units": units, "activation": a, "bias": b})
+            if norm:
+                layers.append({"type": "layer_norm", "normalized_shape": [units]})
+        layers.append({"type": "temporal_dense", "units": k, "activation": out_act, "bias": bias})
+        return Spec.from_dict({"format_version": 2, "input": {"shape": [t, n]}, "layers": layers, "loss": loss_spec})
+
+    return st.builds(assemble, st.integers(1, max_steps), st.integers(1, max_features),
+                     st.lists(layer, max_size=max_layers), st.sampled_from(list(losses)).flatmap(tails.__getitem__))
+
+
 def embedding_specs(*, max_tokens: int = 6, max_vocab: int = 8, max_dim: int = 6, norms: bool = True,
                     head: st.SearchStrategy | None = None) -> st.SearchStrategy:
     """Specs that start from token indices: an embedding (V ≤ ``max_vocab`` so that tokens repeat, optional
@@ -472,6 +506,70 @@ def embedding_specs(*, max_tokens: int = 6, max_vocab: int = 8, max_dim: int = 6
                                "loss": dense.loss.to_json()})
 
     return st.builds(assemble, front, head)
+
+
+SEQUENCE_BLOCKS = RECURRENT + ("attention", "transformer")
+
+
+def sequence_model_specs(*, max_steps: int = 5, max_width: int = 6, max_blocks: int = 2, kinds=SEQUENCE_BLOCKS,
+                         fronts=("input", "embedding", "dense"), head: st.SearchStrategy | None = None,
+                         pre_norm: bool = True, min_steps: int = 1) -> st.SearchStrategy:
+    """Sequence models: a front-end (the sequence itself, an embedding of tokens, or a ``temporal_dense``), then
+    1–``max_blocks`` blocks drawn from ``kinds``, then a head (``head``, default ``specs(max_depth=2, max_width=8)``).
+
+    * ``rnn`` (tanh or relu), ``lstm``, ``gru``: hidden size, bias, a zero or learned initial state; the last one
+      may return its last hidden state only (the head reads h_T), else a flatten reads every step;
+    * ``attention``: heads dividing the model size, causal or not, alone or pre-norm in a residual block
+      (x + attention(layer_norm(x))) when ``pre_norm``;
+    * ``transformer``: a pre-norm attention block and a pre-norm MLP block (x + W₂ g(W₁ layer_norm(x))),
+      the block of ``transformer-tiny``.
+
+    Lengths start at T = 1; heads are drawn as the k-th divisor of the model size, so shrinking goes toward one
+    step, one head, one block, the plain sequence front-end and the first kind.
+    """
+    head = specs(max_depth=2, max_width=8) if head is None else head
+    act = st.one_of([_ACTIVATION[n] for n in ELEMENTWISE])
+    block = st.tuples(st.sampled_from(list(kinds)), st.integers(1, max_width), st.integers(0, 3), st.booleans(),
+                      st.booleans(), st.booleans(), st.sampled_from(["tanh", "relu"]), act)
+    front = st.tuples(st.sampled_from(list(fronts)), st.integers(1, max_width), st.integers(1, 8), act)
+
+    def assemble(t, front_parts, blocks, last_only, dense):
+        kind, d, vocab, front_act = front_parts
+        if kind == "embedding":
+            inp, layers = [t], [{"type": "embedding", "num_embeddings": vocab, "embedding_dim": d}]
+        elif kind == "dense":
+            inp, layers = [t, vocab], [{"type": "temporal_dense", "units": d, "activation": front_act}]
+        else:
+            inp, layers = [t, d], []
+        for j, (b, width, pick, flag, bias, learned, nonlin, a) in enumerate(blocks):
+            if b in RECURRENT:
+                layer = {"type": b, "hidden_size": width, "bias": bias,
+                         "initial_state": "learned" if learned else "zero"}
+                if b == "rnn":
+                    layer["nonlinearity"] = nonlin
+                if j == len(blocks) - 1 and last_only:
+                    layer["return_sequences"] = False
+                layers.append(layer)
+                d = width
+                continue
+            heads = _divisors(d)[pick % len(_divisors(d))]
+            attention = {"type": "attention", "num_heads": heads, "causal": flag, "bias": bias}
+            if b == "attention" and not (learned and pre_norm):
+                layers.append(attention)
+            else:  # pre-norm residual blocks
+                layers.append({"type": "residual", "body": [{"type": "layer_norm"}, attention]})
+            if b == "transformer":
+                layers.append({"type": "residual", "body": [
+                    {"type": "layer_norm"}, {"type": "temporal_dense", "units": 2 * d, "activation": a},
+                    {"type": "temporal_dense", "units": d, "activation": "identity"}]})
+        if layers and layers[-1].get("return_sequences", True):
+            layers.append({"type": "flatten"})
+        layers += dense.to_dict()["layers"]
+        return Spec.from_dict({"format_version": 2, "input": {"shape": inp}, "layers": layers,
+                               "loss": dense.loss.to_json()})
+
+    return st.builds(assemble, st.integers(min_steps, max_steps), front, st.lists(block, min_size=1, max_size=max_blocks),
+                     st.booleans(), head)
 
 
 def _out_sides(layers: list, spatial: list) -> list:
@@ -517,6 +615,25 @@ def _flat_run(rng: np.random.Generator, x: np.ndarray) -> None:
         x[..., j + 1] = x[..., j]
 
 
+def _weights(rng: np.random.Generator, regime: str, shape, n_out, fan_in: int) -> tuple[np.ndarray, np.ndarray]:
+    """A weight of ``shape`` and its bias of ``n_out`` in a named regime (``saturated``: large enough that
+    sigmoid and tanh gates sit near ±1)."""
+    if regime == "well_conditioned":
+        k = 1 / np.sqrt(fan_in)
+        return rng.uniform(-k, k, shape), rng.uniform(-k, k, n_out)
+    if regime == "saturated":
+        return rng.normal(0, 6 / np.sqrt(fan_in), shape), rng.normal(0, 3, n_out)
+    if regime == "near_zero":
+        return rng.normal(0, 1e-3, shape), rng.normal(0, 1e-3, n_out)
+    if regime == "near_kinks":
+        return rng.integers(-2, 3, shape) / 2, rng.integers(-2, 3, n_out) / 2
+    if regime == "exact_kinks":
+        w = _grid(rng, shape, 1)
+        _tie(rng, w, axis=0)  # two units (or filters) with the same weights: tied z (softmax/max ties)
+        return w, np.zeros(n_out)
+    raise ValueError(f"unknown regime {regime!r}; choose one of {REGIMES}")
+
+
 def draw_params(spec: Spec, rng: np.random.Generator, regime: str, dtype="float64") -> dict:
     """Weights for ``spec`` in a named regime (see the module docstring), for any layer type.
 
@@ -531,23 +648,23 @@ def draw_params(spec: Spec, rng: np.random.Generator, regime: str, dtype="float6
             continue
         prefix = name[: -len("weight")]
         n_out, fan_in = shapes.get(prefix + "bias", shape[:1]), math.prod(shape[1:])
-        if regime == "well_conditioned":
-            k = 1 / np.sqrt(fan_in)
-            w, b = rng.uniform(-k, k, shape), rng.uniform(-k, k, n_out)
-        elif regime == "saturated":
-            w, b = rng.normal(0, 6 / np.sqrt(fan_in), shape), rng.normal(0, 3, n_out)
-        elif regime == "near_zero":
-            w, b = rng.normal(0, 1e-3, shape), rng.normal(0, 1e-3, n_out)
-        elif regime == "near_kinks":
-            w, b = rng.integers(-2, 3, shape) / 2, rng.integers(-2, 3, n_out) / 2
-        elif regime == "exact_kinks":
-            w, b = _grid(rng, shape, 1), np.zeros(n_out)
-            _tie(rng, w, axis=0)  # two units (or filters) with the same weights: tied z (softmax/max ties)
-        else:
-            raise ValueError(f"unknown regime {regime!r}; choose one of {REGIMES}")
+        w, b = _weights(rng, regime, shape, n_out, fan_in)
         params[name] = w.astype(dtype)
         if prefix + "bias" in shapes:
             params[prefix + "bias"] = b.astype(dtype)
+    for name, shape in shapes.items():  # the rest, by torch's names: weight_ih_l0 with bias_ih_l0, in_proj_weight with
+        if name in params:               # in_proj_bias, a recurrent layer's learned initial state h0, c0
+            continue
+        if len(shape) >= 2:
+            pair = name[: name.rindex(".") + 1] + name[name.rindex(".") + 1:].replace("weight", "bias")
+            n_out, fan_in = shapes.get(pair, shape[:1]), math.prod(shape[1:])
+            w, b = _weights(rng, regime, shape, n_out, fan_in)
+            params[name] = w.astype(dtype)
+            if pair in shapes and pair != name:
+                params[pair] = b.astype(dtype)
+        elif not name.rsplit(".", 1)[-1].startswith("bias"):  # an initial state: data-like
+            params[name] = (rng.integers(-2, 3, shape) / 2 if regime in ("near_kinks", "exact_kinks")
+                            else rng.normal(0, 1, shape)).astype(dtype)
     for name, shape in spec.buffer_shapes().items():  # running statistics: on the regime's grid where it has one
         if name.endswith("running_var"):
             v = rng.integers(1, 5, shape) / 2 if regime in ("near_kinks", "exact_kinks") else rng.uniform(0.25, 4, shape)
@@ -562,6 +679,8 @@ def draw_data(spec: Spec, rng: np.random.Generator, regime: str, batch: int, dty
 
     x has shape (m, *input_shape). In ``exact_kinks`` a tie copies a feature (a vector input) or a
     channel (a signal or image); a signal or image also gets ``_flat_run`` ties along its last axis.
+    y is one target per example, or, after a per-step head (``per_step_specs``), one per step: (m, T) class
+    indices with about a quarter of the steps masked (−100, never all), or (m, T, k) values.
     """
     shape = (batch, *spec.input_shape)
     if spec.token_input:  # token indices from a small vocabulary: repeats are the rule, not the exception
@@ -582,18 +701,23 @@ def draw_data(spec: Spec, rng: np.random.Generator, regime: str, batch: int, dty
             _flat_run(rng, x)  # equal neighbours: ties in max-pool windows
     else:
         x = rng.normal(0, 1, shape)
-    n_out = spec.output_size
+    out = (batch, *spec.output_shape)  # (batch, n_out), or (batch, T, n_out) after a per-step head
+    n_out = out[-1]
     if spec.loss.targets == "classes":
-        y = rng.integers(0, n_out, batch)
+        y = rng.integers(0, n_out, out[:-1])
+        if len(out) > 2:  # a loss at every step: some steps masked (torch's ignore_index, −100), never all
+            masked = rng.random(y.shape) < 0.25
+            masked.flat[rng.integers(y.size)] = False
+            y = np.where(masked, IGNORE_INDEX, y)
     elif spec.loss.name in ("bce", "bce_with_logits"):
         if regime == "exact_kinks":
-            y = (rng.integers(0, 3, (batch, n_out)) / 2).astype(dtype)
+            y = (rng.integers(0, 3, out) / 2).astype(dtype)
         else:
-            y = rng.uniform(0, 1, (batch, n_out)).astype(dtype)
+            y = rng.uniform(0, 1, out).astype(dtype)
     elif regime in ("near_kinks", "exact_kinks"):
-        y = (rng.integers(-2, 3, (batch, n_out)) / 2).astype(dtype)
+        y = (rng.integers(-2, 3, out) / 2).astype(dtype)
     else:
-        y = rng.normal(0, 1, (batch, n_out)).astype(dtype)
+        y = rng.normal(0, 1, out).astype(dtype)
     return (x if spec.token_input else x.astype(dtype)), y
 
 

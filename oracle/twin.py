@@ -54,7 +54,20 @@ def activation_fn(act):
 
 
 def loss_fn(loss):
-    """The torch computation of a manual_bp loss, with the same reduction."""
+    """The torch computation of a manual_bp loss, with the same reduction.
+
+    A sequence output (m, T, k) is judged as m·T rows of k, as torch users write it:
+    ``F.cross_entropy(out.reshape(-1, k), y.reshape(-1))`` (class targets −100 ignored: F.cross_entropy's and
+    F.nll_loss's default ``ignore_index``), ``F.mse_loss(out.reshape(-1, k), y.reshape(-1, k))``, ...
+    """
+    fn = _row_loss(loss)
+    if loss.targets == "classes":
+        return lambda a, y: fn(a.reshape(-1, a.shape[-1]), y.reshape(-1)) if a.dim() > 2 else fn(a, y)
+    return lambda a, y: fn(a.reshape(-1, a.shape[-1]), y.reshape(-1, a.shape[-1])) if a.dim() > 2 else fn(a, y)
+
+
+def _row_loss(loss):
+    """``loss_fn`` on rows (m, k)."""
     p = loss.params
     return {
         "half_sse": lambda a, y: 0.5 * ((a - y) ** 2).sum(),
@@ -105,7 +118,41 @@ TWIN_LAYERS = {
     "dropout": lambda l, w, a: a * _dropout_scale(l, a) if l.training else a,
     "embedding": lambda l, w, a: F.embedding(a, w["weight"], l.padding_idx),
     "temporal_dense": lambda l, w, a: F.linear(a, w["weight"], w.get("bias")),
+    "rnn": lambda l, w, a: _recurrent(l, w, a),
+    "lstm": lambda l, w, a: _recurrent(l, w, a),
+    "gru": lambda l, w, a: _recurrent(l, w, a),
+    "attention": lambda l, w, a: _attention(l, w, a),
 }
+
+
+_RECURRENT_TWINS: dict = {}
+
+
+def _recurrent(layer, w: dict, a: torch.Tensor) -> torch.Tensor:
+    """The layer run by torch's own nn.RNN / nn.LSTM / nn.GRU (``TWIN_MODULES``, built once per layer, size and
+    dtype) on the case's weights, by ``torch.func.functional_call``."""
+    key = (layer, a.shape[-1], a.dtype)
+    if key not in _RECURRENT_TWINS:
+        _RECURRENT_TWINS[key] = _recurrent_twin(layer, (a.shape[-1],), a.dtype)
+    return torch.func.functional_call(_RECURRENT_TWINS[key], w, (a,))
+
+
+def causal_mask(T: int, dtype) -> torch.Tensor:
+    """torch's additive causal mask: −∞ above the diagonal (step t attends to steps s ≤ t)."""
+    return torch.triu(torch.full((T, T), -math.inf, dtype=dtype), diagonal=1)
+
+
+def _attention(layer, w: dict, a: torch.Tensor) -> torch.Tensor:
+    """Self-attention as ``nn.MultiheadAttention(d, h, batch_first=True)(a, a, a)`` computes it, by torch's own
+    ``F.multi_head_attention_forward`` (which takes (T, m, d))."""
+    d, T = a.shape[-1], a.shape[1]
+    seq_first = a.transpose(0, 1)
+    mask = causal_mask(T, a.dtype) if layer.causal else None
+    out, _ = F.multi_head_attention_forward(
+        seq_first, seq_first, seq_first, d, layer.num_heads, w["in_proj_weight"], w.get("in_proj_bias"), None, None,
+        False, 0.0, w["out_proj.weight"], w.get("out_proj.bias"), training=False, need_weights=False,
+        attn_mask=mask, is_causal=False)
+    return out.transpose(0, 1)
 
 
 def _normalized_shape(layer, a: torch.Tensor) -> tuple[int, ...]:
@@ -215,7 +262,66 @@ TWIN_MODULES = {
     "embedding": lambda l, shape, dt: torch.nn.Embedding(l.num_embeddings, l.embedding_dim, l.padding_idx, dtype=dt),
     "residual": lambda l, shape, dt: _ResidualModule(l, shape, dt),
     "temporal_dense": lambda l, shape, dt: torch.nn.Linear(shape[-1], l.units, bias=l.bias, dtype=dt),
+    "rnn": lambda l, shape, dt: _recurrent_twin(l, shape, dt),
+    "lstm": lambda l, shape, dt: _recurrent_twin(l, shape, dt),
+    "gru": lambda l, shape, dt: _recurrent_twin(l, shape, dt),
+    "attention": lambda l, shape, dt: _SelfAttention(l, shape, dt),
 }
+
+
+class _LearnedState:
+    """What a recurrent twin adds to torch's nn.RNN / nn.LSTM / nn.GRU (one layer, batch first): a learned initial
+    state ``h0`` (and ``c0``) shared by every example, if the layer has one, and the last step alone when it does
+    not return the sequence. Its ``state_dict`` names are torch's own (``weight_ih_l0``, ...), then h0, c0."""
+
+    def _learned(self, layer, dt):
+        self.layer = layer
+        if layer.initial_state == "learned":
+            self.h0 = torch.nn.Parameter(torch.zeros(layer.hidden_size, dtype=dt))
+            if layer.type == "lstm":
+                self.c0 = torch.nn.Parameter(torch.zeros(layer.hidden_size, dtype=dt))
+        return self
+
+    def forward(self, a):
+        if self.layer.initial_state == "learned":
+            h0 = self.h0.expand(1, a.shape[0], -1)
+            out, _ = super().forward(a, (h0, self.c0.expand(1, a.shape[0], -1)) if self.layer.type == "lstm" else h0)
+        else:
+            out, _ = super().forward(a)
+        return out if self.layer.return_sequences else out[:, -1]
+
+
+class _RNN(_LearnedState, torch.nn.RNN):
+    pass
+
+
+class _LSTM(_LearnedState, torch.nn.LSTM):
+    pass
+
+
+class _GRU(_LearnedState, torch.nn.GRU):
+    pass
+
+
+def _recurrent_twin(layer, shape, dt) -> torch.nn.Module:
+    n, H = shape[-1], layer.hidden_size
+    if layer.type == "rnn":
+        module = _RNN(n, H, nonlinearity=layer.nonlinearity, bias=layer.bias, batch_first=True, dtype=dt)
+    else:
+        module = (_LSTM if layer.type == "lstm" else _GRU)(n, H, bias=layer.bias, batch_first=True, dtype=dt)
+    return module._learned(layer, dt)
+
+
+class _SelfAttention(torch.nn.MultiheadAttention):
+    """``nn.MultiheadAttention(d, h, bias, batch_first=True)`` used as self-attention, with the causal mask if any."""
+
+    def __init__(self, layer, shape, dt):
+        super().__init__(shape[-1], layer.num_heads, bias=layer.bias, batch_first=True, dtype=dt)
+        self.layer = layer
+
+    def forward(self, a):
+        mask = causal_mask(a.shape[1], a.dtype) if self.layer.causal else None
+        return super().forward(a, a, a, need_weights=False, attn_mask=mask)[0]
 
 
 class _ResidualModule(torch.nn.Module):
@@ -307,7 +413,8 @@ class Reference:
 def run_twin(spec: Spec, params: dict, x: np.ndarray, y: np.ndarray, dtype, adopt=None, routes=None) -> Reference:
     """Run the twin in ``dtype`` (float32/float64) on copies of params and data, and backprop with autograd.
 
-    ``x`` are rows (m, input_size); ``y`` the loss's targets (m, n_out) or (m,) class indices.
+    ``x`` are rows (m, input_size); ``y`` the loss's targets (m, n_out) or (m,) class indices; for a per-step
+    head (output (m, T, k), kept as ``Reference.output``), (m, T, k) or (m, T), the loss taken on m·T rows.
     ``adopt(i, up, delta)``, if given, may replace δ_i (a torch tensor) given the upstream ∂C/∂a_{i+1}
     as the backward reaches layer i; everything below is then computed from the replaced δ_i.
     That is how the oracle follows a candidate's equally valid choice at a kink or a numerical guard;

@@ -333,7 +333,8 @@ def test_the_package_keeps_the_old_names_and_registers_every_type():
     assert bp.Dense is Dense and bp.LAYER_TYPES is LAYER_TYPES
     assert {cls.type for cls in (Conv1d, Conv2d, MaxPool1d, MaxPool2d, AvgPool1d, AvgPool2d, Flatten)} == {
         "conv1d", "conv2d", "max_pool1d", "max_pool2d", "avg_pool1d", "avg_pool2d", "flatten"}
-    from manual_bp.layers import BatchNorm, Dropout, Embedding, GroupNorm, LayerNorm, Residual, TemporalDense
+    from manual_bp.layers import (GRU, LSTM, RNN, Attention, BatchNorm, Dropout, Embedding, GroupNorm, LayerNorm, Residual,
+                                  TemporalDense)
     assert LAYER_TYPES == {cls.type: cls for cls in (Dense, Conv1d, Conv2d, MaxPool1d, MaxPool2d, AvgPool1d, AvgPool2d, Flatten,
                                                       BatchNorm, LayerNorm, GroupNorm, Dropout, Embedding, Residual,
-                                                      TemporalDense)}
+                                                      TemporalDense, RNN, LSTM, GRU, Attention)}
