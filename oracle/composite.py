@@ -21,6 +21,12 @@ linear in (E of the input, u), so one tape gives every map the rest of the oracl
 (``CompositeMagnitudes``): |J|E (u = 0), the rounding in units of u (E = 0, u = 1), |J|ᵀv, the drift, and each
 parameter's bound. Elements within reach of a relu kink (an rnn with relu) may take either slope: the jump
 counts as error there.
+
+That worst case carries errors through |J|, and over many recurrent steps ‖|W_hh|‖^T outgrows what rounding does
+by orders of magnitude. The measured noise (``oracle.noise``) therefore takes *samples* from the same tape
+(``sample_forward``, ``sample_backward``): every operation's own rounding at random (√k·u·|terms|·ξ), carried
+through the signed Jacobians, and the backward's reuse of the perturbed forward values, exactly as the ensemble
+does between layers. The allowance is 10× the largest of its runs, capped by the worst case, as for every layer.
 """
 
 from __future__ import annotations
@@ -242,6 +248,142 @@ class Tape:
                     send(i, np.take(e, j, axis=extra), np.take(g, j, axis=extra))
         return Eg, G
 
+    # -- one random sample of the rounding, for the measured noise (``oracle.noise``) ----------------------------
+    def sample_forward(self, rng, u: float, ulps: float) -> list:
+        """One signed perturbation P of every entry: each operation's own rounding at random (√k·u·|terms|·ξ for a
+        k-term product, ``ulps``·u·|y|·ξ for a function), carried through the *signed* Jacobians of the operations
+        after it. The bound above carries |J|, which over many recurrent steps grows far beyond what rounding does."""
+        P: list = []
+        c = ulps * u
+
+        def xi(shape):
+            return rng.standard_normal(shape)
+
+        for (kind, ins, extra), y in zip(self.ops, self.values):
+            v = [self.v(i) for i in ins]
+            if kind == "leaf":
+                p = np.zeros(y.shape)
+            elif kind == "linear":
+                x, W = v[:2]
+                size = np.abs(x) @ np.abs(W).T + (np.abs(v[2]) if len(v) > 2 else 0)
+                p = P[ins[0]] @ W.T + math.sqrt(W.shape[1] + 1) * u * size * xi(y.shape)
+            elif kind == "matmul":
+                A, B = v
+                p = (P[ins[0]] @ B + A @ P[ins[1]]
+                     + math.sqrt(A.shape[-1]) * u * (np.abs(A) @ np.abs(B)) * xi(y.shape))
+            elif kind == "add":
+                p = P[ins[0]] + P[ins[1]] + u * np.abs(y) * xi(y.shape)
+            elif kind == "mul":
+                p = v[1] * P[ins[0]] + v[0] * P[ins[1]] + u * np.abs(y) * xi(y.shape)
+            elif kind == "scale":
+                p = extra * P[ins[0]] + u * np.abs(y) * xi(y.shape)
+            elif kind == "one_minus":
+                p = -P[ins[0]] + u * (1 + np.abs(v[0])) * xi(y.shape)
+            elif kind == "sigmoid":
+                p = y * (1 - y) * P[ins[0]] + c * y * xi(y.shape)
+            elif kind == "tanh":
+                p = (1 - y * y) * P[ins[0]] + c * np.abs(y) * xi(y.shape)
+            elif kind == "relu":  # the slope held at the reference's, as the measured noise holds every kink
+                p = (v[0] > 0) * P[ins[0]]
+            elif kind == "softmax":
+                pz = P[ins[0]] if extra is None else np.where(extra, 0.0, P[ins[0]])
+                p = y * (pz - (y * pz).sum(axis=-1, keepdims=True)) + c * y * xi(y.shape)
+            elif kind == "view":
+                p = extra[0](P[ins[0]])
+            elif kind == "broadcast":
+                p = np.broadcast_to(P[ins[0]], y.shape).copy()
+            else:
+                p = np.stack([P[i] for i in ins], axis=extra)
+            P.append(p)
+        return P
+
+    def sample_backward(self, out: int, g_out, P: list, rng, u: float, ulps: float) -> dict:
+        """One signed perturbation of every leaf's gradient ({leaf entry: perturbation}) for the upstream gradient
+        ``g_out`` (signed): each backward operation's rounding at random, the forward perturbation ``P`` it reuses
+        (σ′ from a rounded σ, the softmax Jacobian from rounded p), carried back through the signed Jacobians."""
+        n = len(self.values)
+        G: list = [None] * n   # the exact gradient of every entry
+        Q: list = [None] * n   # its perturbation
+        c = ulps * u
+
+        def xi(shape):
+            return rng.standard_normal(shape)
+
+        def send(i, g, q):
+            if self.ops[i][0] == "leaf" and self.ops[i][2] is None:
+                return
+            if G[i] is None:
+                G[i], Q[i] = g, q
+            else:
+                G[i] = G[i] + g
+                Q[i] = Q[i] + q + u * np.abs(G[i]) * xi(g.shape)
+
+        G[out], Q[out] = np.asarray(g_out, dtype=np.float64), np.zeros(np.shape(g_out))
+        for k in reversed(range(n)):
+            if G[k] is None or self.ops[k][0] == "leaf":
+                continue
+            kind, ins, extra = self.ops[k]
+            g, q, y = G[k], Q[k], self.values[k]
+            v = [self.v(i) for i in ins]
+            if kind == "linear":
+                x, W = v[:2]
+                gx = g @ W
+                send(ins[0], gx, q @ W + math.sqrt(W.shape[0]) * u * (np.abs(g) @ np.abs(W)) * xi(gx.shape))
+                rows, xr = g.reshape(-1, g.shape[-1]), x.reshape(-1, x.shape[-1])
+                gw = rows.T @ xr
+                qw = (q.reshape(rows.shape).T @ xr + rows.T @ P[ins[0]].reshape(xr.shape)
+                      + math.sqrt(rows.shape[0]) * u * (np.abs(rows).T @ np.abs(xr)) * xi(gw.shape))
+                send(ins[1], gw, qw)
+                if len(ins) > 2:
+                    send(ins[2], rows.sum(axis=0), q.reshape(rows.shape).sum(axis=0)
+                         + math.sqrt(rows.shape[0]) * u * np.abs(rows).sum(axis=0) * xi(rows.shape[1:]))
+            elif kind == "matmul":
+                A, B = v
+                BT, AT = np.swapaxes(B, -1, -2), np.swapaxes(A, -1, -2)
+                ga, gb = g @ BT, AT @ g
+                send(ins[0], ga, q @ BT + g @ np.swapaxes(P[ins[1]], -1, -2)
+                     + math.sqrt(B.shape[-1]) * u * (np.abs(g) @ np.abs(BT)) * xi(ga.shape))
+                send(ins[1], gb, AT @ q + np.swapaxes(P[ins[0]], -1, -2) @ g
+                     + math.sqrt(A.shape[-2]) * u * (np.abs(AT) @ np.abs(g)) * xi(gb.shape))
+            elif kind == "add":
+                send(ins[0], g, q)
+                send(ins[1], g, q)
+            elif kind == "mul":
+                a, b = v
+                send(ins[0], g * b, q * b + g * P[ins[1]] + u * np.abs(g * b) * xi(g.shape))
+                send(ins[1], g * a, q * a + g * P[ins[0]] + u * np.abs(g * a) * xi(g.shape))
+            elif kind == "scale":
+                send(ins[0], extra * g, extra * q + u * np.abs(extra * g) * xi(g.shape))
+            elif kind == "one_minus":
+                send(ins[0], -g, -q)
+            elif kind == "sigmoid":
+                d = y * (1 - y)
+                send(ins[0], g * d, q * d + g * (1 - 2 * y) * P[k] + c * np.abs(g * d) * xi(g.shape))
+            elif kind == "tanh":
+                d = 1 - y * y
+                send(ins[0], g * d, q * d - 2 * g * y * P[k] + c * np.abs(g * d) * xi(g.shape))
+            elif kind == "relu":
+                slope = (v[0] > 0).astype(np.float64)
+                send(ins[0], g * slope, q * slope)
+            elif kind == "softmax":
+                p, dp = y, P[k]
+                gs = (g * p).sum(axis=-1, keepdims=True)
+                gx = p * (g - gs)
+                qx = (p * (q - (q * p).sum(axis=-1, keepdims=True)) + dp * (g - gs)
+                      - p * (g * dp).sum(axis=-1, keepdims=True) + c * p * (np.abs(g) + np.abs(gs)) * xi(g.shape))
+                if extra is not None:
+                    gx, qx = np.where(extra, 0.0, gx), np.where(extra, 0.0, qx)
+                send(ins[0], gx, qx)
+            elif kind == "view":
+                send(ins[0], extra[1](g), extra[1](q))
+            elif kind == "broadcast":
+                gs = g.sum(axis=0)
+                send(ins[0], gs, q.sum(axis=0) + math.sqrt(extra) * u * np.abs(g).sum(axis=0) * xi(gs.shape))
+            else:
+                for j, i in enumerate(ins):
+                    send(i, np.take(g, j, axis=extra), np.take(q, j, axis=extra))
+        return {i: Q[i] for i, op in enumerate(self.ops) if op[0] == "leaf" and op[2] is not None}
+
 
 # -- the layers as tapes ------------------------------------------------------------------------------------------
 def _chunk(tape: Tape, x: int, j: int, size: int) -> int:
@@ -393,6 +535,20 @@ class CompositeMagnitudes:
 
     def _or_zero(self, e, like=None):
         return np.zeros((self.a if like is None else like).shape) if e is None else e
+
+    # -- the measured noise: one random sample of the layer's own rounding per jittered run ----------------------
+    def sample_z(self, rng, u: float, ulps: float) -> np.ndarray:
+        """A random perturbation of z by the rounding inside the layer (kept for ``sample_grads`` of the same run)."""
+        self._sample = self.tape.sample_forward(rng, u, ulps)
+        return self._sample[self.out]
+
+    def sample_grads(self, delta, rng, u: float, ulps: float) -> dict:
+        """{"input": perturbation of ∂C/∂a, short name: of each parameter's gradient} for this run's δ (signed)."""
+        P = getattr(self, "_sample", None) or self.tape.sample_forward(rng, u, ulps)
+        Q = self.tape.sample_backward(self.out, delta, P, rng, u, ulps)
+        out = {short: self._or_zero(Q.get(i), self.tape.v(i)) for short, i in self.params.items()}
+        out["input"] = self._or_zero(Q.get(self.input))
+        return out
 
     def held(self, a):
         return None

@@ -51,14 +51,15 @@ NETS = ("dense", "cnn", "norm", "residual", "tokens", "sequence", "all")
 def _nets(kind: str):
     """The architectures a campaign draws: dense chains, conv/pool nets, either with normalization and dropout
     layers inserted, nets with residual blocks, token nets (an embedding front), sequence nets (dense at every
-    step, into a flattened head or a per-step head with a loss at every step), or any of them."""
-    from .strategies import (cnn_specs, embedding_specs, per_step_specs, sequence_specs, specs, with_norms,
-                             with_residuals)
+    step, rnn/lstm/gru, attention and transformer blocks, into a flattened, last-step or per-step head with a loss at
+    every step), or any of them."""
+    from .strategies import (cnn_specs, embedding_specs, per_step_specs, sequence_model_specs, sequence_specs, specs,
+                             with_norms, with_residuals)
 
+    sequence = sequence_specs() | per_step_specs() | sequence_model_specs()
     return {"dense": specs(), "cnn": cnn_specs(), "norm": with_norms(), "residual": with_residuals(),
-            "tokens": embedding_specs(), "sequence": sequence_specs() | per_step_specs(),
-            "all": (specs() | cnn_specs() | with_norms() | with_residuals() | embedding_specs() | sequence_specs()
-                    | per_step_specs())}[kind]
+            "tokens": embedding_specs(), "sequence": sequence,
+            "all": specs() | cnn_specs() | with_norms() | with_residuals() | embedding_specs() | sequence}[kind]
 
 
 def _width(layer) -> int:

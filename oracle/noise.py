@@ -13,6 +13,8 @@ element and run):
 
 * z = a θᵀ + b gets √(n+2)·u·(|a||θ|ᵀ + |b|)·ξ (an n-term dot product, random-sign roundings), and every
   other layer type its own sums' sizes and counts (``oracle.magnitudes``); a max pool keeps torch's winners;
+  a layer many operations deep (rnn, lstm, gru, attention) gets a sample of every one of its operations'
+  roundings, carried through it (``oracle.composite``), in z, in ∂C/∂a and in its parameters' gradients;
 * a = g(z) gets c·u·M_g·ξ and δ = ∇ₐC ⊙ g′ gets c·u·(|∇ₐC|·M_g′ + |δ|)·ξ (M from ``rounding._scales``:
   the cancellations of each formula, e.g. σ′ = a(1 − a) from a rounded a);
 * ∂C/∂a = δθ, ∂C/∂θ = δᵀa and ∂C/∂b = Σδ get √(k+1)·u·(their |terms|)·ξ;
@@ -105,7 +107,9 @@ def jittered_run(spec, params: dict, x: np.ndarray, y, ref, allow, u: float, rng
                 z = TWIN_LAYERS[layer.type](layer, node_weights(weights, node), a)
             if z is a:  # its own tensor, as in twin_forward
                 z = a.clone()
-            if mag.k_z:
+            if hasattr(mag, "sample_z"):  # a layer many operations deep: its own roundings, carried through it
+                z = z + torch.from_numpy(mag.sample_z(rng, u, EVAL))
+            elif mag.k_z:
                 terms = torch.from_numpy(mag.terms(a_in))
                 z = z + math.sqrt(mag.k_z) * u * terms * _gauss(rng, terms.shape)
         act = node.activation
@@ -176,6 +180,11 @@ def jittered_run(spec, params: dict, x: np.ndarray, y, ref, allow, u: float, rng
     def rounded(g, size, k):  # a result that adds up k rounded terms of the given size
         return g + math.sqrt(k) * u * torch.from_numpy(size) * _gauss(rng, g.shape)
 
+    def sampled(i) -> dict:  # a layer many operations deep: its backward's own roundings, one sample per run
+        if ("sample", i) not in stash:
+            stash[("sample", i)] = mags[i].sample_grads(stash[("delta", i)].numpy(), rng, u, EVAL)
+        return stash[("sample", i)]
+
     # the input of node i (x, or a node's output) gets δ_i θ_i from it, rounded; where several nodes read one
     # tensor (a block's input: its body and its skip path), their gradients add, one more rounding each
     readers = consumers(spec)
@@ -188,7 +197,9 @@ def jittered_run(spec, params: dict, x: np.ndarray, y, ref, allow, u: float, rng
             size, k = 0, 0
             for i in readers[j]:
                 d = stash[("delta", i)].abs().numpy()
-                if graph[i].is_sum:
+                if hasattr(mags[i], "sample_grads"):
+                    g = g + torch.from_numpy(sampled(i)["input"])
+                elif graph[i].is_sum:
                     size, k = size + d, k + 1
                 elif mags[i].k_in:
                     size, k = size + mags[i].input_terms(d), k + mags[i].k_in
@@ -198,7 +209,9 @@ def jittered_run(spec, params: dict, x: np.ndarray, y, ref, allow, u: float, rng
         mag = mags[i]
         for full in node.param_names:  # each parameter's gradient, rounded as its layer type says
             short = full[len(node.name) + 1:]
-            if full in weights and weights[full].requires_grad:
+            if full in weights and weights[full].requires_grad and hasattr(mag, "sample_grads"):
+                weights[full].register_hook(lambda g, i=i, short=short: g + torch.from_numpy(sampled(i)[short]))
+            elif full in weights and weights[full].requires_grad:
                 weights[full].register_hook(lambda g, i=i, mag=mag, short=short: rounded(
                     g, *mag.param_rounding(short, stash[("delta", i)].abs().numpy(), ins[i])))
     loss = loss_fn(spec.loss)(acts[-1], yt)

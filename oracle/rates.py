@@ -55,7 +55,8 @@ from manual_bp import Spec, SpecError
 from .checker import CandidateError, check
 from .compare import TOLERANCES, gradient_scale
 from .mutants import CATALOGUE, CORRECT, Mutant
-from .strategies import cases, cnn_specs, draw_data, draw_params, embedding_specs, fit_batch, specs, with_norms, with_residuals
+from .strategies import (cases, cnn_specs, draw_data, draw_params, embedding_specs, fit_batch, per_step_specs,
+                         sequence_model_specs, specs, with_norms, with_residuals)
 
 RATE_REGIMES = ("well_conditioned", "saturated", "near_zero", "near_kinks", "exact_kinks")
 DTYPES = ("float64", "float32")
@@ -399,7 +400,8 @@ def default_impls() -> dict:
 
 def false_alarms(n: int, seed: int, impls: dict | None = None, progress: Callable | None = None, *,
                  dtypes=DTYPES, bce_share: float = 0.2, cnn_share: float = 0.2, norm_share: float = 0.15,
-                 residual_share: float = 0.15, token_share: float = 0.05, keep: int = 5) -> dict:
+                 residual_share: float = 0.15, token_share: float = 0.05, sequence_share: float = 0.15,
+                 keep: int = 5) -> dict:
     """Run ``n`` cases per dtype through ``oracle.check`` for each correct implementation in ``impls``
     (default: manual_bp and ``tests/impls/second_correct.py``); every verdict that does not pass is a
     false alarm.
@@ -408,8 +410,9 @@ def false_alarms(n: int, seed: int, impls: dict | None = None, progress: Callabl
     torch's 1e-12 guard and the exact gradient part; a share ``cnn_share`` are random conv/pool nets
     (``cnn_specs()``, every regime); a share ``norm_share`` are dense or conv nets with normalization and dropout
     layers inserted (``with_norms()``, every regime), ``residual_share`` nets with residual blocks
-    (``with_residuals()``), ``token_share`` token nets (``embedding_specs()``); the rest come from ``cases()``
-    (dense, every regime).
+    (``with_residuals()``), ``token_share`` token nets (``embedding_specs()``), ``sequence_share`` sequence models
+    (``sequence_model_specs()``: rnn, lstm, gru, attention and transformer blocks, and ``per_step_specs()``, losses
+    at every step); the rest come from ``cases()`` (dense, every regime).
     ``progress(impl, dtype, case, result)`` is called after each check.
 
     Returns ``{"schema", "schema_version", "n", "seed", "bce_share", "cnn_share", "dtypes", "impls": {impl: {dtype:
@@ -422,9 +425,9 @@ def false_alarms(n: int, seed: int, impls: dict | None = None, progress: Callabl
     out = {name: {} for name in impls}
     start, checks = time.perf_counter(), 0
     n_bce, n_cnn, n_norm = int(round(n * bce_share)), int(round(n * cnn_share)), int(round(n * norm_share))
-    n_res, n_tok = int(round(n * residual_share)), int(round(n * token_share))
+    n_res, n_tok, n_seq = int(round(n * residual_share)), int(round(n * token_share)), int(round(n * sequence_share))
     for dtype in dtypes:
-        general = _hypothesis_draws(cases(dtypes=(dtype,)), max(0, n - n_bce - n_cnn - n_norm - n_res - n_tok),
+        general = _hypothesis_draws(cases(dtypes=(dtype,)), max(0, n - n_bce - n_cnn - n_norm - n_res - n_tok - n_seq),
                                     stable_seed(seed, "cases", dtype))
         bce = _hypothesis_draws(cases(specs_strategy=specs(losses=("bce",)), regimes=("saturated",), dtypes=(dtype,)),
                            n_bce, stable_seed(seed, "saturated-bce", dtype))
@@ -432,8 +435,11 @@ def false_alarms(n: int, seed: int, impls: dict | None = None, progress: Callabl
         norm = _hypothesis_draws(cases(specs_strategy=with_norms(), dtypes=(dtype,)), n_norm, stable_seed(seed, "norm", dtype))
         res = _hypothesis_draws(cases(specs_strategy=with_residuals(), dtypes=(dtype,)), n_res, stable_seed(seed, "residual", dtype))
         tok = _hypothesis_draws(cases(specs_strategy=embedding_specs(), dtypes=(dtype,)), n_tok, stable_seed(seed, "tokens", dtype))
+        seq = _hypothesis_draws(cases(specs_strategy=sequence_model_specs() | per_step_specs(), dtypes=(dtype,), max_batch=4),
+                                n_seq, stable_seed(seed, "sequence", dtype))
         drawn = ([("cases", c) for c in general] + [("saturated_bce", c) for c in bce] + [("cnn", c) for c in cnn]
-                 + [("norm", c) for c in norm] + [("residual", c) for c in res] + [("tokens", c) for c in tok])
+                 + [("norm", c) for c in norm] + [("residual", c) for c in res] + [("tokens", c) for c in tok]
+                 + [("sequence", c) for c in seq])
         for name, fn in impls.items():
             entry = {"checks": 0, "refused": 0, "false_alarms": 0, "classifications": Counter(), "examples": []}
             for source, case in drawn:
@@ -449,7 +455,7 @@ def false_alarms(n: int, seed: int, impls: dict | None = None, progress: Callabl
     seconds = time.perf_counter() - start
     return {
         "schema": "bp-oracle/false-alarms", "schema_version": SCHEMA_VERSION, "n": n, "seed": seed,
-        "bce_share": bce_share, "cnn_share": cnn_share, "norm_share": norm_share, "residual_share": residual_share, "token_share": token_share, "dtypes": list(dtypes), "impls": out,
+        "bce_share": bce_share, "cnn_share": cnn_share, "norm_share": norm_share, "residual_share": residual_share, "token_share": token_share, "sequence_share": sequence_share, "dtypes": list(dtypes), "impls": out,
         "total_false_alarms": sum(e["false_alarms"] for per in out.values() for e in per.values()),
         "checks": checks, "seconds": round(seconds, 2),
         "seconds_per_check": round(seconds / checks, 4) if checks else None,
@@ -527,7 +533,9 @@ def _false_alarms_md(fa: dict) -> list:
         f"networks ending in bce, {100 * fa.get('cnn_share', 0):.0f}% random conv/pool nets (`cnn_specs()`), "
         f"{100 * fa.get('norm_share', 0):.0f}% with norm/dropout layers (`with_norms()`), "
         f"{100 * fa.get('residual_share', 0):.0f}% with residual blocks (`with_residuals()`), "
-        f"{100 * fa.get('token_share', 0):.0f}% token nets (`embedding_specs()`); seed {fa['seed']}; "
+        f"{100 * fa.get('token_share', 0):.0f}% token nets (`embedding_specs()`), "
+        f"{100 * fa.get('sequence_share', 0):.0f}% sequence models (`sequence_model_specs()`, `per_step_specs()`); "
+        f"seed {fa['seed']}; "
         f"{fa['seconds']:.0f} s ({fa['seconds_per_check'] or 0:.3f} s per check).",
         "",
         "| implementation | dtype | checks | false alarms | verdicts |", "|---|---|---|---|---|",

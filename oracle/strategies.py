@@ -524,6 +524,10 @@ def sequence_model_specs(*, max_steps: int = 5, max_width: int = 6, max_blocks: 
     * ``transformer``: a pre-norm attention block and a pre-norm MLP block (x + W₂ g(W₁ layer_norm(x))),
       the block of ``transformer-tiny``.
 
+    The head reads h_T (a recurrent layer that returns its last state), every step flattened, or every step on its
+    own: the same dense layers at each step (``temporal_dense``) with the loss on each step's row (class targets
+    with some steps masked, −100).
+
     Lengths start at T = 1; heads are drawn as the k-th divisor of the model size, so shrinking goes toward one
     step, one head, one block, the plain sequence front-end and the first kind.
     """
@@ -533,7 +537,7 @@ def sequence_model_specs(*, max_steps: int = 5, max_width: int = 6, max_blocks: 
                       st.booleans(), st.booleans(), st.sampled_from(["tanh", "relu"]), act)
     front = st.tuples(st.sampled_from(list(fronts)), st.integers(1, max_width), st.integers(1, 8), act)
 
-    def assemble(t, front_parts, blocks, last_only, dense):
+    def assemble(t, front_parts, blocks, last_only, per_step, dense):
         kind, d, vocab, front_act = front_parts
         if kind == "embedding":
             inp, layers = [t], [{"type": "embedding", "num_embeddings": vocab, "embedding_dim": d}]
@@ -562,14 +566,18 @@ def sequence_model_specs(*, max_steps: int = 5, max_width: int = 6, max_blocks: 
                 layers.append({"type": "residual", "body": [
                     {"type": "layer_norm"}, {"type": "temporal_dense", "units": 2 * d, "activation": a},
                     {"type": "temporal_dense", "units": d, "activation": "identity"}]})
-        if layers and layers[-1].get("return_sequences", True):
-            layers.append({"type": "flatten"})
-        layers += dense.to_dict()["layers"]
+        tail = dense.to_dict()["layers"]
+        if not layers[-1].get("return_sequences", True):
+            layers += tail                       # the head reads h_T
+        elif per_step:                           # the same head at every step, the loss on every step's row
+            layers += [dict(layer, type="temporal_dense") for layer in tail]
+        else:
+            layers += [{"type": "flatten"}, *tail]
         return Spec.from_dict({"format_version": 2, "input": {"shape": inp}, "layers": layers,
                                "loss": dense.loss.to_json()})
 
     return st.builds(assemble, st.integers(min_steps, max_steps), front, st.lists(block, min_size=1, max_size=max_blocks),
-                     st.booleans(), head)
+                     st.booleans(), st.booleans(), head)
 
 
 def _out_sides(layers: list, spatial: list) -> list:

@@ -58,6 +58,23 @@ the tape in reverse as a small reverse-mode autodiff, one adjoint per value, gra
 every node that reads the value (the block input's adjoint collects the body's and the skip path's before
 its producer is reached). Every node's δ = ∂C/∂z is returned under its key.
 
+Sequence layers (batch first, (m, T, n)) are written as manual_bp's are not:
+
+* temporal_dense: one einsum with the step axis kept ("mti,oi->mto"; θ and b summed over m and t in one einsum),
+  not a product on m·T rows;
+* rnn / lstm / gru (torch's gate order and names): per step the input and hidden products are separate einsums
+  added to the *summed* biases b_ih + b_hh (gru keeps b_hn inside r ⊙ (h W_hnᵀ + b_hn)); σ(u) = ½(1 + tanh(u/2))
+  (½ e^{u/2}/cosh(u/2) for u < 0); gru's h = σ(−a_z) n + σ(a_z) h₋ (1 − z never rounded). BPTT walks back with
+  *every weight gradient added step by step* into a running total, and every derivative is taken from the
+  pre-activation (σ'(u) = e^{−|u|}/(1 + e^{−|u|})², sech² u, relu' = 1[u > 0]), never from a gate's value;
+* attention (torch.nn.MultiheadAttention, batch first, packed in_proj): one head at a time, q scaled by 1/√d_h
+  *before* the product (so dk = dSᵀ q̃ needs no scale and dq = (dS k)/√d_h), the softmax as e · (1/Σe), its
+  vector-Jacobian product as P ⊙ dP − P Σ(P ⊙ dP), each head's rows of ∂in_proj written from that head alone.
+
+A loss after a per-step head reads the output (m, T, k) as m·T rows of k, every reduction over those rows
+(half_mse's m is m·T); a class target of −100 drops its row (δ 0) and cross_entropy / nll average over the rows
+kept, as torch's default ignore_index (the same for a vector output's −100).
+
 ``grads(spec, params, x, y) -> (loss, grads, deltas)``, everything in the params' dtype (token indices stay
 integers).
 """
@@ -104,14 +121,16 @@ def _softplus(z):
 
 
 def _log_softmax(z):
-    m = z.max(axis=1, keepdims=True)
+    """Over the last axis (the units of a row, or of one step of a sequence)."""
+    m = z.max(axis=-1, keepdims=True)
     s = z - m
-    return s - np.log(np.exp(s).sum(axis=1, keepdims=True))
+    return s - np.log(np.exp(s).sum(axis=-1, keepdims=True))
 
 
 def _softmax(z):
-    e = np.exp(z - z.max(axis=1, keepdims=True))
-    return e / e.sum(axis=1, keepdims=True)
+    """Over the last axis (the units of a row, or of one step of a sequence)."""
+    e = np.exp(z - z.max(axis=-1, keepdims=True))
+    return e / e.sum(axis=-1, keepdims=True)
 
 
 def _phi_cdf(z):
@@ -196,13 +215,25 @@ def act_vjp(name, p, z, g):
     """δ = ∂C/∂z from ∂C/∂a, per example for the row-coupled ones."""
     if name == "softmax":
         s = _softmax(z)
-        return s * (g - np.einsum("mj,mj->m", g, s)[:, None])
+        return s * (g - np.einsum("...j,...j->...", g, s)[..., None])
     if name == "log_softmax":
-        return g - _softmax(z) * g.sum(axis=1, keepdims=True)
+        return g - _softmax(z) * g.sum(axis=-1, keepdims=True)
     return g * act_derivative(name, p, z)
 
 
 # -- losses: the value, and ∂C/∂a (or δ_L directly where loss and output activation meet) ------------------
+# Every loss below reads its output as rows: (m, k), or a sequence's (m, T, k) laid out as m·T rows of k by
+# ``grads`` (so half_mse's m is the number of rows). A class target of −100 (torch's ignore_index) drops its row:
+# its δ is 0 and the class losses average over the rows kept.
+IGNORED = -100
+
+
+def _kept(y):
+    """The rows whose class target is not −100, and how many (at least 1: every row ignored is refused upstream)."""
+    kept = np.asarray(y) != IGNORED
+    return kept, max(int(kept.sum()), 1)
+
+
 def _clamped_log(v):
     with np.errstate(divide="ignore"):
         return np.maximum(np.log(v), -100)
@@ -231,10 +262,11 @@ def loss_value(loss, a, y, m):
         return -np.sum(y * _clamped_log(a) + (1 - y) * _clamped_log(1 - a)) / n
     if name == "bce_with_logits":
         return np.sum(np.maximum(a, 0) - a * y + np.log1p(np.exp(-np.abs(a)))) / n
-    if name == "cross_entropy":
-        return -np.sum(_log_softmax(a)[np.arange(m), y]) / m
-    if name == "nll":
-        return -np.sum(a[np.arange(m), y]) / m
+    if name in ("cross_entropy", "nll"):
+        kept, count = _kept(y)
+        scores = _log_softmax(a) if name == "cross_entropy" else a
+        picked = scores[np.flatnonzero(kept), y[kept]]               # the kept rows' target entries only
+        return -np.sum(picked) / count
     raise ValueError(f"unknown loss {name}")
 
 
@@ -260,16 +292,25 @@ def loss_grad(loss, a, y, m):
     if name == "bce_with_logits":
         return (_sigmoid(a) - y) / n
     if name == "cross_entropy":
-        return (_softmax(a) - _one_hot(y, a)) / m
+        return _softmax_minus_target(a, y)
     if name == "nll":
-        return -_one_hot(y, a) / m
+        _, count = _kept(y)
+        return -_one_hot(y, a) / count
     raise ValueError(f"{name} is handled with its output activation")
 
 
 def _one_hot(y, like):
+    """1 at (r, y_r) for each kept row r; a row whose target is −100 stays all zeros."""
+    kept, _ = _kept(y)
     hot = np.zeros_like(like)
-    hot[np.arange(like.shape[0]), y] = 1
+    hot[np.flatnonzero(kept), y[kept]] = 1
     return hot
+
+
+def _softmax_minus_target(z, y):
+    """(softmax(z) − onehot(y)) / (kept rows), zero on the rows whose target is −100."""
+    kept, count = _kept(y)
+    return np.where(kept[:, None], _softmax(z) - _one_hot(y, z), np.zeros_like(z)) / count
 
 
 def output_delta(spec, z, a, y, m):
@@ -282,7 +323,7 @@ def output_delta(spec, z, a, y, m):
     if loss == "bce" and name == "softmax":
         return _softmax_bce_delta(z, y) / n
     if loss == "nll" and name == "log_softmax":
-        return (_softmax(z) - _one_hot(y, z)) / m
+        return _softmax_minus_target(z, y)
     return act_vjp(name, p, z, loss_grad(spec.loss, a, y, m))
 
 
@@ -573,6 +614,266 @@ def embedding_backward(layer, w, tokens, delta):
     return gw
 
 
+# -- sequences: temporal_dense, rnn / lstm / gru, multi-head self-attention ---------------------------------------
+def temporal_dense_forward(w, b, a):
+    """z[m, t] = a[m, t] θᵀ + b, one einsum with the step axis kept (not m·T rows)."""
+    z = np.einsum("mti,oi->mto", a, w)
+    return z if b is None else z + b
+
+
+def temporal_dense_backward(w, a, delta, with_bias, need_input):
+    """θ and b are shared by every step: their gradients sum over the batch and the steps, both in one einsum."""
+    out = {"weight": np.einsum("mto,mti->oi", delta, a)}
+    if with_bias:
+        out["bias"] = np.einsum("mto->o", delta)
+    return out, (np.einsum("mto,oi->mti", delta, w) if need_input else None)
+
+
+def _sigmoid_th(u):
+    r""":math:`σ(u) = ½(1 + \tanh(u/2))` for u ≥ 0, and :math:`½\, e^{u/2} / \cosh(u/2)` for u < 0 (the same
+    function, no cancellation on either side; a cosh that overflows gives σ = 0, its value to the dtype)."""
+    neg = np.minimum(u, 0) / 2
+    with np.errstate(over="ignore"):
+        low = 0.5 * np.exp(neg) / np.cosh(neg)
+    return np.where(u >= 0, 0.5 * (1 + np.tanh(np.maximum(u, 0) / 2)), low)
+
+
+_RNN_GATES = {"rnn": 1, "lstm": 4, "gru": 3}
+
+
+def _rnn_weights(layer, params, key):
+    """(W_ih, W_hh, b_ih, b_hh) with zero biases when the layer has none (a zero adds nothing, exactly)."""
+    w_ih, w_hh = params[f"{key}.weight_ih_l0"], params[f"{key}.weight_hh_l0"]
+    if layer.bias:
+        return w_ih, w_hh, params[f"{key}.bias_ih_l0"], params[f"{key}.bias_hh_l0"]
+    zero = np.zeros(w_ih.shape[0], dtype=w_ih.dtype)
+    return w_ih, w_hh, zero, zero
+
+
+def _rnn_start(layer, params, key, m, dtype, name):
+    """h_0 (or c_0): the learned vector repeated for every example, or zeros."""
+    if layer.initial_state == "learned":
+        return np.repeat(params[f"{key}.{name}"][None, :], m, axis=0)
+    return np.zeros((m, layer.hidden_size), dtype=dtype)
+
+
+def recurrent_run(layer, params, key, a):
+    r"""Run rnn / lstm / gru over a (m, T, n), one step at a time: (output, tape), the tape one record per step
+    with every pre-activation (the backward takes each derivative from them, never from a gate's value).
+
+    Per step the input and hidden products are separate einsums added to the *summed* biases b_ih + b_hh (gru keeps
+    b_hn apart: r multiplies h W_hnᵀ + b_hn). With the gate blocks of a = x W_ihᵀ + h W_hhᵀ + b:
+
+    * rnn: h = φ(a), φ tanh or relu;
+    * lstm: i, f, o = σ(a_i), σ(a_f), σ(a_o), g = tanh(a_g); c = f c₋ + i g; h = o tanh(c);
+    * gru: r = σ(a_r), z = σ(a_z), n = tanh(a_n) with a_n = x W_inᵀ + b_in + r (h₋ W_hnᵀ + b_hn);
+      h = σ(−a_z) n + σ(a_z) h₋ (1 − z written as σ(−a_z): exact where z rounds to 1).
+
+    σ is ``_sigmoid_th``."""
+    kind, H = layer.type, layer.hidden_size
+    m, T, _ = a.shape
+    w_ih, w_hh, b_ih, b_hh = _rnn_weights(layer, params, key)
+    h = _rnn_start(layer, params, key, m, a.dtype, "h0")
+    c = _rnn_start(layer, params, key, m, a.dtype, "c0") if kind == "lstm" else None
+    tape, outs = [], []
+    for t in range(T):
+        x_t = a[:, t, :]
+        rec = {"x": x_t, "h_prev": h, "c_prev": c}
+        xin = np.einsum("mn,gn->mg", x_t, w_ih)
+        hid = np.einsum("mk,gk->mg", h, w_hh)
+        if kind == "rnn":
+            pre = (hid + xin) + (b_ih + b_hh)
+            h = np.tanh(pre) if layer.nonlinearity == "tanh" else np.where(pre > 0, pre, 0 * pre)
+            rec["pre"] = pre
+        elif kind == "lstm":
+            pre = (hid + xin) + (b_ih + b_hh)
+            a_i, a_f, a_g, a_o = (pre[:, j * H:(j + 1) * H] for j in range(4))
+            g = np.tanh(a_g)
+            i_, f_, o_ = _sigmoid_th(a_i), _sigmoid_th(a_f), _sigmoid_th(a_o)
+            c = i_ * g + f_ * c
+            h = o_ * np.tanh(c)
+            rec.update(a_i=a_i, a_f=a_f, a_g=a_g, a_o=a_o, i=i_, f=f_, g=g, o=o_, c=c)
+        else:  # gru
+            xb, hb = xin + b_ih, hid + b_hh
+            a_r = xb[:, :H] + hb[:, :H]
+            a_z = xb[:, H:2 * H] + hb[:, H:2 * H]
+            hn = hb[:, 2 * H:]
+            r = _sigmoid_th(a_r)
+            a_n = xb[:, 2 * H:] + r * hn
+            n = np.tanh(a_n)
+            h_new = _sigmoid_th(-a_z) * n + _sigmoid_th(a_z) * h
+            rec.update(a_r=a_r, a_z=a_z, a_n=a_n, hn=hn, r=r, n=n)
+            h = h_new
+        outs.append(h)
+        tape.append(rec)
+    out = np.stack(outs, axis=1) if layer.return_sequences else outs[-1]
+    return out, tape
+
+
+def recurrent_forward(layer, params, key, a):
+    return recurrent_run(layer, params, key, a)[0]
+
+
+def recurrent_backward(layer, params, key, a, delta, need_input=True):
+    r"""Backpropagation through time, step T … 1, every weight gradient *accumulated step by step* (an einsum per
+    step added to a running total, not one product over all steps at the end).
+
+    The output's δ joins ∂C/∂h_t from step t + 1: dh = δ_t + carry (δ_t only at t = T without return_sequences).
+    From dh (and lstm's carried dc) each step forms the δ of its pre-activations, every derivative from the
+    pre-activation itself (σ'(u) = e^{−|u|}/(1 + e^{−|u|})², tanh'(u) = sech² u, relu'(u) = 1[u > 0]):
+
+    * rnn: d = dh φ'(pre);
+    * lstm: dc = dc₊ + dh o sech²(c); d_i = dc g σ'(a_i), d_f = dc c₋ σ'(a_f), d_g = dc i sech²(a_g),
+      d_o = dh tanh(c) σ'(a_o); dc₋ = dc f;
+    * gru: d_n = dh σ(−a_z) sech²(a_n), d_z = dh (h₋ − n) σ'(a_z), d_r = d_n hn σ'(a_r); the input side sees
+      [d_r d_z d_n], the hidden side [d_r d_z d_n r]; h₋ also gets dh σ(a_z) directly.
+
+    Then ∂W_ih += d_xᵀ x_t, ∂W_hh += d_hᵀ h₋, ∂b_ih += Σ d_x, ∂b_hh += Σ d_h, ∂x_t = d_x W_ih,
+    carry = d_h W_hh (+ the gru's direct path). A learned h0 (c0) gets the final carry summed over the batch."""
+    kind, H = layer.type, layer.hidden_size
+    _, tape = recurrent_run(layer, params, key, a)
+    w_ih, w_hh, _, _ = _rnn_weights(layer, params, key)
+    m, T, _ = a.shape
+    dt = delta.dtype
+    g_ih, g_hh = np.zeros_like(w_ih), np.zeros_like(w_hh)
+    gb_ih, gb_hh = np.zeros(w_ih.shape[0], dtype=dt), np.zeros(w_ih.shape[0], dtype=dt)
+    dx = np.zeros_like(a) if need_input else None
+    carry = np.zeros((m, H), dtype=dt)
+    carry_c = np.zeros((m, H), dtype=dt) if kind == "lstm" else None
+    for t in reversed(range(T)):
+        rec = tape[t]
+        if layer.return_sequences:
+            dh = delta[:, t, :] + carry
+        else:
+            dh = delta + carry if t == T - 1 else carry
+        if kind == "rnn":
+            pre = rec["pre"]
+            dphi = _sech2(pre) if layer.nonlinearity == "tanh" else (pre > 0) * np.ones_like(pre)
+            d_x = d_h = dh * dphi
+            direct = None
+        elif kind == "lstm":
+            c = rec["c"]
+            dc = carry_c + dh * rec["o"] * _sech2(c)
+            d_x = d_h = np.concatenate([dc * rec["g"] * _dsigmoid(rec["a_i"]),
+                                        dc * rec["c_prev"] * _dsigmoid(rec["a_f"]),
+                                        dc * rec["i"] * _sech2(rec["a_g"]),
+                                        dh * np.tanh(c) * _dsigmoid(rec["a_o"])], axis=1)
+            carry_c = dc * rec["f"]
+            direct = None
+        else:  # gru
+            d_n = dh * _sigmoid_th(-rec["a_z"]) * _sech2(rec["a_n"])
+            d_z = dh * (rec["h_prev"] - rec["n"]) * _dsigmoid(rec["a_z"])
+            d_r = d_n * rec["hn"] * _dsigmoid(rec["a_r"])
+            d_x = np.concatenate([d_r, d_z, d_n], axis=1)
+            d_h = np.concatenate([d_r, d_z, d_n * rec["r"]], axis=1)
+            direct = dh * _sigmoid_th(rec["a_z"])
+        g_ih += np.einsum("mg,mn->gn", d_x, rec["x"])
+        g_hh += np.einsum("mg,mk->gk", d_h, rec["h_prev"])
+        gb_ih += np.einsum("mg->g", d_x)
+        gb_hh += np.einsum("mg->g", d_h)
+        if need_input:
+            dx[:, t, :] = np.einsum("mg,gn->mn", d_x, w_ih)
+        carry = np.einsum("mg,gk->mk", d_h, w_hh)
+        if direct is not None:
+            carry = carry + direct
+    out = {"weight_ih_l0": g_ih, "weight_hh_l0": g_hh}
+    if layer.bias:
+        out["bias_ih_l0"], out["bias_hh_l0"] = gb_ih, gb_hh
+    if layer.initial_state == "learned":
+        out["h0"] = np.einsum("mk->k", carry)
+        if kind == "lstm":
+            out["c0"] = np.einsum("mk->k", carry_c)
+    return out, dx
+
+
+def _attention_parts(layer, params, key, d):
+    """(W_q, W_k, W_v, b_q, b_k, b_v, W_out, b_out): the packed in_proj split in its three (d, d) blocks."""
+    w_in, w_out = params[f"{key}.in_proj_weight"], params[f"{key}.out_proj.weight"]
+    if layer.bias:
+        b_in, b_out = params[f"{key}.in_proj_bias"], params[f"{key}.out_proj.bias"]
+    else:
+        b_in, b_out = np.zeros(3 * d, dtype=w_in.dtype), None
+    return (w_in[:d], w_in[d:2 * d], w_in[2 * d:], b_in[:d], b_in[d:2 * d], b_in[2 * d:], w_out, b_out)
+
+
+def attention_run(layer, params, key, a):
+    r"""Self-attention on a (m, T, d), one head at a time: (z, per-head records, context).
+
+    Head j (columns j·d_h to (j+1)·d_h of q, k and v) projects x itself, then scales q *before* the product:
+    q̃ = (x W_qjᵀ + b_qj)·(1/√d_h), S = q̃ kᵀ (per example, an einsum), −∞ where s > t when causal;
+    P = e ⊙ (1/Σ_s e) with e = exp(S − max_s S) (a product with the reciprocal, not a division); O_j = P v.
+    The heads' O side by side are the context C, and z = C W_outᵀ + b_out."""
+    m, T, d = a.shape
+    heads = layer.num_heads
+    dh = d // heads
+    scale = 1 / math.sqrt(dh)
+    wq, wk, wv, bq, bk, bv, w_out, b_out = _attention_parts(layer, params, key, d)
+    hidden = np.triu(np.ones((T, T), dtype=bool), 1)                 # s > t: a step that is not yet seen
+    records, context = [], np.zeros_like(a)
+    for j in range(heads):
+        cols = slice(j * dh, (j + 1) * dh)
+        q = (np.einsum("mtd,ed->mte", a, wq[cols]) + bq[cols]) * scale
+        k = np.einsum("mtd,ed->mte", a, wk[cols]) + bk[cols]
+        v = np.einsum("mtd,ed->mte", a, wv[cols]) + bv[cols]
+        S = np.einsum("mte,mse->mts", q, k)
+        if layer.causal:
+            S = np.where(hidden, -np.inf, S)
+        e = np.exp(S - S.max(axis=2, keepdims=True))
+        P = e * (1 / np.einsum("mts->mt", e))[:, :, None]
+        context[:, :, cols] = np.einsum("mts,mse->mte", P, v)
+        records.append({"cols": cols, "q": q, "k": k, "v": v, "P": P})
+    z = np.einsum("mtc,oc->mto", context, w_out)
+    if b_out is not None:
+        z = z + b_out
+    return z, records, context
+
+
+def attention_forward(layer, params, key, a):
+    return attention_run(layer, params, key, a)[0]
+
+
+def attention_backward(layer, params, key, a, delta, need_input=True):
+    r"""The backward, head by head, each head's in_proj rows filled from that head's gradients:
+
+    ∂W_out = Σ δᵀ C, ∂b_out = Σ δ, dC = δ W_out; per head dO = dC[:, :, cols], dv = Pᵀ dO, dP = dO vᵀ,
+    dS = P ⊙ dP − P ⊙ Σ_s(P ⊙ dP) (the softmax's vector-Jacobian product, two products; a masked entry has
+    P = 0 and so dS = 0); since q̃ already carries the scale, dk = dSᵀ q̃ takes none and dq = (dS k)/√d_h;
+    ∂W_q[cols] = Σ dqᵀ x (and k, v alike), ∂b = Σ dq, ∂x += dq W_q[cols] + dk W_k[cols] + dv W_v[cols]."""
+    m, T, d = a.shape
+    dh = d // layer.num_heads
+    scale = 1 / math.sqrt(dh)
+    wq, wk, wv, _, _, _, w_out, _ = _attention_parts(layer, params, key, d)
+    _, records, context = attention_run(layer, params, key, a)
+    g_in = np.zeros((3 * d, d), dtype=delta.dtype)
+    gb_in = np.zeros(3 * d, dtype=delta.dtype)
+    out = {}
+    g_out = np.einsum("mto,mtc->oc", delta, context)
+    d_context = np.einsum("mto,oc->mtc", delta, w_out)
+    dx = np.zeros_like(a) if need_input else None
+    for rec in records:
+        cols, q, k, v, P = rec["cols"], rec["q"], rec["k"], rec["v"], rec["P"]
+        dO = d_context[:, :, cols]
+        dv = np.einsum("mts,mte->mse", P, dO)
+        dP = np.einsum("mte,mse->mts", dO, v)
+        PdP = P * dP
+        dS = PdP - P * np.einsum("mts->mt", PdP)[:, :, None]
+        dq = np.einsum("mts,mse->mte", dS, k) * scale
+        dk = np.einsum("mts,mte->mse", dS, q)
+        for block, (grad, w) in enumerate(((dq, wq), (dk, wk), (dv, wv))):
+            rows = slice(block * d + cols.start, block * d + cols.stop)
+            g_in[rows] = np.einsum("mte,mtd->ed", grad, a)
+            gb_in[rows] = np.einsum("mte->e", grad)
+            if need_input:
+                dx += np.einsum("mte,ed->mtd", grad, w[cols])
+    out["in_proj_weight"] = g_in
+    if layer.bias:
+        out["in_proj_bias"] = gb_in
+    out["out_proj.weight"] = g_out
+    if layer.bias:
+        out["out_proj.bias"] = np.einsum("mto->o", delta)
+    return out, dx
+
+
 def layer_forward(layer, params, i, a):
     """z of layer i (an index, or a block's dotted name) from its input a."""
     kind = layer.type
@@ -595,6 +896,13 @@ def layer_forward(layer, params, i, a):
         return norm_forward(layer, params, i, a)
     if kind == "dropout":
         return dropout_forward(layer, a)
+    if kind == "temporal_dense":
+        bias = params[f"{_key(i)}.bias"] if layer.bias else None
+        return temporal_dense_forward(params[f"{_key(i)}.weight"], bias, a)
+    if kind in _RNN_GATES:
+        return recurrent_forward(layer, params, _key(i), a)
+    if kind == "attention":
+        return attention_forward(layer, params, _key(i), a)
     raise ValueError(f"unknown layer type {kind}")
 
 
@@ -625,6 +933,12 @@ def layer_backward(layer, params, i, a, delta, need_input=None):
         return norm_backward(layer, params, i, a, delta)
     if kind == "dropout":
         return {}, dropout_backward(layer, a, delta)
+    if kind == "temporal_dense":
+        return temporal_dense_backward(params[f"{_key(i)}.weight"], a, delta, layer.bias, need_input)
+    if kind in _RNN_GATES:
+        return recurrent_backward(layer, params, _key(i), a, delta, need_input)
+    if kind == "attention":
+        return attention_backward(layer, params, _key(i), a, delta, need_input)
     raise ValueError(f"unknown layer type {kind}")
 
 
@@ -672,24 +986,26 @@ def grads(spec, params, x, y):
     x = np.asarray(x).astype(np.int64) if tokens else np.asarray(x, dtype=dtype)
     if x.ndim == len(spec.input_shape):
         x = x[None]
-    m = x.shape[0]
+    m, k = x.shape[0], spec.output_size
+    rows = m * math.prod(spec.output_shape) // k      # m, or m·T after a per-step head: the loss's rows of k
     if spec.loss.targets == "classes":
-        y = np.asarray(y).reshape(m).astype(np.int64)
+        y = np.asarray(y).reshape(rows).astype(np.int64)
     else:
-        y = np.asarray(y, dtype=dtype).reshape(m, spec.output_size)
+        y = np.asarray(y, dtype=dtype).reshape(rows, k)
 
     tape, values, cur = [], [x], 0                      # value 0: the network's input
     for i, layer in enumerate(spec.layers):
         cur = _unroll(tape, f"layers.{i}", layer, cur, params, values, dtype)
     a = values[cur]
-    loss = dtype.type(loss_value(spec.loss, a, y, m))
+    loss = dtype.type(loss_value(spec.loss, a.reshape(rows, k), y, rows))
 
     adjoint, out, deltas = {}, {}, {}
     last = len(tape) - 1
     for n in reversed(range(len(tape))):
         node = tape[n]
-        if n == last:                                   # the output node: loss and activation together
-            delta = output_delta(spec, node["z"], a, y, m)
+        if n == last:                                   # the output node: loss and activation together, on rows
+            z = node["z"]
+            delta = output_delta(spec, z.reshape(rows, k), a.reshape(rows, k), y, rows).reshape(z.shape)
         else:
             name, p = _act(node["layer"])
             delta = act_vjp(name, p, node["z"], adjoint.pop(node["out"]))
