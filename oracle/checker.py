@@ -335,7 +335,8 @@ def localize(spec: Spec, tensors: list) -> tuple[int | None, str]:
             return i, _step_back(graph, readers, i)
         if params_bad:
             if has_deltas:
-                return i, (f"δ of {me} matches but {', '.join(params_bad)} does not: the parameter-gradient "
+                return i, (f"δ of {me} matches but {', '.join(params_bad)} "
+                           f"{'does' if len(params_bad) == 1 else 'do'} not: the parameter-gradient "
                            f"step of {me} ({_param_step(node.layer)}) is wrong")
             later = "" if i == L - 1 else (f"{graph[L - 1].label} matches; " if i == L - 2 else
                                            f"layers {i + 1}..{L - 1} match; " if len(graph) == len(spec.layers)

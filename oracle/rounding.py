@@ -225,7 +225,8 @@ def _loss_bounds(loss, a, y, G, Ea, u, guard):
     elif name == "bce":
         q = np.maximum(a * (1 - a), 1e-150)  # where it is smaller, the guard is active and EG is not used
         H = np.abs(q - (a - y) * (1 - 2 * a)) / (q * q) / N
-        EG = np.where(guard, 0.0, H * Ea + cu * aG)
+        with np.errstate(over="ignore", invalid="ignore"):  # H·E_a beyond float64 where q is tiny: an infinite
+            EG = np.where(guard, 0.0, H * Ea + cu * aG)      # allowance there (the guard's elements never use it)
     elif name == "bce_with_logits":
         s = _sigmoid(a)
         EG = s * (1 - s) * Ea / N + cu * (s + np.abs(y)) / N
