@@ -1161,7 +1161,7 @@ def test_localization_sentences_name_the_step_that_is_wrong():
                                    "or the output activation's derivative (identity) is wrong")
     both = ("layers.2.weight", lambda g: g * 2)
     result = oracle.check(spec, params, x, y, lambda *a: _two_faults(*a, both))
-    assert result.localization == ("δ of layer 2 matches but layers.2.weight, layers.2.bias does not: the "
+    assert result.localization == ("δ of layer 2 matches but layers.2.weight, layers.2.bias do not: the "
                                    "parameter-gradient step of layer 2 (∂C/∂θ = δᵀa, ∂C/∂b = Σ δ) is wrong")
     result = oracle.check(spec, params, x, y, _candidate(delta_fault=(1, _times(1.5)), with_deltas=False))
     assert result.localization == ("layers 2..3 match; layer 1 is the first to diverge (layers.1.weight, layers.1.bias): "
