@@ -87,11 +87,13 @@ def resolve_target(target: str) -> str:
 
 
 def describe_target(target: str) -> str:
-    """What importing ``target`` runs, in words (for ``replay --trust-recorded-impl``)."""
+    """What trusting ``target`` runs, in words (for ``replay --trust-recorded-impl``)."""
+    if target.startswith("exec:"):
+        return f"running the program {printable(target[len('exec:'):])}"
     module_name, _, func = target.rpartition(":")
     if module_name.endswith(".py"):
-        return f"file {printable(module_name)}, function {printable(func)}"
-    return f"module {printable(module_name)} (as found on sys.path), function {printable(func)}"
+        return f"importing file {printable(module_name)}, function {printable(func)}"
+    return f"importing module {printable(module_name)} (as found on sys.path), function {printable(func)}"
 
 
 def printable(text, limit: int = MAX_TEXT) -> str:
