@@ -43,22 +43,34 @@ FORMATS = ("safetensors", "npz")
 # -- tensors to and from files ------------------------------------------------------------------------------------
 def write_tensors(folder: Path, stem: str, tensors: dict, formats=FORMATS) -> list[Path]:
     """``{name: array}`` as ``stem.safetensors`` and ``stem.npz`` (each written beside, then renamed into place)."""
-    from safetensors.numpy import save_file
+    from safetensors.numpy import save
 
     folder.mkdir(parents=True, exist_ok=True)
-    arrays = {k: np.ascontiguousarray(v) for k, v in tensors.items()}
+    arrays = {k: np.asarray(v, order="C") for k, v in tensors.items()}  # (ascontiguousarray makes a 0-d loss 1-d)
     written = []
     for fmt in formats:
         path = folder / f"{stem}.{fmt}"
         tmp = folder / f".{stem}.{os.getpid()}.tmp.{fmt}"
         if fmt == "safetensors":
-            save_file(arrays, str(tmp))
+            tmp.write_bytes(save(arrays))  # written by Python, so the file's mode follows the umask (save_file: 0600)
         else:
             with open(tmp, "wb") as f:
-                np.savez(f, **arrays)
+                _savez_fixed(f, arrays)
         os.replace(tmp, path)
         written.append(path)
     return written
+
+
+def _savez_fixed(f, arrays: dict) -> None:
+    """``np.savez`` with every zip entry dated 1980-01-01 (np.savez stamps the current time), so the same tensors
+    always give the same bytes, and a golden set's sha256 per file is reproducible."""
+    import zipfile
+
+    with zipfile.ZipFile(f, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
+        for name, value in arrays.items():
+            info = zipfile.ZipInfo(f"{name}.npy", date_time=(1980, 1, 1, 0, 0, 0))
+            with zf.open(info, "w", force_zip64=True) as entry:
+                np.lib.format.write_array(entry, np.asanyarray(value), allow_pickle=False)
 
 
 def read_tensors(folder: Path, stem: str, what: str) -> dict:

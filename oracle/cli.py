@@ -30,6 +30,10 @@ def _start_impl(target: str | None, timeout: float):
     """The candidate ``target`` in its own worker process, already importing (None: manual_bp in-process)."""
     if not target:
         return None
+    if target.startswith("exec:"):  # any program, run on a case folder (oracle/execute.py)
+        from .execute import ExecCandidate
+
+        return ExecCandidate(target, timeout).start()
     from .isolate import IsolatedCandidate
 
     return IsolatedCandidate(target, timeout).start()
@@ -222,7 +226,7 @@ def cmd_replay(args) -> int:
         target = args.impl
     elif args.trust_recorded_impl and recorded != "manual_bp":
         target = resolve_target(recorded)
-        print(f"Trusting the report: importing {describe_target(target)}")
+        print(f"Trusting the report: {describe_target(target)}")
     impl = _start_impl(target, args.timeout)
     try:
         code = run_check(spec, case, x, y, impl=impl, dtype=dtype, seed=seed, report_dir=None, source=str(path))
@@ -325,13 +329,69 @@ def cmd_bench(args) -> int:
     return 0
 
 
+def cmd_golden(args) -> int:
+    """Export golden reference cases (oracle/golden.py); 0 when written."""
+    import manual_bp as bp
+
+    if args.random is not None and args.random < 1:
+        raise SpecError("--random", f"{args.random} is not a number of cases", "give --random N with N ≥ 1")
+    if args.golden_batch is not None and args.golden_batch < 1:
+        raise SpecError("--batch", "must be at least 1", "give --batch B with B ≥ 1")
+    from tqdm import tqdm
+
+    from . import golden
+
+    batch = args.golden_batch or 4
+    sources = golden.example_sources(args.example or [], args.seed, batch)
+    sources += golden.spec_sources(args.spec or [], args.seed, batch)
+    if args.random:
+        sources += golden.random_sources(args.random, args.seed, args.golden_batch, args.regime)
+    if not (args.example or args.spec or args.random):
+        sources = golden.example_sources(bp.example_names(), args.seed, batch)
+    dtypes = ("float64", "float32") if args.dtype == "both" else (args.dtype,)
+    parts = [f"--example {shlex.quote(e)}" for e in args.example or []] + [f"--spec {shlex.quote(f)}" for f in args.spec or []]
+    parts += [f"--random {args.random}"] if args.random else []
+    parts += [f"--seed {args.seed}", f"--dtype {args.dtype}"] + ([f"--batch {args.golden_batch}"] if args.golden_batch else [])
+    parts += [f"--regime {args.regime}"] if args.random else []
+    command = "bp-oracle golden --out DIR " + " ".join(parts)  # DIR: the manifest is the same wherever it is written
+    bar = tqdm(total=len(sources) * len(dtypes), unit="case", desc="golden", dynamic_ncols=True, disable=None)
+
+    def step(name):
+        bar.set_postfix_str(name)
+        bar.update(1)
+
+    try:
+        manifest = golden.export(args.out, sources, dtypes, force=args.force, command=command, progress=step)
+    finally:
+        bar.close()
+    print(f"Wrote {len(manifest['cases'])} golden cases to {args.out} (manifest.json; schema: docs/case-layout.md)")
+    return 0
+
+
+def cmd_verify(args) -> int:
+    """Judge a port's outputs against a golden set without running torch; 0 all pass, 1 any fails."""
+    from . import golden
+
+    verdicts = golden.verify(args.golden_dir, args.results_dir)
+    print(golden.text_table(verdicts))
+    for v in verdicts:
+        if not v.passed:
+            print(f"{v.name}: {v.localization}")
+    print(golden.summary_line(verdicts))
+    if args.report:
+        folder = golden.write_reports(args.report, verdicts, args.golden_dir, args.results_dir)
+        print(f"Report: {folder}/verify.md (also verify.json; a check report per failing case under cases/)")
+    return 0 if all(v.passed for v in verdicts) else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="bp-oracle", description="Check hand-written backprop against torch.autograd and say where it goes wrong.",
                                 epilog="Exit codes: 0 match, 1 discrepancy found (a crashing candidate included), 2 bad input, "
                                        "3 internal error.")
     sub = p.add_subparsers(dest="command", required=True)
     impl_help = ("module:function or file.py:function to check (default: manual_bp); it runs in a separate worker "
-                 "process, its standard output goes to our standard error")
+                 "process, its standard output goes to our standard error. Or exec:'COMMAND ARGS': any program, run "
+                 "with a case folder's path appended (docs/case-layout.md)")
     timeout_help = "seconds one call of the candidate may take before it is stopped and judged a crash (default 60)"
 
     sub.add_parser("examples", help="list the built-in specs").set_defaults(func=cmd_examples)
@@ -388,11 +448,33 @@ def build_parser() -> argparse.ArgumentParser:
 
     r = sub.add_parser("replay", help="re-run exactly the case a report recorded (with manual_bp unless told otherwise)")
     r.add_argument("report_json", metavar="REPORT.json")
-    r.add_argument("--impl", help="module:function or file.py:function to run on the recorded case (default: manual_bp)")
+    r.add_argument("--impl", help="module:function, file.py:function or exec:'COMMAND ARGS' to run on the recorded case "
+                                  "(default: manual_bp)")
     r.add_argument("--trust-recorded-impl", action="store_true",
                    help="run the implementation the report names (it says first what it will import)")
     r.add_argument("--timeout", type=float, default=60.0, help=timeout_help)
     r.set_defaults(func=cmd_replay)
+
+    g = sub.add_parser("golden", help="export reference cases (inputs, torch's gradients, tolerances) for ports in any language")
+    g.add_argument("--out", required=True, metavar="DIR", help="folder to write (refused if it exists and is not empty, unless --force)")
+    g.add_argument("--example", action="append", metavar="NAME", help="a built-in spec (repeatable; default: every built-in example)")
+    g.add_argument("--spec", action="append", metavar="FILE", help="a spec JSON file (repeatable)")
+    g.add_argument("--random", type=int, metavar="N", help="N random architectures across every layer type, reproducible from --seed")
+    g.add_argument("--seed", type=int, default=0, help="seed of the random architectures and of every case's data (default 0)")
+    g.add_argument("--dtype", choices=["float64", "float32", "both"], default="both")
+    g.add_argument("--batch", type=int, dest="golden_batch", default=None, metavar="B",
+                   help="examples per case (default 4; random cases draw theirs)")
+    g.add_argument("--regime", default="well_conditioned",
+                   choices=["well_conditioned", "saturated", "near_zero", "near_kinks", "exact_kinks"],
+                   help="weights and data of the random cases (default well_conditioned)")
+    g.add_argument("--force", action="store_true", help="replace an existing golden set")
+    g.set_defaults(func=cmd_golden)
+
+    v = sub.add_parser("verify", help="judge a port's outputs against a golden set, without running torch")
+    v.add_argument("golden_dir", metavar="GOLDEN_DIR")
+    v.add_argument("results_dir", metavar="RESULTS_DIR", help="RESULTS_DIR/<case>/outputs.safetensors (or .npz) per case")
+    v.add_argument("--report", metavar="DIR", help="write DIR/verify.json, DIR/verify.md and a check report per failing case")
+    v.set_defaults(func=cmd_verify)
     return p
 
 
