@@ -73,6 +73,7 @@ class Candidate:
     deltas: dict | None = None
     grad_input: np.ndarray | None = None
     buffers: dict | None = None  # running statistics after the forward, if it reports them (not judged)
+    forward: dict | None = None  # z.<node> / a.<node> it computed, if it reports them (a program run by exec:)
 
 
 @dataclass
@@ -136,7 +137,7 @@ def _as_candidate(result: Any) -> Candidate:
         return Candidate(result[0], result[1], result[2] if len(result) == 3 else None)
     if hasattr(result, "loss") and hasattr(result, "grads"):
         return Candidate(result.loss, result.grads, getattr(result, "deltas", None), getattr(result, "grad_input", None),
-                         getattr(result, "buffers", None))
+                         getattr(result, "buffers", None), getattr(result, "forward", None))
     raise CandidateError(
         f"returned a {type(result).__name__}",
         "return (loss, grads) or (loss, grads, deltas), grads a dict of arrays keyed like layers.0.weight",
@@ -187,7 +188,15 @@ def _validated(c: Candidate, spec: Spec, m: int, dtype: np.dtype) -> Candidate:
         shapes = spec.buffer_shapes()
         buffers = {k: np.asarray(v) for k, v in c.buffers.items()
                    if k in shapes and isinstance(v, np.ndarray) and v.shape == shapes[k] and v.dtype.kind == "f"}
-    return Candidate(float(loss.reshape(())), grads, deltas or None, grad_input, buffers)
+    forward = None
+    if isinstance(c.forward, Mapping) and c.forward:  # z.<node> / a.<node>: each of its node's output shape
+        shapes = {f"{w}.{node.name}": (m, *node.out_shape) for node in nodes(spec) for w in ("z", "a")}
+        unknown = [k for k in c.forward if k not in shapes]
+        if unknown:
+            raise CandidateError(f"returned a forward tensor under an unknown key {show(unknown[0])}",
+                                 "name them z.<layer> or a.<layer>, e.g. z.layers.0")
+        forward = {k: arr(k, v, shapes[k]) for k, v in c.forward.items()}
+    return Candidate(float(loss.reshape(())), grads, deltas or None, grad_input, buffers, forward)
 
 
 def run_candidate(grads_fn: GradsFn, spec: Spec, params: dict, x: np.ndarray, y: np.ndarray, dtype=None) -> Candidate:
@@ -543,7 +552,9 @@ def check(
         if cand.deltas or failing < sum(not t.passed for t in tensors):
             tensors[:], arrays, bounds = t2, arrays2, bounds2  # localize against the re-run following the candidate
     if not loss_cmp.passed:
-        return result(False, "forward", None, "the loss differs before any gradient: the forward pass or the loss value is wrong")
+        layer, where = _forward_divergence(spec, cand, ref, allow, tol)
+        return result(False, "forward", layer,
+                      where or "the loss differs before any gradient: the forward pass or the loss value is wrong")
     if all(t.passed for t in tensors):
         return result(True, "rounding")
     layer, where = localize(spec, tensors)
@@ -552,6 +563,25 @@ def check(
     failed.arrays = arrays
     failed.hints = _hints(spec, failed, ref, special, x64, y64)
     return failed
+
+
+def _forward_divergence(spec: Spec, cand: Candidate, ref, allow, tol) -> tuple[int | None, str]:
+    """Where the candidate's own forward (z.<node>, a.<node>, when it reports them) first leaves torch's, walking
+    from the input: each tensor judged as a gradient is, its scale S its own largest element, its rounding
+    allowance the first-order E_z and E_a (``oracle.rounding``)."""
+    for i, node in enumerate(nodes(spec)):
+        for what, want, bound in (("z", ref.z[i], allow.z_error[i]), ("a", ref.acts[i], allow.act_error[i])):
+            got = (cand.forward or {}).get(f"{what}.{node.name}")
+            if got is None:
+                continue
+            top = float(np.max(np.abs(want))) if np.size(want) else 0.0
+            t = compare_tensor(f"{what}.{node.name}", got, want, tol, top if top > 0 else 1.0, bound, i)
+            if not t.passed:
+                step = ("its layer's map" if what == "z" else f"its activation ({node.activation.name})")
+                return i, (f"FORWARD: {what} of {node.label} is the first forward tensor to differ (worst at "
+                           f"{list(t.worst_index)}: {t.worst_candidate:.6g} vs torch's {t.worst_reference:.6g}); "
+                           f"everything before it matches: {step} computes it wrong")
+    return None, ""
 
 
 def _input_gradient_name(spec: Spec, k: int) -> str:

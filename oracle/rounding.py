@@ -76,6 +76,7 @@ class Allowance:
     scales: list = None   # per layer: (M_g, M_g') of its activation (None for softmax-like), see _scales
     magnitudes: list = None  # per layer: its magnitude maps (oracle.magnitudes.Magnitudes)
     ties: list = None     # per layer: a max pool's windows with several contenders for the max (else None)
+    act_error: list = None  # E_a per layer: how far a correct implementation's a = g(z) may be from torch's
 
 
 def derivatives(act, z: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -428,5 +429,6 @@ def allowance(spec: Spec, params: dict, x: np.ndarray, y: np.ndarray, ref, dtype
             back = back + _gamma(mag.k_in, u) * mag.input_terms(ad) + mag.k_in * eta
         send(j, back, mag.back_input(ad))
     bounds["input.grad"] = received(0) if 0 in sent_error else np.zeros(np.shape(x))
-    return Allowance(bounds, Ez, Ea[L], kink_masks, scales, mags, ties)
+    return Allowance(bounds, Ez, Ea[L], kink_masks, scales, mags, ties,
+                     [np.broadcast_to(np.asarray(e, dtype=np.float64), np.shape(a)) for e, a in zip(Ea[1:], ref.acts)])
 
