@@ -77,6 +77,39 @@ def cnn_rows(repeats: int, progress=print) -> list:
     return rows
 
 
+#: the sequence rows (issue 12): an LSTM returning its whole sequence, and multi-head self-attention
+#: (no causal mask), each under a per-step dense head (8 outputs per step, mse over every step)
+LSTM_NET = {"format_version": 2, "name": "lstm-32x128", "input": {"shape": [32, 128]}, "loss": "mse", "layers": [
+    {"type": "lstm", "hidden_size": 128},
+    {"type": "temporal_dense", "units": 8, "activation": "identity"}]}
+ATTENTION_NET = {"format_version": 2, "name": "attention-64x128", "input": {"shape": [64, 128]}, "loss": "mse", "layers": [
+    {"type": "attention", "num_heads": 4},
+    {"type": "temporal_dense", "units": 8, "activation": "identity"}]}
+#: (spec, batch, label) of each sequence row
+SEQUENCE_NETS = [(LSTM_NET, 32, "LSTM (T = 32, hidden 128)"), (ATTENTION_NET, 16, "attention (T = 64, d = 128, 4 heads)")]
+SEQUENCE_TARGET = 3.0
+
+
+def sequence_rows(repeats: int, progress=print) -> list:
+    """manual_bp vs torch (forward + backward, every δ kept) on an LSTM and on multi-head self-attention, each with
+    a per-step dense head, float64 and float32. torch runs the Twin: nn.LSTM / nn.MultiheadAttention(batch_first)
+    then nn.Linear on every step, the loss on m·T rows, as ``oracle.twin.TWIN_MODULES`` builds them."""
+    import manual_bp as bp
+
+    rows = []
+    for net, batch, label in SEQUENCE_NETS:
+        spec = bp.Spec.from_dict(net)
+        for dtype in ("float64", "float32"):
+            params, x, y = bp.random_case(spec, 0, batch=batch, dtype=dtype)
+            t = interleaved({"manual_bp": lambda: bp.gradients(spec, params, x, y),
+                             "torch": _torch_step(spec, params, x, y)}, repeats)
+            rows.append({"net": net["name"], "label": label, "size": spec.describe().split(",")[0], "batch": batch,
+                         "dtype": dtype, "manual_s": t["manual_bp"], "torch_s": t["torch"],
+                         "time_ratio": t["manual_bp"] / t["torch"], "target": SEQUENCE_TARGET})
+            progress(f"  {net['name']} b{batch} {dtype}: manual/torch time {rows[-1]['time_ratio']:.2f}")
+    return rows
+
+
 def _case(widths, batch, dtype, seed=0):
     import manual_bp as bp
 
@@ -236,6 +269,8 @@ def run(quick: bool = False, progress=print) -> dict:
                      f"backward {row['backward_gflops']:.1f} GFLOP/s = {100 * row['backward_vs_matmul']:.0f}% of matmul")
 
     cnn = cnn_rows(repeats, progress)
+    # a step takes tens of ms: a few more repeats than --quick's 3 cost seconds and steady the median
+    sequence = sequence_rows(max(repeats, 11), progress)
 
     # a full check vs its halves alone, and vs gradcheck
     checks = []
@@ -256,8 +291,8 @@ def run(quick: bool = False, progress=print) -> dict:
     progress(f"  Hypothesis: {hypo:.0f} examples/s on small random nets")
     suite = None if quick else _suite_time()
     return {"schema": "bp-oracle/bench", "schema_version": 1, "quick": quick, "machine": machine_facts(),
-            "mlp": rows, "cnn": cnn, "check": checks, "hypothesis_examples_per_s": hypo, "test_suite_s": suite,
-            "torch_threads": torch.get_num_threads()}
+            "mlp": rows, "cnn": cnn, "sequence": sequence, "check": checks, "hypothesis_examples_per_s": hypo,
+            "test_suite_s": suite, "torch_threads": torch.get_num_threads()}
 
 
 def _gradcheck(spec, params, x, y, quick) -> dict:
@@ -347,6 +382,14 @@ def markdown(res: dict) -> str:
     for r in res.get("cnn", []):
         lines.append(f"| {r['size']} | {r['batch']} | {r['dtype']} | {1e3 * r['manual_s']:.1f} ms | {1e3 * r['torch_s']:.1f} ms | "
                      f"**{r['time_ratio']:.2f}** |")
+    if res.get("sequence"):
+        lines += ["", f"### Sequence models: a per-step dense head (8 outputs, mse) on each "
+                  f"(target: manual/torch ≤ {SEQUENCE_TARGET:g})", "",
+                  "torch: `nn.LSTM` / `nn.MultiheadAttention` (batch first) and `nn.Linear` on every step.", "",
+                  "| net | layers | batch | dtype | manual_bp | torch | manual/torch |", "|---|---|---|---|---|---|---|"]
+        for r in res["sequence"]:
+            lines.append(f"| {r['label']} | {r['size']} | {r['batch']} | {r['dtype']} | {1e3 * r['manual_s']:.1f} ms | "
+                         f"{1e3 * r['torch_s']:.1f} ms | **{r['time_ratio']:.2f}** |")
     lines += ["", "### A full oracle check vs its halves and vs gradcheck (float64)", "",
               "| MLP | batch | check | halves alone | overhead | gradcheck | gradcheck fast_mode |", "|---|---|---|---|---|---|---|"]
     for r in res["check"]:
