@@ -261,6 +261,33 @@ def cmd_fuzz(args) -> int:
             impl.close()
 
 
+def cmd_campaign(args) -> int:
+    """A reproducible campaign that reports every distinct failure (oracle/campaign.py); 0 none, 1 any."""
+    if args.max_failures is not None and args.max_failures < 1:
+        raise SpecError("--max-failures", f"{args.max_failures} must be at least 1", "give --max-failures K with K ≥ 1")
+    if args.time_budget is not None and not (math.isfinite(args.time_budget) and args.time_budget > 0):
+        raise SpecError("--time-budget", f"{args.time_budget} is not a positive number of seconds", "give e.g. --time-budget 600")
+    if args.workers < 1:
+        raise SpecError("--workers", f"{args.workers} must be at least 1", "give --workers W with W ≥ 1")
+    if not (math.isfinite(args.shrink_seconds) and args.shrink_seconds >= 0):
+        raise SpecError("--shrink-seconds", f"{args.shrink_seconds} is not a number of seconds", "give e.g. --shrink-seconds 120")
+    impl = _start_impl(args.impl, args.timeout)  # it imports while we import Hypothesis and torch
+    try:
+        from .campaign import run_campaign
+
+        if impl is not None:
+            impl.ensure_loaded()
+        report = run_campaign(examples=args.examples, seed=args.seed, nets=args.nets, dtype=args.dtype, impl=impl,
+                              impl_name=impl.target if impl is not None else "manual_bp", impl_target=args.impl,
+                              timeout=args.timeout, report_dir=None if args.no_report else args.report,
+                              max_failures=args.max_failures, time_budget=args.time_budget, workers=args.workers,
+                              shrink_seconds=args.shrink_seconds)
+        return report["exit_code"]
+    finally:
+        if impl is not None:
+            impl.close()
+
+
 def cmd_mutants(args) -> int:
     from .mutants import CATALOGUE, markdown_table, run_catalogue
     from tqdm import tqdm
@@ -424,6 +451,27 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--report", default=DEFAULT_RUN_REPORTS, help=f"folder for reports (default: {DEFAULT_RUN_REPORTS}/)")
     f.add_argument("--no-report", action="store_true")
     f.set_defaults(func=cmd_fuzz)
+
+    cp = sub.add_parser("campaign", help="reproducible campaign: every distinct failure grouped, shrunk and reported, "
+                                         "with coverage, throughput and worst error per layer type x activation")
+    cp.add_argument("--examples", type=int, default=1000, help="cases to run (default 1000)")
+    cp.add_argument("--seed", type=int, default=0, help="case i is a pure function of (seed, i) (default 0)")
+    cp.add_argument("--nets", choices=["dense", "cnn", "norm", "residual", "tokens", "sequence", "all"], default="all",
+                    help="architectures to draw, as in fuzz (default all)")
+    cp.add_argument("--dtype", choices=["float64", "float32", "both"], default="both")
+    cp.add_argument("--impl", help=impl_help)
+    cp.add_argument("--timeout", type=float, default=60.0, help=timeout_help)
+    cp.add_argument("--report", default=DEFAULT_RUN_REPORTS,
+                    help=f"writes DIR/campaign-<seed>/ (default: {DEFAULT_RUN_REPORTS}/)")
+    cp.add_argument("--no-report", action="store_true")
+    cp.add_argument("--max-failures", type=int, default=None, metavar="K", help="stop after K failing cases")
+    cp.add_argument("--time-budget", type=float, default=None, metavar="SECONDS",
+                    help="start no case after SECONDS; shrinking gets what is left of it (at least 10 s)")
+    cp.add_argument("--workers", type=int, default=1, metavar="W",
+                    help="processes checking shards of cases (default 1); the report is the same for any W")
+    cp.add_argument("--shrink-seconds", type=float, default=120.0, metavar="SECONDS",
+                    help="time for shrinking all failure groups together, 30 s each at most (default 120)")
+    cp.set_defaults(func=cmd_campaign)
 
     m = sub.add_parser("mutants", help="run the fault catalogue: every known-wrong backprop must be caught")
     m.add_argument("--examples", type=int, default=200, help="examples per mutant at most (default 200)")

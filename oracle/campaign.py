@@ -1,0 +1,1089 @@
+"""``bp-oracle campaign``: a reproducible campaign that keeps going after a failure and reports every distinct one.
+
+Case i of a campaign is a pure function of (seed, i) (and of ``--nets`` and ``--dtype``, which choose what is drawn):
+
+* cases come in shards of ``CHUNK`` consecutive indices; shard k's specs are seeded Hypothesis draws from the nets'
+  strategy (generate phase only, no database, ``@hypothesis.seed(stable_seed(seed, "campaign", nets, k))``, as
+  ``oracle.rates`` draws its cells; Hypothesis's first, simplest value is kept in shard 0 only), so a spec never
+  depends on how many cases were asked for or on who ran the shard before;
+* the regime, dtype, batch and data seed of case i come from ``numpy.random.default_rng(stable_seed(seed, "case",
+  i))``; weights and data from ``oracle.rates.build_case`` (exactly what ``strategies.cases()`` draws).
+
+So the same seed and case count give the same cases on any machine and with any number of workers
+(``workers > 1``: a ``ProcessPoolExecutor`` runs whole shards; results are merged in case order). The campaign does
+not stop at a failure: every case that does not pass (``bug``, ``forward``, ``crash``, or an ``unusable`` answer)
+gets a *signature*, (first divergent layer type or "output"/"input", that layer's activation, the loss, the
+classification, the first hint's kind), and failures are grouped by it. Each group's first case is shrunk toward the
+smallest network that still shows the same signature (``shrink``: its shard's seeded Hypothesis run replayed as a
+property that fails on that signature, so Hypothesis shrinks the network; then its batch and data), and written
+with a check report and its replay command.
+
+The report ``DIR/campaign-<seed>/`` (``campaign.json`` schema "bp-oracle/campaign" version 1, ``campaign.md``,
+``campaign.html``, ``worst-error.png``, ``groups/<group>/`` check reports) is written atomically. Everything in it but
+the ``timing`` section is the same for the same seed, case count and options, whatever the number of workers
+(and unless a time budget cut the run or the shrinking short, which the report says). Torch runs on one thread in
+the campaign's process and in every worker, so a case gives the same numbers whichever process checks it; worst
+errors are rounding noise, rounded to 4 digits, and their last digits can still differ on another CPU or BLAS.
+"""
+
+from __future__ import annotations
+
+import atexit
+import collections
+import functools
+import json
+import math
+import os
+import random
+import re
+import shlex
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from manual_bp import Spec, SpecError
+
+SCHEMA = "bp-oracle/campaign"
+SCHEMA_VERSION = 1
+#: cases per shard: one Hypothesis run draws a shard's specs, one worker task checks it
+CHUNK = 32
+#: batch sizes are drawn from 1..MAX_BATCH
+MAX_BATCH = 6
+#: random cases ``hypothesis.find`` may try before it has one with the group's signature (most are set aside at once:
+#: a case without the signature's loss or layer type × activation is not checked)
+SHRINK_EXAMPLES = 1000
+#: seconds of shrinking for one group at most, and for all groups together by default
+SHRINK_GROUP_SECONDS = 30.0
+SHRINK_TOTAL_SECONDS = 120.0
+#: classifications that fail a case (``refused``: the oracle cannot judge it; counted apart)
+FAILING = ("forward", "bug", "crash", "unusable")
+NETS = ("dense", "cnn", "norm", "residual", "tokens", "sequence", "all")
+#: hints that say *where* (which batch row, channel or steps), not what: they depend on the draw, so they are
+#: skipped when a signature takes its hint kind
+LOCATION_HINTS = ("the error is confined to batch row", "only batch row", "the error is confined to channel", "only steps")
+
+_STRATEGIES: dict = {}
+
+
+def nets_strategy(nets: str):
+    """The spec strategy of ``--nets`` (built once per process)."""
+    if nets not in NETS:
+        raise SpecError("--nets", f"{nets!r} is not a kind of network", f"choose one of {', '.join(NETS)}")
+    if nets not in _STRATEGIES:
+        from .fuzz import _nets
+
+        _STRATEGIES[nets] = _nets(nets)
+    return _STRATEGIES[nets]
+
+
+def _dtypes(dtype: str) -> tuple:
+    if dtype == "both":
+        return ("float64", "float32")
+    if dtype in ("float64", "float32"):
+        return (dtype,)
+    raise SpecError("--dtype", f"{dtype!r} is not a dtype", "choose float64, float32 or both")
+
+
+# -- reproducible draws ----------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Draw:
+    """What case ``index`` of a campaign is: everything ``rates.build_case`` needs."""
+
+    index: int
+    spec: Spec
+    regime: str
+    dtype: str
+    batch: int
+    data_seed: int
+
+
+def _settings(**kw):
+    """Hypothesis settings built on the *default* profile, so a loaded test profile cannot change a draw."""
+    from hypothesis import HealthCheck, settings
+
+    base = dict(deadline=None, database=None, suppress_health_check=list(HealthCheck), report_multiple_bugs=False,
+                derandomize=False)
+    base.update(kw)
+    return settings(settings.get_profile("default"), **base)
+
+
+def _generate(strategy, n: int, seed: int) -> list:
+    """``n`` values of ``strategy``, the same for the same seed in every process (``rates._hypothesis_draws`` with
+    every setting explicit)."""
+    import hypothesis
+    from hypothesis import Phase, given
+
+    out: list = []
+
+    @hypothesis.seed(seed)
+    @_settings(max_examples=n, phases=[Phase.generate])
+    @given(strategy)
+    def collect(value):
+        out.append(value)
+
+    collect()
+    return out[:n]
+
+
+def draw_shard(seed: int, nets: str, dtypes: tuple, shard: int, strategy=None, regimes=None) -> list:
+    """The ``CHUNK`` draws of shard ``shard`` (cases shard·CHUNK …): specs by Hypothesis, the rest by NumPy."""
+    from .rates import stable_seed
+    from .strategies import REGIMES, fit_batch
+
+    strategy = nets_strategy(nets) if strategy is None else strategy
+    regimes = tuple(regimes or REGIMES)
+    # Hypothesis tries its simplest value first: shard 0 keeps it (the smallest net, checked once), the others drop it
+    specs = _generate(strategy, CHUNK + 1, stable_seed(seed, "campaign", nets, shard))[(shard > 0):]
+    extra = 0
+    while len(specs) < CHUNK:  # Hypothesis gave fewer (a small strategy ran out): top up, still from the seed
+        extra += 1
+        specs += _generate(strategy, CHUNK - len(specs), stable_seed(seed, "campaign", nets, shard, "more", extra))
+        if extra > 50:
+            raise SpecError("--nets", "the strategy gives too few distinct networks", "use a larger strategy")
+    out = []
+    for j, spec in enumerate(specs[:CHUNK]):
+        index = shard * CHUNK + j
+        rng = np.random.default_rng(stable_seed(seed, "case", index))
+        regime = regimes[int(rng.integers(len(regimes)))]
+        dtype = dtypes[int(rng.integers(len(dtypes)))]
+        batch = fit_batch(spec, int(rng.integers(1, MAX_BATCH + 1)))
+        out.append(Draw(index, spec, regime, dtype, batch, int(rng.integers(0, 2**32))))
+    return out
+
+
+def draw_case(seed: int, index: int, *, nets: str = "all", dtype: str = "both", strategy=None, regimes=None) -> Draw:
+    """Case ``index`` of the campaign ``seed`` (what ``bp-oracle campaign --seed seed`` checked as that case)."""
+    return draw_shard(seed, nets, _dtypes(dtype), index // CHUNK, strategy, regimes)[index % CHUNK]
+
+
+def case_arrays(draw: Draw):
+    """(params, x, y) of a draw."""
+    from .rates import build_case
+
+    return build_case(draw.spec, draw.regime, draw.dtype, draw.batch, draw.data_seed)
+
+
+# -- judging one case ------------------------------------------------------------------------------------
+_NUMBER = re.compile(r"[-+−]?\d+(?:\.\d+)?(?:[eE][-+]?\d+)?")
+
+
+def normalize_kind(text: str) -> str:
+    """A hint's kind: the text before its first colon, numbers replaced by #, at most 80 characters."""
+    head = str(text).split(":", 1)[0]
+    head = _NUMBER.sub("#", head)
+    return " ".join(head.split())[:80] or "none"
+
+
+def hint_kind(result) -> str:
+    """The kind of the first hint on the tensor that localizes the failure: the first divergent layer's δ when it
+    fails (its parameter gradients follow from it, and a one-element δ makes any of them "a constant ratio"), else
+    that layer's failing parameter gradients, else the first failing tensor with a hint. Hints that only say which
+    batch rows, channels or steps hold the error (``LOCATION_HINTS``) depend on the draw and are skipped; "none"
+    without one."""
+    k = result.first_divergent_layer
+    failing = [t for t in result.tensors if not t.passed]
+    own = [t for t in failing if t.layer == k and (k is not None or t.name == "input.grad")]
+    delta = [t for t in own if t.name.endswith(".delta")]
+    for tensors in (delta, own, failing):
+        if not tensors:
+            continue
+        for t in tensors:
+            for h in result.hints.get(t.name, []):
+                if not str(h).startswith(LOCATION_HINTS):
+                    return normalize_kind(h)
+        return "none"
+    return "none"
+
+
+def signature(spec: Spec, classification: str, value) -> tuple:
+    """(layer type or "output"/"input"/"none", its activation, loss, classification, hint kind) of a failing case;
+    ``value`` is the CheckResult, or the CandidateError of an unusable answer."""
+    from .graph import nodes
+
+    loss = spec.loss.name
+    if classification == "unusable":
+        return ("none", "-", loss, classification, normalize_kind(getattr(value, "problem", value)))
+    if classification == "crash":
+        crash = value.crash or {}
+        return ("none", "-", loss, classification, normalize_kind(crash.get("message") or crash.get("kind", "")))
+    graph = nodes(spec)
+    k = value.first_divergent_layer
+    if k is not None and 0 <= k < len(graph):
+        layer, act = graph[k].layer.type, graph[k].activation.name
+    elif classification == "bug" and any(t.layer is None and not t.passed for t in value.tensors):
+        layer, act = "input", "-"
+    else:
+        layer, act = "output", graph[-1].activation.name
+    return (layer, act, loss, classification, hint_kind(value))
+
+
+def judge(spec: Spec, params, x, y, impl):
+    """(classification, passed, CheckResult | CandidateError | None): ``refused`` (passed None) where the oracle
+    cannot judge the case, ``unusable`` (not passed) where the candidate's answer is unusable."""
+    from .checker import CandidateError, check
+
+    try:
+        r = check(spec, params, x, y, impl)
+    except CandidateError as err:
+        return "unusable", False, err
+    except SpecError:
+        return "refused", None, None
+    return r.classification, bool(r.passed and r.classification != "crash"), r
+
+
+def _cells(spec: Spec) -> tuple:
+    from .graph import nodes
+
+    return tuple((n.layer.type, n.activation.name) for n in nodes(spec))
+
+
+@dataclass
+class Outcome:
+    """One judged case, small enough to send back from a worker."""
+
+    index: int
+    classification: str
+    passed: bool | None
+    cells: tuple
+    loss: str
+    regime: str
+    dtype: str
+    batch: int
+    data_seed: int
+    worst: dict = field(default_factory=dict)  # (layer type, activation) -> worst normwise rel error (passing only)
+    signature: tuple | None = None
+    spec: dict | None = None                   # failures only
+    summary: str = ""
+    timeout: bool = False                      # a crash by --timeout (not shrunk: every try could wait that long)
+    crash: dict | None = None                  # a timeout's crash record, for its report without calling again
+    localization: str = ""
+
+    @property
+    def failed(self) -> bool:
+        return self.passed is False
+
+
+def evaluate(draw: Draw, impl) -> Outcome:
+    params, x, y = case_arrays(draw)
+    classification, passed, value = judge(draw.spec, params, x, y, impl)
+    cells = _cells(draw.spec)
+    out = Outcome(draw.index, classification, passed, cells, draw.spec.loss.name, draw.regime, draw.dtype,
+                  draw.batch, draw.data_seed)
+    if passed:
+        for t in value.tensors:
+            if t.layer is None or not (0 <= t.layer < len(cells)) or not math.isfinite(t.normwise_rel_err):
+                continue
+            cell = cells[t.layer]
+            out.worst[cell] = max(out.worst.get(cell, 0.0), float(t.normwise_rel_err))
+    elif passed is False:
+        out.signature = signature(draw.spec, classification, value)
+        out.spec = draw.spec.to_dict()
+        out.summary = value.summary() if classification != "unusable" else str(value)
+        out.timeout = classification == "crash" and (value.crash or {}).get("kind") == "timeout"
+        if out.timeout:
+            out.crash, out.localization = dict(value.crash), value.localization
+    return out
+
+
+def run_shard(seed: int, nets: str, dtypes: tuple, shard: int, start: int, stop: int, impl, *, strategy=None,
+              regimes=None, deadline: float | None = None, max_failures: int | None = None, on_case=None):
+    """Judge cases ``start``..``stop`` − 1 of shard ``shard``; (outcomes, complete). Stops early (complete False)
+    when the wall clock passes ``deadline`` (``time.time()``) or after ``max_failures`` failures."""
+    draws = draw_shard(seed, nets, dtypes, shard, strategy, regimes)
+    out, failures = [], 0
+    for d in draws[start - shard * CHUNK: stop - shard * CHUNK]:
+        if deadline is not None and time.time() >= deadline:
+            return out, False
+        o = evaluate(d, impl)
+        out.append(o)
+        failures += o.failed
+        if on_case is not None:
+            on_case(o)
+        if max_failures is not None and failures >= max_failures:
+            return out, d.index == stop - 1
+    return out, True
+
+
+# -- worker processes ------------------------------------------------------------------------------------
+_WORKER: dict = {}
+
+
+def _worker_init(target, grads_fn, timeout):
+    """A worker's candidate: started once per process (an --impl runs in its own child process, as in check).
+    Each worker runs torch on one thread: the workers share the cores, and small checks gain nothing from more."""
+    import torch
+
+    torch.set_num_threads(1)
+    impl = grads_fn
+    if target:
+        from .cli import _start_impl
+
+        impl = _start_impl(target, timeout)
+        impl.ensure_loaded()
+        atexit.register(impl.close)
+    _WORKER["impl"] = impl
+
+
+def _worker_shard(job: dict):
+    return run_shard(job["seed"], job["nets"], job["dtypes"], job["shard"], job["start"], job["stop"], _WORKER.get("impl"),
+                     regimes=job["regimes"], deadline=job["deadline"], max_failures=job["max_failures"])
+
+
+# -- shrinking -------------------------------------------------------------------------------------------
+def _digest(case) -> str:
+    from .fuzz import _digest as digest
+
+    return digest(case)
+
+
+def spec_size(spec: Spec) -> tuple:
+    """(nodes, parameters): what "smaller network" means here."""
+    from .graph import nodes
+
+    return len(nodes(spec)), int(sum(math.prod(s) for s in spec.param_shapes().values()))
+
+
+def _no_bigger(a: Spec, b: Spec) -> bool:
+    (na, pa), (nb, pb) = spec_size(a), spec_size(b)
+    return na <= nb and pa <= pb
+
+
+class _Found(Exception):
+    """Raised inside the replayed shard when a spec shows the signature: Hypothesis then shrinks it."""
+
+
+def shrink(rep: Draw, sig: tuple, strategy, impl, *, seed: int, nets: str, seconds: float,
+           examples: int = SHRINK_EXAMPLES):
+    """The smallest case Hypothesis finds with signature ``sig``, or ``rep`` itself. Returns (Draw, how,
+    (classification, passed, value)), ``how`` one of "shrunk", "data shrunk", "not shrunk".
+
+    1. The network: rep's shard is drawn again, the same seeded Hypothesis run over the nets' strategy, now as a
+       property that fails on the first spec showing the signature with rep's regime, dtype, batch and data seed
+       (rep's own spec does, so it is found again), and Hypothesis shrinks that spec toward the smallest network.
+       Where the run does not reach it, ``hypothesis.find`` over the nets' cases looks for any case with the
+       signature instead (kept only if its network is no bigger than rep's).
+    2. The data: ``hypothesis.find`` over that network alone shrinks its batch and data seed.
+
+    Deterministic for the same seed, unless ``seconds`` runs out (then the smallest case so far is returned)."""
+    import hypothesis
+    from hypothesis import Phase, find, given, strategies as st
+    from hypothesis.errors import HypothesisException
+
+    from .rates import build_case, stable_seed
+    from .strategies import Case, cases, fit_batch
+
+    deadline = time.monotonic() + max(0.0, seconds)
+    memo: dict = {}
+    layer, act, loss = sig[:3]
+
+    def verdict(case):
+        key = _digest(case)
+        if key not in memo:
+            if time.monotonic() > deadline:
+                return None  # out of time: try nothing new (a case seen before still answers as it did)
+            memo[key] = judge(case.spec, case.params, case.x, case.y, impl)
+        return memo[key]
+
+    def matches(case) -> bool:
+        # cheap first: a case without the signature's loss, or without its layer type × activation, cannot show it
+        if case.spec.loss.name != loss:
+            return False
+        if layer not in ("output", "input", "none") and (layer, act) not in _cells(case.spec):
+            return False
+        v = verdict(case)
+        return v is not None and v[1] is False and signature(case.spec, v[0], v[2]) == sig
+
+    def with_rep_data(spec):
+        batch = fit_batch(spec, rep.batch)
+        try:
+            params, x, y = build_case(spec, rep.regime, rep.dtype, batch, rep.data_seed)
+        except SpecError:
+            return None
+        return Case(spec, params, x, y, rep.dtype, rep.regime, rep.data_seed)
+
+    def network_from_shard():
+        last: list = []
+
+        @hypothesis.seed(stable_seed(seed, "campaign", nets, rep.index // CHUNK))
+        @_settings(max_examples=CHUNK + 1, phases=[Phase.generate, Phase.shrink])
+        @given(strategy)
+        def replayed(spec):
+            case = with_rep_data(spec)
+            if case is not None and matches(case):
+                last[:] = [case]
+                raise _Found
+
+        try:
+            replayed()
+        except _Found:
+            return last[0] if last else None
+        except HypothesisException:
+            return None
+        return None
+
+    def attempt(spec_strategy, label):
+        strat = cases(specs_strategy=spec_strategy, regimes=(rep.regime,), dtypes=(rep.dtype,), max_batch=MAX_BATCH)
+        try:
+            return find(strat, matches, settings=_settings(max_examples=examples, phases=[Phase.generate, Phase.shrink]),
+                        random=random.Random(stable_seed(seed, "shrink", label, *sig)))
+        except HypothesisException:  # NoSuchExample, Unsatisfiable, Flaky
+            return None
+
+    best = network_from_shard()
+    if best is None:
+        found = attempt(strategy, "nets")
+        if found is not None and _no_bigger(found.spec, rep.spec):
+            best = found
+    how = "shrunk" if best is not None else "data shrunk"
+    if best is None:
+        best = with_rep_data(rep.spec)
+    smaller_data = attempt(st.just(best.spec), "data")
+    if smaller_data is not None and smaller_data.x.shape[0] <= best.x.shape[0]:
+        best = smaller_data
+    elif how == "data shrunk":
+        params, x, y = case_arrays(rep)
+        return rep, "not shrunk", judge(rep.spec, params, x, y, impl)
+    key = _digest(best)
+    if key not in memo:  # rep's own case (only when nothing was tried): judge it
+        memo[key] = judge(best.spec, best.params, best.x, best.y, impl)
+    draw = Draw(rep.index, best.spec, best.regime, best.dtype, int(best.x.shape[0]), int(best.seed))
+    return draw, how, memo[key]
+
+
+# -- the campaign ----------------------------------------------------------------------------------------
+def _round(v: float) -> float:
+    """4 significant digits: a worst error is reported, not recomputed (and the last bits may differ across BLAS
+    thread counts)."""
+    return float(f"{v:.4g}")
+
+
+def _case_info(draw: Draw) -> dict:
+    return {"index": draw.index, "describe": draw.spec.describe(), "dtype": draw.dtype, "regime": draw.regime,
+            "batch": draw.batch, "data_seed": draw.data_seed, "spec": draw.spec.to_dict(),
+            "size": dict(zip(("nodes", "parameters"), spec_size(draw.spec)))}
+
+
+def _command(*, examples, seed, nets, dtype, impl_name, max_failures, time_budget) -> str:
+    parts = ["bp-oracle campaign", f"--examples {examples}", f"--seed {seed}", f"--nets {nets}", f"--dtype {dtype}"]
+    if impl_name != "manual_bp":
+        parts.append(f"--impl {shlex.quote(impl_name)}")
+    if max_failures:
+        parts.append(f"--max-failures {max_failures}")
+    if time_budget:
+        parts.append(f"--time-budget {time_budget:g}")
+    return " ".join(parts)
+
+
+def _one_torch_thread(fn):
+    """Run ``fn`` with torch on one thread in this process, as in every worker: the cases are small, parallelism comes
+    from ``workers``, and one setting everywhere gives the same numbers whichever process checks a case (torch's
+    thread count can move a result's last bits). The caller's setting is restored after."""
+    @functools.wraps(fn)
+    def wrapper(**kw):
+        import torch
+
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            return fn(**kw)
+        finally:
+            torch.set_num_threads(threads)
+
+    return wrapper
+
+
+@_one_torch_thread
+def run_campaign(*, examples: int, seed: int, nets: str = "all", dtype: str = "both", impl=None,
+                 impl_name: str = "manual_bp", impl_target: str | None = None, timeout: float = 60.0,
+                 report_dir=None, max_failures: int | None = None, time_budget: float | None = None, workers: int = 1,
+                 shrink_seconds: float = SHRINK_TOTAL_SECONDS, shrink_examples: int = SHRINK_EXAMPLES,
+                 specs_strategy=None, regimes=None, progress: bool = True, out=None) -> dict:
+    """Run a campaign; returns the campaign report (the ``campaign.json`` dict, with ``"exit_code"`` added: 0 when no
+    case failed, 1 when any did). Raises ``CandidateError`` (bad input, exit 2) after writing the report when the
+    candidate's answer was unusable on some case.
+
+    ``impl``: the grads function checked in this process (None: manual_bp; an ``IsolatedCandidate``/``ExecCandidate``
+    already started); ``impl_target``: the ``--impl`` string each worker process starts for itself (workers > 1; without
+    it the workers get ``impl`` pickled, which must then be a module-level function or None). ``specs_strategy``
+    (with ``nets`` as its name in seeds) and ``regimes`` replace what is drawn (one worker only: a strategy does not
+    travel to another process)."""
+    from tqdm import tqdm
+
+    from .strategies import REGIMES
+
+    out = out or sys.stdout
+    if type(examples) is not int or examples < 1:
+        raise SpecError("--examples", f"{examples!r} must be at least 1", "give --examples N with N ≥ 1")
+    if type(workers) is not int or workers < 1:
+        raise SpecError("--workers", f"{workers!r} must be at least 1", "give --workers W with W ≥ 1")
+    if max_failures is not None and (type(max_failures) is not int or max_failures < 1):
+        raise SpecError("--max-failures", f"{max_failures!r} must be at least 1", "give --max-failures K with K ≥ 1")
+    if time_budget is not None and not (isinstance(time_budget, (int, float)) and math.isfinite(time_budget)
+                                         and time_budget > 0):
+        raise SpecError("--time-budget", f"{time_budget!r} is not a positive number of seconds", "give e.g. --time-budget 600")
+    if not (math.isfinite(shrink_seconds) and shrink_seconds >= 0):
+        raise SpecError("--shrink-seconds", f"{shrink_seconds!r} is not a number of seconds", "give e.g. --shrink-seconds 120")
+    dtypes = _dtypes(dtype)
+    if specs_strategy is None:
+        strategy = nets_strategy(nets)
+    else:
+        strategy = specs_strategy
+        if workers > 1:
+            raise SpecError("--workers", "a custom spec strategy runs in one process only", "give workers=1")
+    regimes = tuple(regimes or REGIMES)
+    if hasattr(impl, "ensure_loaded"):
+        impl.ensure_loaded()  # a started --impl: its import finished (SpecError naming --impl when it failed)
+
+    t0, wall0 = time.perf_counter(), time.time()
+    deadline = wall0 + time_budget if time_budget else None
+    shards = [(k, k * CHUNK, min((k + 1) * CHUNK, examples)) for k in range(math.ceil(examples / CHUNK))]
+    merged: list = []
+    stopped = None
+    failures = 0
+    bar = tqdm(total=examples, unit="case", desc="campaign", dynamic_ncols=True, file=sys.stderr,
+               disable=None if progress else True)
+
+    def show(n: int, fails: int):
+        bar.update(n)
+        bar.set_postfix(failures=fails, refresh=False)
+
+    try:
+        if workers == 1:
+            for k, start, stop in shards:
+                def step(o):
+                    nonlocal failures
+                    failures += o.failed
+                    show(1, failures)
+
+                part, complete = run_shard(seed, nets, dtypes, k, start, stop, impl, strategy=strategy, regimes=regimes,
+                                           deadline=deadline,
+                                           max_failures=None if max_failures is None else max_failures - failures,
+                                           on_case=step)
+                merged += part
+                if not complete or (max_failures is not None and failures >= max_failures):
+                    break
+        else:
+            merged = _run_pool(shards, seed=seed, nets=nets, dtypes=dtypes, regimes=regimes, impl=impl,
+                               impl_target=impl_target, timeout=timeout, workers=workers, deadline=deadline,
+                               max_failures=max_failures, show=show)
+    finally:
+        bar.close()
+    if max_failures is not None:
+        fails = [i for i, o in enumerate(merged) if o.failed]
+        if len(fails) >= max_failures:
+            merged = merged[: fails[max_failures - 1] + 1]
+            if len(merged) < examples:
+                stopped = {"reason": "max_failures",
+                           "message": f"stopped after {max_failures} failure{'s' if max_failures > 1 else ''} "
+                                      f"(--max-failures {max_failures}): {len(merged)} of {examples} cases ran"}
+    if stopped is None and len(merged) < examples:
+        stopped = {"reason": "time_budget",
+                   "message": f"stopped by --time-budget {time_budget:g}: {len(merged)} of {examples} cases ran"}
+    case_seconds = time.perf_counter() - t0
+
+    summary = _aggregate(merged)
+    groups = summary.pop("_groups")
+
+    # shrink each group's first case, in order of first appearance
+    shrink_left = shrink_seconds
+    if deadline is not None:
+        shrink_left = min(shrink_left, max(10.0, deadline - time.time()))
+    ts = time.perf_counter()
+    main_impl = impl
+    shrunk: list = []
+    for n, g in enumerate(groups, 1):
+        rep_o = g["rep"]
+        rep = Draw(rep_o.index, Spec.from_dict(rep_o.spec), rep_o.regime, rep_o.dtype, rep_o.batch, rep_o.data_seed)
+        budget = min(SHRINK_GROUP_SECONDS, shrink_left - (time.perf_counter() - ts))
+        if rep_o.timeout:  # its verdict as recorded: calling the candidate again could wait --timeout again
+            from .checker import CheckResult
+            from .compare import TOLERANCES
+
+            note = "not shrunk: the candidate timed out on it (every try could wait --timeout again)"
+            result = CheckResult(rep.spec, rep.dtype, False, "crash", TOLERANCES[rep.dtype], 0.0, None, [], None,
+                                 rep_o.localization, crash=rep_o.crash)
+            draw, how, verdict = rep, "not shrunk", ("crash", False, result)
+        elif budget <= 0:
+            note = "not shrunk: the shrinking budget ran out"
+            params, x, y = case_arrays(rep)
+            draw, how, verdict = rep, "not shrunk", judge(rep.spec, params, x, y, main_impl)
+        else:
+            g0 = time.perf_counter()
+            draw, how, verdict = shrink(rep, g["signature"], strategy, main_impl, seed=seed, nets=nets, seconds=budget,
+                                        examples=shrink_examples)
+            note = {"shrunk": "shrunk by Hypothesis toward the smallest network with the same signature",
+                    "data shrunk": "its network kept; batch and data shrunk by Hypothesis",
+                    "not shrunk": "not shrunk: Hypothesis found no smaller case with the same signature"}[how]
+            if time.perf_counter() - g0 >= budget:
+                note += f" (the {budget:.0f} s shrinking budget ran out: it may not be the smallest)"
+        shrunk.append((n, g, draw, how, note, verdict))
+    shrink_time = time.perf_counter() - ts
+
+    report = {
+        "schema": SCHEMA, "schema_version": SCHEMA_VERSION,
+        "command": _command(examples=examples, seed=seed, nets=nets, dtype=dtype, impl_name=impl_name,
+                            max_failures=max_failures, time_budget=time_budget),
+        "seed": seed, "examples": examples, "nets": nets, "dtypes": list(dtypes), "regimes": list(regimes),
+        "impl": impl_name, "chunk": CHUNK, "max_batch": MAX_BATCH,
+        "stopped_early": stopped,
+        **summary,
+        "groups": [],
+    }
+    group_rows = []
+    for n, g, draw, how, note, verdict in shrunk:
+        classification, passed, value = verdict
+        reproduced = passed is False and signature(draw.spec, classification, value) == g["signature"]
+        row = {"id": n, "signature": dict(zip(("layer", "activation", "loss", "classification", "hint"), g["signature"])),
+               "count": g["count"], "first_case": g["rep"].index, "cases": g["cases"][:20],
+               "dtypes": dict(sorted(g["dtypes"].items())), "regimes": dict(sorted(g["regimes"].items())),
+               "first_summary": g["rep"].summary, "shrunk": {**_case_info(draw), "how": how, "note": note,
+                                                               "reproduces": reproduced,
+                                                               "summary": (value.summary() if classification != "unusable"
+                                                                           else str(value)) if value is not None else ""},
+               "report": None, "replay": None}
+        group_rows.append((row, draw, value, classification))
+        report["groups"].append(row)
+    wall = time.perf_counter() - t0
+    report["timing"] = {"seconds": round(wall, 3), "case_seconds": round(case_seconds, 3),
+                        "shrink_seconds": round(shrink_time, 3),
+                        "cases_per_second": round(len(merged) / case_seconds, 1) if case_seconds > 0 else None,
+                        "workers": workers, "time_budget": time_budget}
+
+    folder = None
+    if report_dir is not None:
+        folder = _write_report(Path(report_dir), report, group_rows, impl_name=impl_name, seed=seed)
+        report["timing"]["seconds"] = round(time.perf_counter() - t0, 3)
+    _print_summary(report, folder, out)
+    unusable = next((value for row, _, value, cls in group_rows if cls == "unusable"), None)
+    report["exit_code"] = 1 if summary["totals"]["failed"] else 0
+    if unusable is not None:
+        raise unusable
+    return report
+
+
+def _run_pool(shards, *, seed, nets, dtypes, regimes, impl, impl_target, timeout, workers, deadline, max_failures, show):
+    """Shards in a process pool; the contiguous prefix of results in case order (up to the first shard that stopped)."""
+    import multiprocessing
+    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+
+    grads_fn = None
+    if not impl_target:
+        impl_target = getattr(impl, "target", None)  # a started --impl: each worker starts its own
+        grads_fn = None if impl_target else impl     # an in-process function (pickled) or None (manual_bp)
+    ctx = multiprocessing.get_context("spawn")  # torch's thread pools do not survive a fork
+    merged, done, next_k, failures = [], {}, 0, 0
+    with ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_worker_init,
+                             initargs=(impl_target, grads_fn, timeout)) as pool:
+        futures = {}
+        for k, start, stop in shards:
+            job = {"seed": seed, "nets": nets, "dtypes": dtypes, "shard": k, "start": start, "stop": stop,
+                   "regimes": regimes, "deadline": deadline, "max_failures": max_failures}
+            futures[pool.submit(_worker_shard, job)] = k
+        pending = set(futures)
+        stop_all = False
+        try:
+            while pending and not stop_all:
+                finished, pending = wait(pending, return_when=FIRST_COMPLETED)
+                for fut in finished:
+                    part, complete = fut.result()
+                    done[futures[fut]] = (part, complete)
+                    failures += sum(o.failed for o in part)
+                    show(len(part), failures)
+                while next_k in done:
+                    part, complete = done.pop(next_k)
+                    merged += part
+                    next_k += 1
+                    fails = sum(o.failed for o in merged)
+                    if not complete or (max_failures is not None and fails >= max_failures):
+                        stop_all = True
+                        break
+        finally:
+            for fut in pending:
+                fut.cancel()
+    return merged
+
+
+def _aggregate(merged: list) -> dict:
+    classifications = collections.Counter()
+    by_dtype = collections.defaultdict(collections.Counter)
+    layers = collections.Counter()
+    losses, regimes, dtypes = collections.Counter(), collections.Counter(), collections.Counter()
+    worst: dict = {}
+    checks = collections.Counter()
+    groups: dict = {}
+    passed = failed = refused = layers_checked = 0
+    for o in merged:
+        classifications[o.classification] += 1
+        by_dtype[o.dtype][o.classification] += 1
+        if o.passed is None:
+            refused += 1
+            continue
+        passed += bool(o.passed)
+        failed += not o.passed
+        layers_checked += len(o.cells)
+        for cell in o.cells:
+            layers[cell] += 1
+        losses[o.loss] += 1
+        regimes[o.regime] += 1
+        dtypes[o.dtype] += 1
+        if o.passed:
+            for cell, err in o.worst.items():
+                key = (*cell, o.dtype)
+                worst[key] = max(worst.get(key, 0.0), err)
+                checks[key] += 1
+        else:
+            g = groups.get(o.signature)
+            if g is None:
+                g = groups[o.signature] = {"signature": o.signature, "rep": o, "count": 0, "cases": [],
+                                           "dtypes": collections.Counter(), "regimes": collections.Counter()}
+            g["count"] += 1
+            g["cases"].append(o.index)
+            g["dtypes"][o.dtype] += 1
+            g["regimes"][o.regime] += 1
+    types = sorted({c[0] for c in layers}, key=lambda t: (-sum(v for c, v in layers.items() if c[0] == t), t))
+    acts = sorted({c[1] for c in layers}, key=lambda a: (-sum(v for c, v in layers.items() if c[1] == a), a))
+    return {
+        "totals": {"cases": len(merged), "passed": passed, "failed": failed, "refused": refused,
+                   "groups": len(groups), "classifications": dict(sorted(classifications.items())),
+                   "by_dtype": {dt: dict(sorted(c.items())) for dt, c in sorted(by_dtype.items())}},
+        "coverage": {"layers_checked": layers_checked,
+                     "layer_types": types, "activations": acts,
+                     "matrix": [[layers.get((t, a), 0) for a in acts] for t in types],
+                     "cells": [{"layer": t, "activation": a, "count": n} for (t, a), n in sorted(layers.items())],
+                     "losses": dict(sorted(losses.items())), "regimes": dict(sorted(regimes.items())),
+                     "dtypes": dict(sorted(dtypes.items()))},
+        "worst_error": {"what": "the worst normwise relative error ‖g − ĝ‖/‖ĝ‖ of a layer's tensors (δ and parameter "
+                                "gradients) among passing checks, per layer type × activation and dtype (where a gradient is nearly zero "
+                                "its bound is absolute, so a passing check may show a large relative error there)",
+                        "cells": [{"layer": t, "activation": a, "dtype": dt, "worst": _round(v), "checks": checks[(t, a, dt)]}
+                                  for (t, a, dt), v in sorted(worst.items())]},
+        "_groups": list(groups.values()),
+    }
+
+
+# -- the report ------------------------------------------------------------------------------------------
+def _write_tree(final: Path, build) -> Path:
+    """Build a folder with ``build(tmp)`` in a temporary folder beside ``final``, then swap it into place
+    (``oracle.report``'s atomic swap): the final name holds the old or the new complete campaign, never half."""
+    from . import report as rp
+
+    if not rp._safe_component(final.name):
+        raise rp._report_error(f"{str(final)!r} is not a valid report folder path")
+    parent = final.parent
+    rp._prepare_parent(parent)
+    rp.clean_stale(parent)
+    rp._check_final(final)
+    mask = rp._umask()
+    try:
+        tmp = Path(tempfile.mkdtemp(prefix=f".bpo-tmp-{os.getpid()}-", suffix=f".{final.name}", dir=parent))
+    except OSError as err:
+        raise rp._report_error(f"cannot write to {parent} ({rp._why(err)})", "choose a writable folder") from None
+    try:
+        os.chmod(tmp, 0o777 & ~mask)
+        build(tmp)
+        rp._swap_into_place(tmp, final)
+    except OSError as err:
+        raise rp._report_error(f"cannot write the campaign report {final} ({rp._why(err)}); nothing was changed there",
+                               "free some space or choose another --report folder") from None
+    finally:
+        rp._remove(str(tmp))
+    return final
+
+
+def _write_report(report_dir: Path, report: dict, group_rows: list, *, impl_name: str, seed: int) -> Path:
+    from .report import slug, write_check_report
+
+    final = report_dir / f"campaign-{seed}"
+    for row, draw, value, classification in group_rows:
+        s = row["signature"]
+        name = slug(f"group-{row['id']:02d}-{s['layer']}-{s['activation']}-{s['loss']}-{s['classification']}", 150, "report")
+        row["_name"] = name
+        if value is not None and classification != "unusable" and draw is not None:
+            path = final / "groups" / name / "report.json"
+            replay = f"bp-oracle replay {shlex.quote(str(path))}"
+            if impl_name != "manual_bp":
+                replay += f" --impl {shlex.quote(impl_name)}"
+            row["report"] = f"groups/{name}"
+            row["replay"] = replay
+
+    def build(tmp: Path):
+        for row, draw, value, classification in group_rows:
+            if row["report"] is None:
+                continue
+            params, x, y = case_arrays(draw)
+            x2 = x
+            write_check_report(tmp / "groups", value, params=params, x=x2, y=np.asarray(y), seed=draw.data_seed,
+                               impl=impl_name, replay=row["replay"],
+                               source=f"campaign seed {seed}, group {row['id']}", folder_name=row["_name"])
+        for row, *_ in group_rows:
+            row.pop("_name", None)
+        png = heatmap_png(report)
+        files = {"campaign.json": json.dumps(report, indent=2, ensure_ascii=False) + "\n",
+                 "campaign.md": markdown(report), "campaign.html": html(report, png), "worst-error.png": png}
+        for name, content in files.items():
+            data = content.encode("utf-8") if isinstance(content, str) else content
+            with open(tmp / name, "wb") as f:
+                f.write(data)
+
+    return _write_tree(final, build)
+
+
+def comparable(report: dict) -> dict:
+    """The report without its timing section (what must be the same for the same seed, any number of workers)."""
+    return {k: v for k, v in report.items() if k not in ("timing", "exit_code")}
+
+
+def _worst_grid(report: dict):
+    """(layer types, activations, dtypes, {dtype: matrix of worst errors or None})."""
+    cells = report["worst_error"]["cells"]
+    types = [t for t in report["coverage"]["layer_types"] if any(c["layer"] == t for c in cells)]
+    acts = [a for a in report["coverage"]["activations"] if any(c["activation"] == a for c in cells)]
+    dts = [d for d in ("float64", "float32") if any(c["dtype"] == d for c in cells)]
+    grids = {}
+    for dt in dts:
+        m = [[None] * len(acts) for _ in types]
+        for c in cells:
+            if c["dtype"] == dt:
+                m[types.index(c["layer"])][acts.index(c["activation"])] = c["worst"]
+        grids[dt] = m
+    return types, acts, dts, grids
+
+
+def heatmap_png(report: dict) -> bytes:
+    """worst-error.png: layer type × activation, one panel per dtype; colour = log10 of the worst normwise relative
+    error among passing checks (pale: small, dark red: large); each cell labelled with that exponent as an
+    power of ten (1e-15); an exact zero is a white cell labelled 0; a combination never checked is grey and blank."""
+    import io
+
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.colors import LogNorm
+    from matplotlib.figure import Figure
+
+    types, acts, dts, grids = _worst_grid(report)
+    if not dts:
+        fig = Figure(figsize=(6, 1.2))
+        FigureCanvasAgg(fig)
+        fig.text(0.5, 0.5, "no passing check: no worst error to show", ha="center", va="center")
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png", dpi=90)
+        return buf.getvalue()
+    values = [v for g in grids.values() for row in g for v in row if v]
+    lo = 10 ** math.floor(math.log10(min(values))) if values else 1e-17
+    hi = 10 ** math.ceil(math.log10(max(values))) if values else 1e-15
+    if hi <= lo:
+        hi = lo * 10
+    norm = LogNorm(vmin=lo, vmax=hi)
+    cmap = __import__("matplotlib").colormaps["YlOrRd"]
+    width = 1.2 + len(dts) * (0.55 * len(acts) + 1.6)
+    height = 1.6 + 0.42 * len(types)
+    fig = Figure(figsize=(max(6.0, width), max(2.8, height)), layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, len(dts), squeeze=False)[0]
+    image = None
+    for ax, dt in zip(axes, dts):
+        grid = grids[dt]
+        rgba = np.ones((len(types), len(acts), 4))
+        for i, row in enumerate(grid):
+            for j, v in enumerate(row):
+                if v is None:
+                    rgba[i, j] = (0.86, 0.86, 0.86, 1.0)
+                elif v == 0:
+                    rgba[i, j] = (1.0, 1.0, 1.0, 1.0)
+                else:
+                    rgba[i, j] = cmap(norm(v))
+        image = ax.imshow(np.zeros((len(types), len(acts))), cmap=cmap, norm=norm, aspect="auto")  # for the colour bar
+        ax.imshow(rgba, aspect="auto")
+        for i, row in enumerate(grid):
+            for j, v in enumerate(row):
+                if v is None:
+                    continue
+                if v == 0:
+                    text, dark = "0", False
+                else:
+                    text = f"1e{int(round(math.log10(v)))}"
+                    r, g, b, _ = cmap(norm(v))
+                    dark = 0.299 * r + 0.587 * g + 0.114 * b < 0.5
+                ax.text(j, i, text.replace("-", "−"), ha="center", va="center", fontsize=8,
+                        color="white" if dark else "black")
+        ax.set_xticks(range(len(acts)))
+        ax.set_xticklabels(acts, rotation=60, ha="right", fontsize=8)
+        ax.set_yticks(range(len(types)))
+        ax.set_yticklabels(types, fontsize=8)
+        ax.set_xticks(np.arange(-0.5, len(acts)), minor=True)
+        ax.set_yticks(np.arange(-0.5, len(types)), minor=True)
+        ax.grid(which="minor", color="white", linewidth=1)
+        ax.tick_params(which="minor", length=0)
+        ax.set_title(dt, fontsize=10)
+    bar = fig.colorbar(image, ax=list(axes), fraction=0.04, pad=0.02)
+    bar.set_label("worst ‖g − ĝ‖ / ‖ĝ‖", fontsize=9)
+    fig.suptitle("Worst normwise relative error among passing checks, layer type × activation\n"
+                 "(label: nearest power of ten; white 0: exactly zero; grey: never checked)", fontsize=9)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=90, bbox_inches="tight")
+    return buf.getvalue()
+
+
+def _md_cell(text) -> str:
+    return str(text).replace("|", "\\|").replace("\n", " ")
+
+
+def _md_code(text) -> str:
+    text = str(text).replace("\n", " ")
+    fence = "`" * (max((len(m) for m in re.findall(r"`+", text)), default=0) + 1)
+    pad = " " if text.startswith("`") or text.endswith("`") else ""
+    return f"{fence}{pad}{text}{pad}{fence}"
+
+
+def _sig_text(s: dict) -> str:
+    return f"{s['layer']} / {s['activation']} / {s['loss']} / {s['classification']} / {s['hint']}"
+
+
+def markdown(report: dict) -> str:
+    t, cov = report["totals"], report["coverage"]
+    verdict = "PASS" if t["failed"] == 0 else "FAIL"
+    lines = [f"# bp-oracle campaign, seed {report['seed']}: {verdict}", "",
+             f"{t['cases']} cases ({t['passed']} passed, {t['failed']} failed in {t['groups']} group"
+             f"{'' if t['groups'] == 1 else 's'}, {t['refused']} refused), nets `{report['nets']}`, dtypes "
+             f"{', '.join(report['dtypes'])}, implementation {_md_code(report['impl'])}.", "",
+             f"Reproduce: {_md_code(report['command'])}", ""]
+    if report["stopped_early"]:
+        lines += [f"**Stopped early:** {_md_cell(report['stopped_early']['message'])}.", ""]
+    lines += ["## Verdicts", "", "| classification | cases |", "|---|---|"]
+    lines += [f"| {k} | {v} |" for k, v in t["classifications"].items()]
+    lines += ["", "| dtype | " + " | ".join(t["classifications"]) + " |", "|---|" + "---|" * len(t["classifications"])]
+    for dt, c in t["by_dtype"].items():
+        lines.append(f"| {dt} | " + " | ".join(str(c.get(k, 0)) for k in t["classifications"]) + " |")
+    lines += ["", "## Failure groups", ""]
+    if not report["groups"]:
+        lines += ["None: every case passed.", ""]
+    for g in report["groups"]:
+        s = g["shrunk"]
+        lines += [f"### Group {g['id']}: {_md_cell(_sig_text(g['signature']))}", "",
+                  f"- cases: {g['count']} (first: case {g['first_case']}; "
+                  f"{', '.join(f'{k} {v}' for k, v in g['dtypes'].items())}; "
+                  f"{', '.join(f'{k} {v}' for k, v in g['regimes'].items())})",
+                  f"- first seen: {_md_cell(g['first_summary'])}",
+                  f"- reproducer ({_md_cell(s['note'])}): {_md_code(s['describe'])}, {s['dtype']}, {s['regime']}, "
+                  f"batch {s['batch']}, data seed {s['data_seed']} ({s['size']['nodes']} nodes, "
+                  f"{s['size']['parameters']} parameters)"
+                  + ("" if s["reproduces"] else " — **it did not show the same signature again**")]
+        if g["replay"]:
+            lines += [f"- replay: {_md_code(g['replay'])}", f"- report: [{g['report']}/report.md]({g['report']}/report.md)"]
+        lines.append("")
+    lines += ["## Coverage", "", f"{cov['layers_checked']} layers checked (blocks opened), per layer type × activation:", ""]
+    if cov["layer_types"]:
+        lines += ["| layer \\ activation | " + " | ".join(cov["activations"]) + " | total |",
+                  "|---|" + "---|" * (len(cov["activations"]) + 1)]
+        for ty, row in zip(cov["layer_types"], cov["matrix"]):
+            lines.append(f"| {ty} | " + " | ".join(str(v) if v else "·" for v in row) + f" | {sum(row)} |")
+    for what in ("losses", "regimes", "dtypes"):
+        lines += ["", f"{what.capitalize()}: " + (", ".join(f"{k} {v}" for k, v in cov[what].items()) or "none")]
+    lines += ["", "## Worst error per cell", "", report["worst_error"]["what"] + ".", "", "![worst error](worst-error.png)", ""]
+    types, acts, dts, grids = _worst_grid(report)
+    if dts:
+        lines += ["| layer | activation | " + " | ".join(dts) + " |", "|---|---|" + "---|" * len(dts)]
+        for i, ty in enumerate(types):
+            for j, a in enumerate(acts):
+                vals = [grids[dt][i][j] for dt in dts]
+                if any(v is not None for v in vals):
+                    lines.append(f"| {ty} | {a} | " + " | ".join("—" if v is None else f"{v:.3g}" for v in vals) + " |")
+    tm = report["timing"]
+    lines += ["", "## Throughput", "",
+              f"{report['totals']['cases']} cases in {tm['case_seconds']:.2f} s: **{tm['cases_per_second']} cases/s** "
+              f"with {tm['workers']} worker{'s' if tm['workers'] != 1 else ''}; shrinking {tm['shrink_seconds']:.2f} s; "
+              f"{tm['seconds']:.2f} s in all.", ""]
+    return "\n".join(lines)
+
+
+HTML_TEMPLATE = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>bp-oracle campaign, seed {{ r.seed }}: {{ verdict }}</title>
+<style>body{font-family:system-ui,sans-serif;max-width:72rem;margin:2rem auto;padding:0 1rem}
+.pass{color:#176b2c}.fail{color:#b00020}table{border-collapse:collapse;margin:.5rem 0}td,th{border:1px solid #ccc;padding:.2rem .5rem}
+td.num{text-align:right;font-variant-numeric:tabular-nums}code{background:#f4f4f4}img{max-width:100%}
+.caption{color:#555;font-size:.9rem}</style></head><body>
+<h1 class="{{ 'pass' if r.totals.failed == 0 else 'fail' }}">bp-oracle campaign, seed {{ r.seed }}: {{ verdict }}</h1>
+<p>{{ r.totals.cases }} cases ({{ r.totals.passed }} passed, {{ r.totals.failed }} failed in {{ r.totals.groups }} groups,
+{{ r.totals.refused }} refused); nets <code>{{ r.nets }}</code>, dtypes {{ r.dtypes | join(', ') }}, implementation
+<code>{{ r.impl }}</code>.</p>
+<p>Reproduce: <code>{{ r.command }}</code></p>
+{% if r.stopped_early %}<p class="fail"><b>Stopped early:</b> {{ r.stopped_early.message }}.</p>{% endif %}
+<h2>Verdicts</h2>
+<table><tr><th>dtype</th>{% for k in r.totals.classifications %}<th>{{ k }}</th>{% endfor %}</tr>
+{% for dt, c in r.totals.by_dtype.items() %}<tr><td>{{ dt }}</td>{% for k in r.totals.classifications %}<td class="num">{{ c.get(k, 0) }}</td>{% endfor %}</tr>{% endfor %}
+<tr><th>all</th>{% for k, v in r.totals.classifications.items() %}<th class="num">{{ v }}</th>{% endfor %}</tr></table>
+<h2>Failure groups</h2>
+{% if not r.groups %}<p class="pass">None: every case passed.</p>{% endif %}
+{% for g in r.groups %}<h3 class="fail">Group {{ g.id }}: {{ g.signature.layer }} / {{ g.signature.activation }} / {{ g.signature.loss }} /
+{{ g.signature.classification }} / {{ g.signature.hint }}</h3>
+<ul><li>{{ g.count }} case{{ '' if g.count == 1 else 's' }} (first: case {{ g.first_case }})</li>
+<li>first seen: {{ g.first_summary }}</li>
+<li>reproducer ({{ g.shrunk.note }}): <code>{{ g.shrunk.describe }}</code>, {{ g.shrunk.dtype }}, {{ g.shrunk.regime }},
+batch {{ g.shrunk.batch }}, data seed {{ g.shrunk.data_seed }} ({{ g.shrunk.size.nodes }} nodes, {{ g.shrunk.size.parameters }} parameters)
+{% if not g.shrunk.reproduces %}<b>: it did not show the same signature again</b>{% endif %}</li>
+{% if g.replay %}<li>replay: <code>{{ g.replay }}</code></li>
+<li>report: <a href="{{ g.report }}/report.html">{{ g.report }}/report.html</a></li>{% endif %}</ul>
+{% endfor %}
+<h2>Coverage</h2>
+<p>{{ r.coverage.layers_checked }} layers checked (blocks opened), per layer type × activation:</p>
+{% if r.coverage.layer_types %}<table><tr><th>layer \\ activation</th>{% for a in r.coverage.activations %}<th>{{ a }}</th>{% endfor %}<th>total</th></tr>
+{% for row in rows %}<tr><td>{{ row.0 }}</td>{% for v in row.1 %}<td class="num">{{ v if v else '·' }}</td>{% endfor %}<td class="num">{{ row.1 | sum }}</td></tr>{% endfor %}
+</table>{% endif %}
+{% for what in ['losses', 'regimes', 'dtypes'] %}<p>{{ what | capitalize }}: {% for k, v in r.coverage[what].items() %}{{ k }} {{ v }}{{ ', ' if not loop.last }}{% endfor %}</p>{% endfor %}
+<h2>Worst error per cell</h2>
+<p>{{ r.worst_error.what }}.</p>
+<img alt="heatmap: worst normwise relative error per layer type and activation" src="data:image/png;base64,{{ png }}">
+<p class="caption">Each cell is labelled with the worst error's nearest power of ten (1e-16); white with 0: exactly zero;
+grey: never checked.</p>
+{% if worst_rows %}<table><tr><th>layer</th><th>activation</th>{% for dt in dts %}<th>{{ dt }}</th>{% endfor %}</tr>
+{% for row in worst_rows %}<tr><td>{{ row.0 }}</td><td>{{ row.1 }}</td>{% for v in row.2 %}<td class="num">{{ v }}</td>{% endfor %}</tr>{% endfor %}</table>{% endif %}
+<h2>Throughput</h2>
+<p>{{ r.totals.cases }} cases in {{ '%.2f' % r.timing.case_seconds }} s: <b>{{ r.timing.cases_per_second }} cases/s</b> with
+{{ r.timing.workers }} worker(s); shrinking {{ '%.2f' % r.timing.shrink_seconds }} s; {{ '%.2f' % r.timing.seconds }} s in all.</p>
+</body></html>
+"""
+
+
+def html(report: dict, png: bytes) -> str:
+    import base64
+
+    import jinja2
+
+    types, acts, dts, grids = _worst_grid(report)
+    worst_rows = []
+    for i, ty in enumerate(types):
+        for j, a in enumerate(acts):
+            vals = [grids[dt][i][j] for dt in dts]
+            if any(v is not None for v in vals):
+                worst_rows.append((ty, a, ["—" if v is None else f"{v:.3g}" for v in vals]))
+    env = jinja2.Environment(autoescape=True)  # every string from a spec, a hint or a path is escaped
+    return env.from_string(HTML_TEMPLATE).render(
+        r=report, verdict="PASS" if report["totals"]["failed"] == 0 else "FAIL",
+        rows=list(zip(report["coverage"]["layer_types"], report["coverage"]["matrix"])),
+        png=base64.b64encode(png).decode("ascii"), worst_rows=worst_rows, dts=dts)
+
+
+def _print_summary(report: dict, folder, out) -> None:
+    t, tm = report["totals"], report["timing"]
+    p = lambda *a: print(*a, file=out)  # noqa: E731
+    p(f"Cases run: {t['cases']} of {report['examples']} ({tm['cases_per_second']} cases/s, {tm['workers']} worker"
+      f"{'s' if tm['workers'] != 1 else ''}); passed {t['passed']}, failed {t['failed']}, refused {t['refused']}")
+    if report["stopped_early"]:
+        p(f"Stopped early: {report['stopped_early']['message']}")
+    p("Verdicts: " + ", ".join(f"{k} {v}" for k, v in t["classifications"].items()))
+    cov = report["coverage"]
+    p(f"Coverage: {cov['layers_checked']} layers; losses {len(cov['losses'])}, regimes {len(cov['regimes'])}, "
+      f"layer type × activation cells {sum(1 for c in cov['cells'])}")
+    for g in report["groups"]:
+        s = g["shrunk"]
+        p(f"\nGroup {g['id']} ({g['count']} case{'s' if g['count'] != 1 else ''}): {_sig_text(g['signature'])}")
+        p(f"  smallest: {s['describe']}, {s['dtype']}, {s['regime']}, batch {s['batch']}, data seed {s['data_seed']} ({s['how']})")
+        if g["replay"]:
+            p(f"  replay: {g['replay']}")
+    if folder is not None:
+        p(f"\nCampaign report: {folder}/campaign.html (also campaign.md, campaign.json, worst-error.png)")
+    p("No failure." if t["failed"] == 0 else f"{t['failed']} failing case{'s' if t['failed'] != 1 else ''} in "
+      f"{t['groups']} group{'s' if t['groups'] != 1 else ''}.")
