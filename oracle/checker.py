@@ -385,16 +385,34 @@ def _step_back(graph, readers, i) -> str:
 WEAK = 0.25  # a pass where rounding alone may move a tensor by this share of its norm says little
 
 
-def _weak_notes(tensors: list, arrays: dict, dt=np.dtype(np.float64)) -> list[str]:
+def _weak_notes(tensors: list, arrays: dict, dt=np.dtype(np.float64), spec: Spec | None = None, bounds=None,
+                tol: Tolerance | None = None) -> list[str]:
     """Where the rounding allowance is a large share of a tensor itself, a pass cannot rule out a wrong backward
-    of that size: say so (ill-conditioned cases, e.g. a norm of a nearly constant batch in float32)."""
+    of that size: say so (ill-conditioned cases, e.g. a norm of a nearly constant batch in float32). A weight that
+    stacks several matrices (an lstm's gates, attention's q, k, v) is judged block by block: a saturated softmax
+    can leave dq and dk to rounding while dv, far larger, fills the tensor's norm."""
+    from .diagnose import GATES
+
     weak = []
+    graph = nodes(spec) if spec is not None else ()
     for t in tensors:
         if t.rounding_allowance is None or t.name not in arrays:
             continue
-        size = float(np.linalg.norm(np.asarray(arrays[t.name][1], dtype=np.float64)))
+        want = np.asarray(arrays[t.name][1], dtype=np.float64)
+        size = float(np.linalg.norm(want))
         if size > 0 and t.rounding_allowance > WEAK * size:
             weak.append(f"{t.name} ({t.rounding_allowance / size:.2g}×)")
+            continue
+        node = graph[t.layer] if t.layer is not None and t.layer < len(graph) else None
+        blocks = GATES.get(node.layer.type) if node is not None and not t.name.endswith(".delta") else None
+        short = t.name[len(node.name) + 1:] if node is not None else ""
+        if not blocks or not short.startswith(("weight_", "bias_", "in_proj")) or bounds is None or t.name not in bounds:
+            continue
+        b = tol.rounding_factor * np.broadcast_to(np.asarray(bounds[t.name], dtype=np.float64), want.shape)
+        for label, w, bb in zip(blocks, np.split(want, len(blocks)), np.split(b, len(blocks))):
+            part = float(np.linalg.norm(w))
+            if part > 0 and float(np.linalg.norm(bb)) > WEAK * part:
+                weak.append(f"{t.name} rows {label.split()[0]} ({float(np.linalg.norm(bb)) / part:.2g}×)")
     if not weak:
         return []
     return [f"Weak check: rounding alone may move a correct answer by a large share of the gradient itself on "
@@ -474,7 +492,7 @@ def check(
 
     def result(passed, kind, layer=None, where=""):
         if passed and kind != "match":
-            notes.extend(_weak_notes(tensors, arrays, dt))
+            notes.extend(_weak_notes(tensors, arrays, dt, spec, bounds, tol))
         return CheckResult(spec, dt.name, passed, kind, tol, scale, loss_cmp, tensors, layer, where, notes, arrays,
                            bounds=bounds)
 

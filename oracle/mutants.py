@@ -512,6 +512,12 @@ def _attention_specs(causal=None):
     return out if causal is None else out.filter(lambda s: any(getattr(l, "causal", False) for l in s.layers))
 
 
+def _head_wider_than_one(spec) -> bool:
+    """An attention layer whose heads have d_h ≥ 2 (with d_h = 1 the scale 1/√d_h is 1: leaving it out changes nothing)."""
+    return any(layer.type == "attention" and spec.in_shape(i)[-1] // layer.num_heads >= 2
+               for i, layer in enumerate(spec.layers))
+
+
 SEQUENCE_MUTANTS = [
     _sequence_mutant("bptt_truncated_to_one_step", "backprop through time cut to one step: each step's gradient of "
                      "h_{t−1} (and c_{t−1}) dropped, so dh_t = δ_t only", RECURRENT,
@@ -530,7 +536,7 @@ SEQUENCE_MUTANTS = [
                      _recurrent_mistake(sum_over_time=False), _recurrent_specs(*RECURRENT)),
     _sequence_mutant("attention_scale_missing_in_backward", "attention's backward without the 1/√d_h of "
                      "S = q kᵀ/√d_h in dq and dk", ("attention",), _attention_mistake(scale_in_backward=False),
-                     _attention_specs()),
+                     _attention_specs().filter(_head_wider_than_one)),
     _sequence_mutant("attention_causal_mask_after_softmax", "the causal mask applied after the softmax: P = "
                      "softmax(S) with the future entries zeroed afterwards, rows no longer summing to 1", ("attention",),
                      _mask_after_softmax, _attention_specs(causal=True)),
