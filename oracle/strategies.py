@@ -754,6 +754,16 @@ def fit_batch(spec: Spec, batch: int) -> int:
     return batch
 
 
+_DEFAULT_SPECS: list = []
+
+
+def _default_specs() -> st.SearchStrategy:
+    """``specs()``, built once: a strategy is a value, and rebuilding it on every draw cost more than the draw."""
+    if not _DEFAULT_SPECS:
+        _DEFAULT_SPECS.append(specs())
+    return _DEFAULT_SPECS[0]
+
+
 @st.composite
 def cases(draw, *, specs_strategy=None, regimes=REGIMES, dtypes=("float64", "float32"), max_batch: int = 8) -> Case:
     """A full check case.
@@ -763,7 +773,7 @@ def cases(draw, *, specs_strategy=None, regimes=REGIMES, dtypes=("float64", "flo
     * ``dtypes``: "float64" and/or "float32";
     * ``max_batch``: largest batch size (≥ 1).
     """
-    spec = draw(specs_strategy if specs_strategy is not None else specs())
+    spec = draw(specs_strategy if specs_strategy is not None else _default_specs())
     regime = draw(st.sampled_from(list(regimes)))
     dtype = draw(st.sampled_from(list(dtypes)))
     batch = fit_batch(spec, draw(st.integers(1, max_batch)))
