@@ -24,6 +24,13 @@ the ``timing`` section is the same for the same seed, case count and options, wh
 (and unless a time budget cut the run or the shrinking short, which the report says). Torch runs on one thread in
 the campaign's process and in every worker, so a case gives the same numbers whichever process checks it; worst
 errors are rounding noise, rounded to 4 digits, and their last digits can still differ on another CPU or BLAS.
+
+Outcomes are folded into the report (``Tally``) as they are merged, so memory does not grow with the case count. With
+``ray_address`` the shards run as Ray tasks (``oracle.cluster.run_ray``; the same report); with ``database`` (a Redis
+URL) the campaign first replays the failures saved in Hypothesis's example database for its nets and candidate
+(``replay_database``: groups "replayed from the database", listed first, in the report's ``database`` section too),
+workers save each new signature's first failing case as they meet it, and each group's shrunk reproducer is saved at
+the end (``oracle.cluster`` describes the keys and values). Those reports also depend on what the database held.
 """
 
 from __future__ import annotations
@@ -290,9 +297,12 @@ def evaluate(draw: Draw, impl) -> Outcome:
 
 
 def run_shard(seed: int, nets: str, dtypes: tuple, shard: int, start: int, stop: int, impl, *, strategy=None,
-              regimes=None, deadline: float | None = None, max_failures: int | None = None, on_case=None):
+              regimes=None, deadline: float | None = None, max_failures: int | None = None, on_case=None,
+              record=None):
     """Judge cases ``start``..``stop`` − 1 of shard ``shard``; (outcomes, complete). Stops early (complete False)
-    when the wall clock passes ``deadline`` (``time.time()``) or after ``max_failures`` failures."""
+    when the wall clock passes ``deadline`` (``time.time()``) or after ``max_failures`` failures. ``record(draw,
+    outcome)`` is called on every failing case (``cluster.Recorder``: its first of each signature goes to the example
+    database at once)."""
     draws = draw_shard(seed, nets, dtypes, shard, strategy, regimes)
     out, failures = [], 0
     for d in draws[start - shard * CHUNK: stop - shard * CHUNK]:
@@ -301,6 +311,8 @@ def run_shard(seed: int, nets: str, dtypes: tuple, shard: int, start: int, stop:
         o = evaluate(d, impl)
         out.append(o)
         failures += o.failed
+        if o.failed and record is not None:
+            record(d, o)
         if on_case is not None:
             on_case(o)
         if max_failures is not None and failures >= max_failures:
@@ -314,23 +326,33 @@ _WORKER: dict = {}
 
 def _worker_init(target, grads_fn, timeout):
     """A worker's candidate: started once per process (an --impl runs in its own child process, as in check).
-    Each worker runs torch on one thread: the workers share the cores, and small checks gain nothing from more."""
+    Each worker runs torch on one thread: the workers share the cores, and small checks gain nothing from more.
+    Idempotent (a Ray worker calls it before every shard): a started --impl is kept while the target is the same."""
     import torch
 
     torch.set_num_threads(1)
-    impl = grads_fn
-    if target:
+    if not target:
+        _WORKER["impl"] = grads_fn
+        return
+    if _WORKER.get("target") != (target, timeout):
+        old = _WORKER.pop("started", None)
+        if old is not None:
+            old.close()
         from .cli import _start_impl
 
         impl = _start_impl(target, timeout)
         impl.ensure_loaded()
         atexit.register(impl.close)
-    _WORKER["impl"] = impl
+        _WORKER["target"], _WORKER["started"] = (target, timeout), impl
+    _WORKER["impl"] = _WORKER["started"]
 
 
 def _worker_shard(job: dict):
+    from .cluster import worker_recorder
+
+    record = worker_recorder(job.get("database"), job.get("db_key"), job["seed"], job.get("run_id", ""))
     return run_shard(job["seed"], job["nets"], job["dtypes"], job["shard"], job["start"], job["stop"], _WORKER.get("impl"),
-                     regimes=job["regimes"], deadline=job["deadline"], max_failures=job["max_failures"])
+                     regimes=job["regimes"], deadline=job["deadline"], max_failures=job["max_failures"], record=record)
 
 
 # -- shrinking -------------------------------------------------------------------------------------------
@@ -501,7 +523,8 @@ def run_campaign(*, examples: int, seed: int, nets: str = "all", dtype: str = "b
                  impl_name: str = "manual_bp", impl_target: str | None = None, timeout: float = 60.0,
                  report_dir=None, max_failures: int | None = None, time_budget: float | None = None, workers: int = 1,
                  shrink_seconds: float = SHRINK_TOTAL_SECONDS, shrink_examples: int = SHRINK_EXAMPLES,
-                 specs_strategy=None, regimes=None, progress: bool = True, out=None) -> dict:
+                 specs_strategy=None, regimes=None, progress: bool = True, out=None, ray_address: str | None = None,
+                 database: str | None = None) -> dict:
     """Run a campaign; returns the campaign report (the ``campaign.json`` dict, with ``"exit_code"`` added: 0 when no
     case failed, 1 when any did). Raises ``CandidateError`` (bad input, exit 2) after writing the report when the
     candidate's answer was unusable on some case.
@@ -510,8 +533,12 @@ def run_campaign(*, examples: int, seed: int, nets: str = "all", dtype: str = "b
     already started); ``impl_target``: the ``--impl`` string each worker process starts for itself (workers > 1; without
     it the workers get ``impl`` pickled, which must then be a module-level function or None). ``specs_strategy``
     (with ``nets`` as its name in seeds) and ``regimes`` replace what is drawn (one worker only: a strategy does not
-    travel to another process)."""
+    travel to another process). ``ray_address``: run the shards as tasks on that Ray cluster (``oracle.cluster``);
+    ``database``: a ``redis://`` URL: replay what its example database holds for this property first, and save every
+    new failure there."""
     from tqdm import tqdm
+
+    from .cluster import database_key, encode_entry, redact
 
     from .strategies import REGIMES
 
@@ -534,16 +561,44 @@ def run_campaign(*, examples: int, seed: int, nets: str = "all", dtype: str = "b
         strategy = specs_strategy
         if workers > 1:
             raise SpecError("--workers", "a custom spec strategy runs in one process only", "give workers=1")
+    if ray_address is not None and specs_strategy is not None:
+        raise SpecError("--ray", "a custom spec strategy runs in one process only", "run it without ray_address")
     regimes = tuple(regimes or REGIMES)
     if hasattr(impl, "ensure_loaded"):
         impl.ensure_loaded()  # a started --impl: its import finished (SpecError naming --impl when it failed)
+    db = None
+    if database is not None:  # the extra, the URL and the server, each a one-line error (exit 2) before any case runs
+        from .cluster import open_database
+
+        db = _Guarded(open_database(database))
+    session = None
+    if ray_address is not None:
+        from .cluster import connect_ray
+
+        session = connect_ray(ray_address)
 
     t0, wall0 = time.perf_counter(), time.time()
     deadline = wall0 + time_budget if time_budget else None
-    shards = [(k, k * CHUNK, min((k + 1) * CHUNK, examples)) for k in range(math.ceil(examples / CHUNK))]
-    merged: list = []
+    n_shards = math.ceil(examples / CHUNK)
+    run_id = f"{os.getpid()}-{wall0!r}-{random.random()!r}"
+    db_key = database_key(nets, impl_name) if db is not None else None
+
+    def make_job(k: int) -> dict:
+        return {"seed": seed, "nets": nets, "dtypes": dtypes, "shard": k, "start": k * CHUNK,
+                "stop": min((k + 1) * CHUNK, examples), "regimes": regimes, "deadline": deadline,
+                "max_failures": max_failures, "database": database, "db_key": db_key, "run_id": run_id}
+
+    # 1. what the example database holds for this property, replayed before any new case
+    replay_groups, db_stats = [], None
+    if db is not None:
+        replay_groups, db_stats = replay_database(db, db_key, strategy=strategy, nets=nets, impl=impl,
+                                                  shrink_seconds=shrink_seconds, shrink_examples=shrink_examples)
+    replay_time = time.perf_counter() - t0
+
+    # 2. the seeded cases, folded in case order
+    tally = Tally(max_failures)
     stopped = None
-    failures = 0
+    cluster_info = None
     bar = tqdm(total=examples, unit="case", desc="campaign", dynamic_ncols=True, file=sys.stderr,
                disable=None if progress else True)
 
@@ -551,54 +606,81 @@ def run_campaign(*, examples: int, seed: int, nets: str = "all", dtype: str = "b
         bar.update(n)
         bar.set_postfix(failures=fails, refresh=False)
 
+    def consume(part, complete) -> bool:
+        for o in part:
+            if not tally.add(o):
+                break
+        return not tally.full
+
+    impl_spec = _impl_spec(impl, impl_target, timeout)
+    tc = time.perf_counter()
     try:
-        if workers == 1:
-            for k, start, stop in shards:
+        if ray_address:
+            from .cluster import run_ray
+
+            cluster_info = run_ray(n_shards, make_job, session=session, address=ray_address, impl_spec=impl_spec, consume=consume,
+                                   show=show, in_flight=workers if workers > 1 else None)
+        elif workers == 1:
+            record = None
+            if db is not None:
+                from .cluster import Recorder
+
+                record = Recorder(db, db_key, seed)
+            failures = 0
+            for k in range(n_shards):
                 def step(o):
                     nonlocal failures
                     failures += o.failed
                     show(1, failures)
 
-                part, complete = run_shard(seed, nets, dtypes, k, start, stop, impl, strategy=strategy, regimes=regimes,
-                                           deadline=deadline,
-                                           max_failures=None if max_failures is None else max_failures - failures,
-                                           on_case=step)
-                merged += part
-                if not complete or (max_failures is not None and failures >= max_failures):
+                job = make_job(k)
+                part, complete = run_shard(seed, nets, dtypes, k, job["start"], job["stop"], impl, strategy=strategy,
+                                           regimes=regimes, deadline=deadline,
+                                           max_failures=None if max_failures is None else max_failures - tally.failed,
+                                           on_case=step, record=record)
+                if not consume(part, complete) or not complete:
                     break
         else:
-            merged = _run_pool(shards, seed=seed, nets=nets, dtypes=dtypes, regimes=regimes, impl=impl,
-                               impl_target=impl_target, timeout=timeout, workers=workers, deadline=deadline,
-                               max_failures=max_failures, show=show)
+            _run_pool(n_shards, make_job, impl_spec=impl_spec, workers=workers, consume=consume, show=show)
     finally:
         bar.close()
-    if max_failures is not None:
-        fails = [i for i, o in enumerate(merged) if o.failed]
-        if len(fails) >= max_failures:
-            merged = merged[: fails[max_failures - 1] + 1]
-            if len(merged) < examples:
-                stopped = {"reason": "max_failures",
-                           "message": f"stopped after {max_failures} failure{'s' if max_failures > 1 else ''} "
-                                      f"(--max-failures {max_failures}): {len(merged)} of {examples} cases ran"}
-    if stopped is None and len(merged) < examples:
+    if tally.full and tally.cases < examples:
+        stopped = {"reason": "max_failures",
+                   "message": f"stopped after {max_failures} failure{'s' if max_failures > 1 else ''} "
+                              f"(--max-failures {max_failures}): {tally.cases} of {examples} cases ran"}
+    elif tally.cases < examples and cluster_info is not None and cluster_info.get("lost"):
+        lost = cluster_info["lost"]
+        stopped = {"reason": "lost_shard",
+                   "message": f"shard {lost['shard']} (cases {lost['shard'] * CHUNK}…) was lost on the Ray cluster after "
+                              f"its retries ({lost['error']}): {tally.cases} of {examples} cases ran"}
+    elif tally.cases < examples:
         stopped = {"reason": "time_budget",
-                   "message": f"stopped by --time-budget {time_budget:g}: {len(merged)} of {examples} cases ran"}
-    case_seconds = time.perf_counter() - t0
+                   "message": f"stopped by --time-budget {time_budget:g}: {tally.cases} of {examples} cases ran"}
+    case_seconds = time.perf_counter() - tc
 
-    summary = _aggregate(merged)
+    summary = tally.summary()
     groups = summary.pop("_groups")
 
-    # shrink each group's first case, in order of first appearance
-    shrink_left = shrink_seconds
+    # 3. shrink each new group's first case, in order of first appearance; a signature the database already had keeps
+    #    the reproducer replayed from it (no second shrink), and counts this campaign's cases with it
+    shrink_left = max(0.0, shrink_seconds - (db_stats or {}).get("shrink_seconds", 0.0))
     if deadline is not None:
         shrink_left = min(shrink_left, max(10.0, deadline - time.time()))
     ts = time.perf_counter()
     main_impl = impl
+    by_sig = {rg["signature"]: rg for rg in replay_groups}
     shrunk: list = []
-    for n, g in enumerate(groups, 1):
+    for rg in replay_groups:
+        rg["campaign"] = None
+        shrunk.append(("database", rg, rg["draw"], rg["how"], rg["note"], rg["verdict"]))
+    for g in groups:
+        if g["signature"] in by_sig:
+            by_sig[g["signature"]]["campaign"] = g
+            continue
         rep_o = g["rep"]
         rep = Draw(rep_o.index, Spec.from_dict(rep_o.spec), rep_o.regime, rep_o.dtype, rep_o.batch, rep_o.data_seed)
         budget = min(SHRINK_GROUP_SECONDS, shrink_left - (time.perf_counter() - ts))
+        final = False
         if rep_o.timeout:  # its verdict as recorded: calling the candidate again could wait --timeout again
             from .checker import CheckResult
             from .compare import TOLERANCES
@@ -607,6 +689,7 @@ def run_campaign(*, examples: int, seed: int, nets: str = "all", dtype: str = "b
             result = CheckResult(rep.spec, rep.dtype, False, "crash", TOLERANCES[rep.dtype], 0.0, None, [], None,
                                  rep_o.localization, crash=rep_o.crash)
             draw, how, verdict = rep, "not shrunk", ("crash", False, result)
+            final = True
         elif budget <= 0:
             note = "not shrunk: the shrinking budget ran out"
             params, x, y = case_arrays(rep)
@@ -615,13 +698,18 @@ def run_campaign(*, examples: int, seed: int, nets: str = "all", dtype: str = "b
             g0 = time.perf_counter()
             draw, how, verdict = shrink(rep, g["signature"], strategy, main_impl, seed=seed, nets=nets, seconds=budget,
                                         examples=shrink_examples)
-            note = {"shrunk": "shrunk by Hypothesis toward the smallest network with the same signature",
-                    "data shrunk": "its network kept; batch and data shrunk by Hypothesis",
-                    "not shrunk": "not shrunk: Hypothesis found no smaller case with the same signature"}[how]
+            note = SHRINK_NOTES[how]
+            final = True
             if time.perf_counter() - g0 >= budget:
                 note += f" (the {budget:.0f} s shrinking budget ran out: it may not be the smallest)"
-        shrunk.append((n, g, draw, how, note, verdict))
+                final = False
+        if db is not None and verdict[1] is False and signature(draw.spec, verdict[0], verdict[2]) == g["signature"]:
+            db.save(db_key, encode_entry(draw, g["signature"], seed=seed, how=how, final=final))
+            db_stats["saved"] += 1
+        shrunk.append(("campaign", g, draw, how, note, verdict))
     shrink_time = time.perf_counter() - ts
+    if db is not None:
+        db_stats["removed"] += _drop_raw(db, db_key, {row[1]["signature"] for row in shrunk})
 
     report = {
         "schema": SCHEMA, "schema_version": SCHEMA_VERSION,
@@ -631,27 +719,42 @@ def run_campaign(*, examples: int, seed: int, nets: str = "all", dtype: str = "b
         "impl": impl_name, "chunk": CHUNK, "max_batch": MAX_BATCH,
         "stopped_early": stopped,
         **summary,
+        "database": None,
         "groups": [],
     }
+    if db is not None:
+        report["database"] = {"url": redact(database), "key": db_key.decode(),
+                              **{k: db_stats[k] for k in ("entries", "failing", "removed", "saved")},
+                              "replayed_groups": len(replay_groups), "error": db.error}
     group_rows = []
-    for n, g, draw, how, note, verdict in shrunk:
+    for n, (source, g, draw, how, note, verdict) in enumerate(shrunk, 1):
         classification, passed, value = verdict
         reproduced = passed is False and signature(draw.spec, classification, value) == g["signature"]
-        row = {"id": n, "signature": dict(zip(("layer", "activation", "loss", "classification", "hint"), g["signature"])),
-               "count": g["count"], "first_case": g["rep"].index, "cases": g["cases"][:20],
-               "dtypes": dict(sorted(g["dtypes"].items())), "regimes": dict(sorted(g["regimes"].items())),
-               "first_summary": g["rep"].summary, "shrunk": {**_case_info(draw), "how": how, "note": note,
-                                                               "reproduces": reproduced,
-                                                               "summary": (value.summary() if classification != "unusable"
-                                                                           else str(value)) if value is not None else ""},
+        camp = g if source == "campaign" else g["campaign"]
+        summary_text = ((value.summary() if classification != "unusable" else str(value)) if value is not None else "")
+        row = {"id": n, "source": source,
+               "signature": dict(zip(("layer", "activation", "loss", "classification", "hint"), g["signature"])),
+               "count": camp["count"] if camp else 0, "first_case": camp["rep"].index if camp else None,
+               "cases": camp["cases"][:20] if camp else [],
+               "dtypes": dict(sorted(camp["dtypes"].items())) if camp else {},
+               "regimes": dict(sorted(camp["regimes"].items())) if camp else {},
+               "first_summary": camp["rep"].summary if camp else summary_text,
+               "replayed": None if source == "campaign" else {"entries": g["entries"], **g["from"]},
+               "shrunk": {**_case_info(draw), "how": how, "note": note, "reproduces": reproduced,
+                          "summary": summary_text},
                "report": None, "replay": None}
         group_rows.append((row, draw, value, classification))
         report["groups"].append(row)
+    report["totals"]["groups"] = sum(1 for row in report["groups"] if row["count"])  # groups of this campaign's cases
     wall = time.perf_counter() - t0
     report["timing"] = {"seconds": round(wall, 3), "case_seconds": round(case_seconds, 3),
                         "shrink_seconds": round(shrink_time, 3),
-                        "cases_per_second": round(len(merged) / case_seconds, 1) if case_seconds > 0 else None,
-                        "workers": workers, "time_budget": time_budget}
+                        "cases_per_second": round(tally.cases / case_seconds, 1) if case_seconds > 0 else None,
+                        "workers": cluster_info["cpus"] if cluster_info else workers, "time_budget": time_budget}
+    if cluster_info is not None:
+        report["timing"]["ray"] = cluster_info
+    if db is not None:
+        report["timing"]["replay_seconds"] = round(replay_time, 3)
 
     folder = None
     if report_dir is not None:
@@ -659,110 +762,275 @@ def run_campaign(*, examples: int, seed: int, nets: str = "all", dtype: str = "b
         report["timing"]["seconds"] = round(time.perf_counter() - t0, 3)
     _print_summary(report, folder, out)
     unusable = next((value for row, _, value, cls in group_rows if cls == "unusable"), None)
-    report["exit_code"] = 1 if summary["totals"]["failed"] else 0
+    report["exit_code"] = 1 if summary["totals"]["failed"] or report["groups"] else 0
     if unusable is not None:
         raise unusable
     return report
 
 
-def _run_pool(shards, *, seed, nets, dtypes, regimes, impl, impl_target, timeout, workers, deadline, max_failures, show):
-    """Shards in a process pool; the contiguous prefix of results in case order (up to the first shard that stopped)."""
+SHRINK_NOTES = {"shrunk": "shrunk by Hypothesis toward the smallest network with the same signature",
+                "data shrunk": "its network kept; batch and data shrunk by Hypothesis",
+                "not shrunk": "not shrunk: Hypothesis found no smaller case with the same signature"}
+
+
+def _impl_spec(impl, impl_target, timeout) -> tuple:
+    """(target, grads_fn, timeout) for ``_worker_init`` in another process: a started --impl is started again there
+    from its target; an in-process function travels pickled (a module-level function, or None for manual_bp)."""
+    grads_fn = None
+    if not impl_target:
+        impl_target = getattr(impl, "target", None)
+        grads_fn = None if impl_target else impl
+    return impl_target, grads_fn, timeout
+
+
+#: outstanding shards per local worker process
+POOL_IN_FLIGHT = 4
+
+
+def _run_pool(n_shards: int, make_job, *, impl_spec, workers: int, consume, show) -> None:
+    """Shards in a spawn process pool, at most ``POOL_IN_FLIGHT`` per worker outstanding; ``consume(part, complete)``
+    gets them in case order (False: stop) up to the first shard that stopped early."""
     import multiprocessing
     from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 
-    grads_fn = None
-    if not impl_target:
-        impl_target = getattr(impl, "target", None)  # a started --impl: each worker starts its own
-        grads_fn = None if impl_target else impl     # an in-process function (pickled) or None (manual_bp)
     ctx = multiprocessing.get_context("spawn")  # torch's thread pools do not survive a fork
-    merged, done, next_k, failures = [], {}, 0, 0
-    with ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_worker_init,
-                             initargs=(impl_target, grads_fn, timeout)) as pool:
-        futures = {}
-        for k, start, stop in shards:
-            job = {"seed": seed, "nets": nets, "dtypes": dtypes, "shard": k, "start": start, "stop": stop,
-                   "regimes": regimes, "deadline": deadline, "max_failures": max_failures}
-            futures[pool.submit(_worker_shard, job)] = k
-        pending = set(futures)
-        stop_all = False
+    done: dict = {}
+    next_submit = next_merge = failures = 0
+    with ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_worker_init, initargs=impl_spec) as pool:
+        futures: dict = {}
         try:
-            while pending and not stop_all:
-                finished, pending = wait(pending, return_when=FIRST_COMPLETED)
+            while next_merge < n_shards:
+                while next_submit < n_shards and len(futures) < POOL_IN_FLIGHT * workers:
+                    futures[pool.submit(_worker_shard, make_job(next_submit))] = next_submit
+                    next_submit += 1
+                finished, _ = wait(futures, return_when=FIRST_COMPLETED)
                 for fut in finished:
+                    k = futures.pop(fut)
                     part, complete = fut.result()
-                    done[futures[fut]] = (part, complete)
+                    done[k] = (part, complete)
                     failures += sum(o.failed for o in part)
                     show(len(part), failures)
-                while next_k in done:
-                    part, complete = done.pop(next_k)
-                    merged += part
-                    next_k += 1
-                    fails = sum(o.failed for o in merged)
-                    if not complete or (max_failures is not None and fails >= max_failures):
-                        stop_all = True
+                stop = False
+                while next_merge in done:
+                    part, complete = done.pop(next_merge)
+                    next_merge += 1
+                    if not consume(part, complete) or not complete:
+                        stop = True
                         break
+                if stop:
+                    break
         finally:
-            for fut in pending:
+            for fut in futures:
                 fut.cancel()
-    return merged
+
+
+# -- the example database -------------------------------------------------------------------------------
+class _Guarded:
+    """The example database with every call guarded: after the first error (Redis gone mid-campaign) the campaign goes
+    on without it, and the report says so in ``database.error``."""
+
+    def __init__(self, db):
+        self.db, self.error = db, None
+
+    def _call(self, what, *args, default=None):
+        if self.error is not None:
+            return default
+        try:
+            out = getattr(self.db, what)(*args)
+            return list(out) if what == "fetch" else out
+        except Exception as err:  # redis.RedisError, OSError
+            self.error = f"{type(err).__name__}: {(str(err).strip().splitlines() or [''])[0][:200]}"
+            print(f"bp-oracle: warning: the example database failed ({self.error}); going on without it",
+                  file=sys.stderr)
+            return default
+
+    def fetch(self, key):
+        return self._call("fetch", key, default=[])
+
+    def save(self, key, value):
+        self._call("save", key, value)
+
+    def delete(self, key, value):
+        self._call("delete", key, value)
+
+
+def _drop_raw(db, key: bytes, signatures: set) -> int:
+    """Delete the raw entries (``<key>.secondary``) of signatures that now have a reproducer in the primary key."""
+    from .cluster import decode_entry, secondary
+
+    removed = 0
+    for value in db.fetch(secondary(key)):
+        dec = decode_entry(value)
+        if dec is None or dec[1]["signature"] in signatures:
+            db.delete(secondary(key), value)
+            removed += 1
+    return removed
+
+
+@dataclass
+class _Saved:
+    key: bytes
+    value: bytes
+    draw: Draw
+    entry: dict
+    verdict: tuple
+    sig: tuple
+
+
+def replay_database(db, key: bytes, *, strategy, nets: str, impl, shrink_seconds: float = SHRINK_TOTAL_SECONDS,
+                    shrink_examples: int = SHRINK_EXAMPLES):
+    """Replay every reproducer saved under ``key`` (shrunk ones) and ``<key>.secondary`` (raw failing cases saved by
+    workers), before any new case. Returns (groups, stats): one group per signature still failing, in a fixed order
+    (primary entries first, each key's values in byte order), with its smallest reproducer; stats counts the entries,
+    those still failing, those removed and those saved.
+
+    The database is tidied as Hypothesis tidies its own: an entry that no longer fails (the bug was fixed), or that
+    this version cannot read, is deleted; of the entries with the same signature only the smallest is kept, in the
+    primary key; a raw or unfinished one is shrunk first (its own campaign's seed and case index replay its shard),
+    within ``shrink_seconds`` altogether."""
+    from .cluster import decode_entry, encode_entry, secondary
+
+    stats = {"entries": 0, "failing": 0, "removed": 0, "saved": 0, "shrink_seconds": 0.0}
+    saved: list = []
+    for k in (key, secondary(key)):
+        for value in sorted(set(db.fetch(k))):
+            stats["entries"] += 1
+            dec = decode_entry(value)
+            verdict = None
+            if dec is not None:
+                try:
+                    params, x, y = case_arrays(dec[0])
+                    verdict = judge(dec[0].spec, params, x, y, impl)
+                except SpecError:
+                    verdict = None
+            if verdict is None or verdict[1] is not False:
+                db.delete(k, value)  # unreadable, or it passes now
+                stats["removed"] += 1
+                continue
+            saved.append(_Saved(k, value, dec[0], dec[1], verdict, signature(dec[0].spec, verdict[0], verdict[2])))
+    stats["failing"] = len(saved)
+    by_sig: dict = {}
+    for s in saved:
+        by_sig.setdefault(s.sig, []).append(s)
+    groups = []
+    ts = time.perf_counter()
+    for sig, members in by_sig.items():
+        best = min(members, key=lambda s: (spec_size(s.draw.spec), s.draw.batch, not s.entry["final"], s.key != key,
+                                           s.value))
+        for s in members:
+            if s is not best:
+                db.delete(s.key, s.value)
+                stats["removed"] += 1
+        draw, verdict, how, final = best.draw, best.verdict, best.entry["how"], bool(best.entry["final"])
+        note = "replayed from the database" + (f" ({SHRINK_NOTES[how].split(':')[0]} when it was saved)"
+                                               if how in SHRINK_NOTES else "")
+        timed_out = verdict[0] == "crash" and ((getattr(verdict[2], "crash", None) or {}).get("kind") == "timeout")
+        budget = min(SHRINK_GROUP_SECONDS, shrink_seconds - (time.perf_counter() - ts))
+        if not final and not timed_out and budget > 0:
+            g0 = time.perf_counter()
+            s_draw, s_how, s_verdict = shrink(draw, sig, strategy, impl, seed=int(best.entry["seed"]), nets=nets,
+                                              seconds=budget, examples=shrink_examples)
+            if s_verdict[1] is False and signature(s_draw.spec, s_verdict[0], s_verdict[2]) == sig:
+                draw, verdict, how = s_draw, s_verdict, s_how
+                final = time.perf_counter() - g0 < budget
+                note = "replayed from the database, then " + SHRINK_NOTES[how]
+        value = encode_entry(draw, sig, seed=int(best.entry["seed"]), how=how, final=final)
+        if (best.key, best.value) != (key, value):
+            db.save(key, value)
+            db.delete(best.key, best.value)
+            stats["saved"] += 1
+        groups.append({"signature": sig, "entries": len(members), "draw": draw, "verdict": verdict, "how": how,
+                       "note": note, "from": {"seed": int(best.entry["seed"]), "index": int(best.entry["index"])}})
+    stats["shrink_seconds"] = time.perf_counter() - ts
+    return groups, stats
+
+
+class Tally:
+    """The report's totals, coverage, worst errors and failure groups, folded from outcomes taken in case order: its
+    memory grows with the groups and the cells, not with the number of cases. It takes no outcome after the
+    ``max_failures``-th failure."""
+
+    def __init__(self, max_failures: int | None = None):
+        self.max_failures = max_failures
+        self.cases = self.passed = self.failed = self.refused = self.layers_checked = 0
+        self.classifications = collections.Counter()
+        self.by_dtype = collections.defaultdict(collections.Counter)
+        self.layers = collections.Counter()
+        self.losses, self.regimes, self.dtypes = collections.Counter(), collections.Counter(), collections.Counter()
+        self.worst: dict = {}
+        self.checks = collections.Counter()
+        self.groups: dict = {}
+
+    @property
+    def full(self) -> bool:
+        return self.max_failures is not None and self.failed >= self.max_failures
+
+    def add(self, o: Outcome) -> bool:
+        """Take ``o`` (the next case in order); False when the tally is full (``o`` was not taken, or was the last
+        failure it takes)."""
+        if self.full:
+            return False
+        self.cases += 1
+        self.classifications[o.classification] += 1
+        self.by_dtype[o.dtype][o.classification] += 1
+        if o.passed is None:
+            self.refused += 1
+            return True
+        self.passed += bool(o.passed)
+        self.failed += not o.passed
+        self.layers_checked += len(o.cells)
+        for cell in o.cells:
+            self.layers[cell] += 1
+        self.losses[o.loss] += 1
+        self.regimes[o.regime] += 1
+        self.dtypes[o.dtype] += 1
+        if o.passed:
+            for cell, err in o.worst.items():
+                k = (*cell, o.dtype)
+                self.worst[k] = max(self.worst.get(k, 0.0), err)
+                self.checks[k] += 1
+        else:
+            g = self.groups.get(o.signature)
+            if g is None:
+                g = self.groups[o.signature] = {"signature": o.signature, "rep": o, "count": 0, "cases": [],
+                                                "dtypes": collections.Counter(), "regimes": collections.Counter()}
+            g["count"] += 1
+            if len(g["cases"]) < 20:
+                g["cases"].append(o.index)
+            g["dtypes"][o.dtype] += 1
+            g["regimes"][o.regime] += 1
+        return not self.full
+
+    def summary(self) -> dict:
+        layers = self.layers
+        types = sorted({c[0] for c in layers}, key=lambda t: (-sum(v for c, v in layers.items() if c[0] == t), t))
+        acts = sorted({c[1] for c in layers}, key=lambda a: (-sum(v for c, v in layers.items() if c[1] == a), a))
+        return {
+            "totals": {"cases": self.cases, "passed": self.passed, "failed": self.failed, "refused": self.refused,
+                       "groups": len(self.groups), "classifications": dict(sorted(self.classifications.items())),
+                       "by_dtype": {dt: dict(sorted(c.items())) for dt, c in sorted(self.by_dtype.items())}},
+            "coverage": {"layers_checked": self.layers_checked,
+                         "layer_types": types, "activations": acts,
+                         "matrix": [[layers.get((t, a), 0) for a in acts] for t in types],
+                         "cells": [{"layer": t, "activation": a, "count": n} for (t, a), n in sorted(layers.items())],
+                         "losses": dict(sorted(self.losses.items())), "regimes": dict(sorted(self.regimes.items())),
+                         "dtypes": dict(sorted(self.dtypes.items()))},
+            "worst_error": {"what": "the worst normwise relative error ‖g − ĝ‖/‖ĝ‖ of a layer's tensors (δ and parameter "
+                                    "gradients) among passing checks, per layer type × activation and dtype (where a gradient is nearly zero "
+                                    "its bound is absolute, so a passing check may show a large relative error there)",
+                            "cells": [{"layer": t, "activation": a, "dtype": dt, "worst": _round(v),
+                                       "checks": self.checks[(t, a, dt)]}
+                                      for (t, a, dt), v in sorted(self.worst.items())]},
+            "_groups": list(self.groups.values()),
+        }
 
 
 def _aggregate(merged: list) -> dict:
-    classifications = collections.Counter()
-    by_dtype = collections.defaultdict(collections.Counter)
-    layers = collections.Counter()
-    losses, regimes, dtypes = collections.Counter(), collections.Counter(), collections.Counter()
-    worst: dict = {}
-    checks = collections.Counter()
-    groups: dict = {}
-    passed = failed = refused = layers_checked = 0
+    """The summary of outcomes in case order (``Tally`` over a list)."""
+    tally = Tally()
     for o in merged:
-        classifications[o.classification] += 1
-        by_dtype[o.dtype][o.classification] += 1
-        if o.passed is None:
-            refused += 1
-            continue
-        passed += bool(o.passed)
-        failed += not o.passed
-        layers_checked += len(o.cells)
-        for cell in o.cells:
-            layers[cell] += 1
-        losses[o.loss] += 1
-        regimes[o.regime] += 1
-        dtypes[o.dtype] += 1
-        if o.passed:
-            for cell, err in o.worst.items():
-                key = (*cell, o.dtype)
-                worst[key] = max(worst.get(key, 0.0), err)
-                checks[key] += 1
-        else:
-            g = groups.get(o.signature)
-            if g is None:
-                g = groups[o.signature] = {"signature": o.signature, "rep": o, "count": 0, "cases": [],
-                                           "dtypes": collections.Counter(), "regimes": collections.Counter()}
-            g["count"] += 1
-            g["cases"].append(o.index)
-            g["dtypes"][o.dtype] += 1
-            g["regimes"][o.regime] += 1
-    types = sorted({c[0] for c in layers}, key=lambda t: (-sum(v for c, v in layers.items() if c[0] == t), t))
-    acts = sorted({c[1] for c in layers}, key=lambda a: (-sum(v for c, v in layers.items() if c[1] == a), a))
-    return {
-        "totals": {"cases": len(merged), "passed": passed, "failed": failed, "refused": refused,
-                   "groups": len(groups), "classifications": dict(sorted(classifications.items())),
-                   "by_dtype": {dt: dict(sorted(c.items())) for dt, c in sorted(by_dtype.items())}},
-        "coverage": {"layers_checked": layers_checked,
-                     "layer_types": types, "activations": acts,
-                     "matrix": [[layers.get((t, a), 0) for a in acts] for t in types],
-                     "cells": [{"layer": t, "activation": a, "count": n} for (t, a), n in sorted(layers.items())],
-                     "losses": dict(sorted(losses.items())), "regimes": dict(sorted(regimes.items())),
-                     "dtypes": dict(sorted(dtypes.items()))},
-        "worst_error": {"what": "the worst normwise relative error ‖g − ĝ‖/‖ĝ‖ of a layer's tensors (δ and parameter "
-                                "gradients) among passing checks, per layer type × activation and dtype (where a gradient is nearly zero "
-                                "its bound is absolute, so a passing check may show a large relative error there)",
-                        "cells": [{"layer": t, "activation": a, "dtype": dt, "worst": _round(v), "checks": checks[(t, a, dt)]}
-                                  for (t, a, dt), v in sorted(worst.items())]},
-        "_groups": list(groups.values()),
-    }
+        tally.add(o)
+    return tally.summary()
 
 
 # -- the report ------------------------------------------------------------------------------------------
@@ -938,13 +1206,34 @@ def _md_code(text) -> str:
     return f"{fence}{pad}{text}{pad}{fence}"
 
 
+def _database_text(d: dict) -> str:
+    text = (f"Example database {d['url']}, key {d['key']}: replayed {d['entries']} saved case"
+            f"{'s' if d['entries'] != 1 else ''} before any new case ({d['failing']} still failing, in "
+            f"{d['replayed_groups']} group{'s' if d['replayed_groups'] != 1 else ''}); {d['removed']} removed (passing "
+            f"now, redundant or unreadable), {d['saved']} reproducer{'s' if d['saved'] != 1 else ''} saved")
+    if d.get("error"):
+        text += f"; the database failed during the campaign ({d['error']})"
+    return text
+
+
+def _replayed_tag(g: dict) -> str:
+    return " (replayed from the database)" if g.get("replayed") else ""
+
+
+def _replayed_text(g: dict) -> str:
+    r = g["replayed"]
+    return (f"replayed from the database before any new case: {r['entries']} saved case"
+            f"{'s' if r['entries'] != 1 else ''} with this signature still {'fail' if r['entries'] != 1 else 'fails'}; first found as case {r['index']} of "
+            f"the campaign with seed {r['seed']}")
+
+
 def _sig_text(s: dict) -> str:
     return f"{s['layer']} / {s['activation']} / {s['loss']} / {s['classification']} / {s['hint']}"
 
 
 def markdown(report: dict) -> str:
     t, cov = report["totals"], report["coverage"]
-    verdict = "PASS" if t["failed"] == 0 else "FAIL"
+    verdict = "PASS" if t["failed"] == 0 and not report["groups"] else "FAIL"
     lines = [f"# bp-oracle campaign, seed {report['seed']}: {verdict}", "",
              f"{t['cases']} cases ({t['passed']} passed, {t['failed']} failed in {t['groups']} group"
              f"{'' if t['groups'] == 1 else 's'}, {t['refused']} refused), nets `{report['nets']}`, dtypes "
@@ -952,6 +1241,8 @@ def markdown(report: dict) -> str:
              f"Reproduce: {_md_code(report['command'])}", ""]
     if report["stopped_early"]:
         lines += [f"**Stopped early:** {_md_cell(report['stopped_early']['message'])}.", ""]
+    if report.get("database"):
+        lines += [_database_text(report["database"]), ""]
     lines += ["## Verdicts", "", "| classification | cases |", "|---|---|"]
     lines += [f"| {k} | {v} |" for k, v in t["classifications"].items()]
     lines += ["", "| dtype | " + " | ".join(t["classifications"]) + " |", "|---|" + "---|" * len(t["classifications"])]
@@ -962,10 +1253,13 @@ def markdown(report: dict) -> str:
         lines += ["None: every case passed.", ""]
     for g in report["groups"]:
         s = g["shrunk"]
-        lines += [f"### Group {g['id']}: {_md_cell(_sig_text(g['signature']))}", "",
-                  f"- cases: {g['count']} (first: case {g['first_case']}; "
+        lines += [f"### Group {g['id']}{_replayed_tag(g)}: {_md_cell(_sig_text(g['signature']))}", ""]
+        if g.get("replayed"):
+            lines.append(f"- {_replayed_text(g)}")
+        lines += [f"- cases in this campaign: {g['count']}" + (" (none)" if not g["count"] else
+                  f" (first: case {g['first_case']}; "
                   f"{', '.join(f'{k} {v}' for k, v in g['dtypes'].items())}; "
-                  f"{', '.join(f'{k} {v}' for k, v in g['regimes'].items())})",
+                  f"{', '.join(f'{k} {v}' for k, v in g['regimes'].items())})"),
                   f"- first seen: {_md_cell(g['first_summary'])}",
                   f"- reproducer ({_md_cell(s['note'])}): {_md_code(s['describe'])}, {s['dtype']}, {s['regime']}, "
                   f"batch {s['batch']}, data seed {s['data_seed']} ({s['size']['nodes']} nodes, "
@@ -1005,21 +1299,24 @@ HTML_TEMPLATE = """<!doctype html>
 .pass{color:#176b2c}.fail{color:#b00020}table{border-collapse:collapse;margin:.5rem 0}td,th{border:1px solid #ccc;padding:.2rem .5rem}
 td.num{text-align:right;font-variant-numeric:tabular-nums}code{background:#f4f4f4}img{max-width:100%}
 .caption{color:#555;font-size:.9rem}</style></head><body>
-<h1 class="{{ 'pass' if r.totals.failed == 0 else 'fail' }}">bp-oracle campaign, seed {{ r.seed }}: {{ verdict }}</h1>
+<h1 class="{{ 'pass' if verdict == 'PASS' else 'fail' }}">bp-oracle campaign, seed {{ r.seed }}: {{ verdict }}</h1>
 <p>{{ r.totals.cases }} cases ({{ r.totals.passed }} passed, {{ r.totals.failed }} failed in {{ r.totals.groups }} groups,
 {{ r.totals.refused }} refused); nets <code>{{ r.nets }}</code>, dtypes {{ r.dtypes | join(', ') }}, implementation
 <code>{{ r.impl }}</code>.</p>
 <p>Reproduce: <code>{{ r.command }}</code></p>
 {% if r.stopped_early %}<p class="fail"><b>Stopped early:</b> {{ r.stopped_early.message }}.</p>{% endif %}
+{% if r.database %}<p>{{ database_text }}.</p>{% endif %}
 <h2>Verdicts</h2>
 <table><tr><th>dtype</th>{% for k in r.totals.classifications %}<th>{{ k }}</th>{% endfor %}</tr>
 {% for dt, c in r.totals.by_dtype.items() %}<tr><td>{{ dt }}</td>{% for k in r.totals.classifications %}<td class="num">{{ c.get(k, 0) }}</td>{% endfor %}</tr>{% endfor %}
 <tr><th>all</th>{% for k, v in r.totals.classifications.items() %}<th class="num">{{ v }}</th>{% endfor %}</tr></table>
 <h2>Failure groups</h2>
 {% if not r.groups %}<p class="pass">None: every case passed.</p>{% endif %}
-{% for g in r.groups %}<h3 class="fail">Group {{ g.id }}: {{ g.signature.layer }} / {{ g.signature.activation }} / {{ g.signature.loss }} /
+{% for g in r.groups %}<h3 class="fail">Group {{ g.id }}{{ ' (replayed from the database)' if g.replayed }}: {{ g.signature.layer }} / {{ g.signature.activation }} / {{ g.signature.loss }} /
 {{ g.signature.classification }} / {{ g.signature.hint }}</h3>
-<ul><li>{{ g.count }} case{{ '' if g.count == 1 else 's' }} (first: case {{ g.first_case }})</li>
+<ul>{% if g.replayed %}<li>replayed from the database before any new case: {{ g.replayed.entries }} saved case(s) with this
+signature still fail; first found as case {{ g.replayed.index }} of the campaign with seed {{ g.replayed.seed }}</li>{% endif %}
+<li>{{ g.count }} case{{ '' if g.count == 1 else 's' }} in this campaign{% if g.count %} (first: case {{ g.first_case }}){% endif %}</li>
 <li>first seen: {{ g.first_summary }}</li>
 <li>reproducer ({{ g.shrunk.note }}): <code>{{ g.shrunk.describe }}</code>, {{ g.shrunk.dtype }}, {{ g.shrunk.regime }},
 batch {{ g.shrunk.batch }}, data seed {{ g.shrunk.data_seed }} ({{ g.shrunk.size.nodes }} nodes, {{ g.shrunk.size.parameters }} parameters)
@@ -1061,9 +1358,10 @@ def html(report: dict, png: bytes) -> str:
                 worst_rows.append((ty, a, ["—" if v is None else f"{v:.3g}" for v in vals]))
     env = jinja2.Environment(autoescape=True)  # every string from a spec, a hint or a path is escaped
     return env.from_string(HTML_TEMPLATE).render(
-        r=report, verdict="PASS" if report["totals"]["failed"] == 0 else "FAIL",
+        r=report, verdict="PASS" if report["totals"]["failed"] == 0 and not report["groups"] else "FAIL",
         rows=list(zip(report["coverage"]["layer_types"], report["coverage"]["matrix"])),
-        png=base64.b64encode(png).decode("ascii"), worst_rows=worst_rows, dts=dts)
+        png=base64.b64encode(png).decode("ascii"), worst_rows=worst_rows, dts=dts,
+        database_text=_database_text(report["database"]) if report.get("database") else "")
 
 
 def _print_summary(report: dict, folder, out) -> None:
@@ -1073,17 +1371,27 @@ def _print_summary(report: dict, folder, out) -> None:
       f"{'s' if tm['workers'] != 1 else ''}); passed {t['passed']}, failed {t['failed']}, refused {t['refused']}")
     if report["stopped_early"]:
         p(f"Stopped early: {report['stopped_early']['message']}")
+    if report.get("database"):
+        p(_database_text(report["database"]))
     p("Verdicts: " + ", ".join(f"{k} {v}" for k, v in t["classifications"].items()))
     cov = report["coverage"]
     p(f"Coverage: {cov['layers_checked']} layers; losses {len(cov['losses'])}, regimes {len(cov['regimes'])}, "
       f"layer type × activation cells {sum(1 for c in cov['cells'])}")
     for g in report["groups"]:
         s = g["shrunk"]
-        p(f"\nGroup {g['id']} ({g['count']} case{'s' if g['count'] != 1 else ''}): {_sig_text(g['signature'])}")
+        count = f"{g['count']} case{'s' if g['count'] != 1 else ''}" + (" in this campaign" if report.get("database") else "")
+        p(f"\nGroup {g['id']} ({'replayed from the database; ' if g.get('replayed') else ''}{count}): "
+          f"{_sig_text(g['signature'])}")
         p(f"  smallest: {s['describe']}, {s['dtype']}, {s['regime']}, batch {s['batch']}, data seed {s['data_seed']} ({s['how']})")
         if g["replay"]:
             p(f"  replay: {g['replay']}")
     if folder is not None:
         p(f"\nCampaign report: {folder}/campaign.html (also campaign.md, campaign.json, worst-error.png)")
-    p("No failure." if t["failed"] == 0 else f"{t['failed']} failing case{'s' if t['failed'] != 1 else ''} in "
-      f"{t['groups']} group{'s' if t['groups'] != 1 else ''}.")
+    replayed = sum(1 for g in report["groups"] if g.get("replayed"))
+    if t["failed"] == 0 and not replayed:
+        p("No failure.")
+    elif not replayed:
+        p(f"{t['failed']} failing case{'s' if t['failed'] != 1 else ''} in {t['groups']} group{'s' if t['groups'] != 1 else ''}.")
+    else:
+        p(f"{t['failed']} failing case{'s' if t['failed'] != 1 else ''} in {t['groups']} group{'s' if t['groups'] != 1 else ''} "
+          f"in this campaign; {replayed} group{'s' if replayed != 1 else ''} replayed from the database.")

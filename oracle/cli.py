@@ -281,7 +281,7 @@ def cmd_campaign(args) -> int:
                               impl_name=impl.target if impl is not None else "manual_bp", impl_target=args.impl,
                               timeout=args.timeout, report_dir=None if args.no_report else args.report,
                               max_failures=args.max_failures, time_budget=args.time_budget, workers=args.workers,
-                              shrink_seconds=args.shrink_seconds)
+                              shrink_seconds=args.shrink_seconds, ray_address=args.ray, database=args.database)
         return report["exit_code"]
     finally:
         if impl is not None:
@@ -471,6 +471,12 @@ def build_parser() -> argparse.ArgumentParser:
                     help="processes checking shards of cases (default 1); the report is the same for any W")
     cp.add_argument("--shrink-seconds", type=float, default=120.0, metavar="SECONDS",
                     help="time for shrinking all failure groups together, 30 s each at most (default 120)")
+    cp.add_argument("--ray", default=None, metavar="ADDRESS",
+                    help="run the shards as tasks on a Ray cluster: auto (the one this machine joined), local (start "
+                         "one for this run) or HOST:PORT; the same report (needs pip install bp-oracle[cluster])")
+    cp.add_argument("--database", default=None, metavar="redis://HOST:PORT/N",
+                    help="share Hypothesis's example database through Redis: saved failures are replayed first, new "
+                         "ones saved (needs pip install bp-oracle[cluster])")
     cp.set_defaults(func=cmd_campaign)
 
     m = sub.add_parser("mutants", help="run the fault catalogue: every known-wrong backprop must be caught")
