@@ -787,6 +787,19 @@ def _impl_spec(impl, impl_target, timeout) -> tuple:
 POOL_IN_FLIGHT = 4
 
 
+
+def merge_in_order(done: dict, next_merge: int, consume) -> tuple[int, bool]:
+    """Hand the finished shards ``done`` ({k: (outcomes, complete)}) to ``consume`` in shard order from ``next_merge``
+    on, as far as they are contiguous (so the report is the same however the shards finished). Returns the next
+    shard to merge and whether to stop (``consume`` said so, or a shard came back incomplete)."""
+    while next_merge in done:
+        part, complete = done.pop(next_merge)
+        next_merge += 1
+        if not consume(part, complete) or not complete:
+            return next_merge, True
+    return next_merge, False
+
+
 def _run_pool(n_shards: int, make_job, *, impl_spec, workers: int, consume, show) -> None:
     """Shards in a spawn process pool, at most ``POOL_IN_FLIGHT`` per worker outstanding; ``consume(part, complete)``
     gets them in case order (False: stop) up to the first shard that stopped early."""
@@ -810,13 +823,7 @@ def _run_pool(n_shards: int, make_job, *, impl_spec, workers: int, consume, show
                     done[k] = (part, complete)
                     failures += sum(o.failed for o in part)
                     show(len(part), failures)
-                stop = False
-                while next_merge in done:
-                    part, complete = done.pop(next_merge)
-                    next_merge += 1
-                    if not consume(part, complete) or not complete:
-                        stop = True
-                        break
+                next_merge, stop = merge_in_order(done, next_merge, consume)
                 if stop:
                     break
         finally:

@@ -261,6 +261,8 @@ def run_ray(n_shards: int, make_job, *, session: tuple, address: str, impl_spec:
     answer; disconnected at the end when it owns the connection); ``consume(part, complete)`` gets each shard's
     outcomes in case order and returns False to stop. Returns what the report's timing says about the cluster, with
     ``lost``: the first shard lost after its retries (the campaign stops there), or None."""
+    from .campaign import merge_in_order
+
     ray, owned = session
     try:
         cpus = int(ray.cluster_resources().get("CPU", 1)) or 1
@@ -299,13 +301,7 @@ def run_ray(n_shards: int, make_job, *, session: tuple, address: str, impl_spec:
                 done[k] = (part, complete)
                 failures += sum(o.failed for o in part)
                 show(len(part), failures)
-            stop = False
-            while next_merge in done:
-                part, complete = done.pop(next_merge)
-                next_merge += 1
-                if not consume(part, complete) or not complete:
-                    stop = True
-                    break
+            next_merge, stop = merge_in_order(done, next_merge, consume)
             if stop:
                 break
         return {"address": address, "nodes": nodes, "cpus": cpus, "in_flight": limit, "max_retries": RAY_MAX_RETRIES,

@@ -44,7 +44,7 @@ import numpy as np
 
 from manual_bp import SpecError
 
-from .isolate import DEFAULT_TIMEOUT, printable, printable_block
+from .isolate import DEFAULT_TIMEOUT, _signal_name, printable, printable_block
 
 PREFIX = "exec:"
 #: the most bytes of the program's standard error (and of its standard output) kept for a crash report
@@ -245,12 +245,3 @@ def _kill_group(proc) -> None:
         proc.wait(timeout=REAP_S)
     except subprocess.TimeoutExpired:
         pass
-
-
-def _signal_name(signum: int) -> str:
-    try:
-        name = signal.Signals(signum).name
-    except ValueError:
-        return f"signal {signum}"
-    what = signal.strsignal(signum) if hasattr(signal, "strsignal") else None
-    return f"{name} ({what})" if what else name

@@ -17,6 +17,7 @@ matches this reference differs from torch only by a convention at non-differenti
 
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 from dataclasses import dataclass
@@ -125,16 +126,15 @@ TWIN_LAYERS = {
 }
 
 
-_RECURRENT_TWINS: dict = {}
+@functools.lru_cache(maxsize=64)  # a campaign draws thousands of layers: keep the recent ones, not all
+def _built_recurrent(layer, n: int, dtype) -> torch.nn.Module:
+    return _recurrent_twin(layer, (n,), dtype)
 
 
 def _recurrent(layer, w: dict, a: torch.Tensor) -> torch.Tensor:
     """The layer run by torch's own nn.RNN / nn.LSTM / nn.GRU (``TWIN_MODULES``, built once per layer, size and
     dtype) on the case's weights, by ``torch.func.functional_call``."""
-    key = (layer, a.shape[-1], a.dtype)
-    if key not in _RECURRENT_TWINS:
-        _RECURRENT_TWINS[key] = _recurrent_twin(layer, (a.shape[-1],), a.dtype)
-    return torch.func.functional_call(_RECURRENT_TWINS[key], w, (a,))
+    return torch.func.functional_call(_built_recurrent(layer, a.shape[-1], a.dtype), w, (a,))
 
 
 def causal_mask(T: int, dtype) -> torch.Tensor:
