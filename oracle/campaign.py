@@ -2,12 +2,15 @@
 
 Case i of a campaign is a pure function of (seed, i) (and of ``--nets`` and ``--dtype``, which choose what is drawn):
 
-* cases come in shards of ``CHUNK`` consecutive indices; shard k's specs are seeded Hypothesis draws from the nets'
-  strategy (generate phase only, no database, ``@hypothesis.seed(stable_seed(seed, "campaign", nets, k))``, as
-  ``oracle.rates`` draws its cells; Hypothesis's first, simplest value is kept in shard 0 only), so a spec never
-  depends on how many cases were asked for or on who ran the shard before;
-* the regime, dtype, batch and data seed of case i come from ``numpy.random.default_rng(stable_seed(seed, "case",
-  i))``; weights and data from ``oracle.rates.build_case`` (exactly what ``strategies.cases()`` draws).
+* cases come in shards of ``CHUNK`` consecutive indices, and a shard in networks of ``PER_NET`` consecutive cases:
+  shard k's ``CHUNK // PER_NET`` specs are seeded Hypothesis draws from the nets' strategy (generate phase only, no
+  database, ``@hypothesis.seed(stable_seed(seed, "campaign", nets, k))``, as ``oracle.rates`` draws its cells;
+  Hypothesis's first, simplest value is kept in shard 0 only), so a spec never depends on how many cases were asked
+  for or on who ran the shard before; each network's batch size comes from its own seeded generator;
+* the regime, dtype and data seed of case i come from ``numpy.random.default_rng(stable_seed(seed, "case", i))``;
+  weights and data from ``oracle.rates.build_case`` (exactly what ``strategies.cases()`` draws). A network's cases
+  are judged together (``oracle.batch.check_many``: one batched torch reference, each verdict the one ``check``
+  gives).
 
 So the same seed and case count give the same cases on any machine and with any number of workers
 (``workers > 1``: a ``ProcessPoolExecutor`` runs whole shards; results are merged in case order). The campaign does
@@ -38,6 +41,7 @@ from __future__ import annotations
 import atexit
 import collections
 import functools
+import itertools
 import json
 import math
 import os
@@ -58,6 +62,9 @@ SCHEMA = "bp-oracle/campaign"
 SCHEMA_VERSION = 1
 #: cases per shard: one Hypothesis run draws a shard's specs, one worker task checks it
 CHUNK = 32
+#: cases per network: a shard draws CHUNK // PER_NET networks and checks each on PER_NET weight and data draws with
+#: one batched torch reference (``oracle.batch``)
+PER_NET = 16
 #: batch sizes are drawn from 1..MAX_BATCH
 MAX_BATCH = 6
 #: random cases ``hypothesis.find`` may try before it has one with the group's signature (most are set aside at once:
@@ -136,35 +143,47 @@ def _generate(strategy, n: int, seed: int) -> list:
     return out[:n]
 
 
-def draw_shard(seed: int, nets: str, dtypes: tuple, shard: int, strategy=None, regimes=None) -> list:
-    """The ``CHUNK`` draws of shard ``shard`` (cases shard·CHUNK …): specs by Hypothesis, the rest by NumPy."""
+def draw_shard(seed: int, nets: str, dtypes: tuple, shard: int, strategy=None, regimes=None,
+               per_net: int = PER_NET) -> list:
+    """The ``CHUNK`` draws of shard ``shard`` (cases shard·CHUNK …): ``CHUNK // per_net`` specs by Hypothesis, each with
+    one batch size for its ``per_net`` consecutive cases, and each case's regime, dtype and data seed by NumPy."""
     from .rates import stable_seed
     from .strategies import REGIMES, fit_batch
 
     strategy = nets_strategy(nets) if strategy is None else strategy
     regimes = tuple(regimes or REGIMES)
+    n_specs = CHUNK // _per_net(per_net)
     # Hypothesis tries its simplest value first: shard 0 keeps it (the smallest net, checked once), the others drop it
-    specs = _generate(strategy, CHUNK + 1, stable_seed(seed, "campaign", nets, shard))[(shard > 0):]
+    specs = _generate(strategy, n_specs + 1, stable_seed(seed, "campaign", nets, shard))[(shard > 0):]
     extra = 0
-    while len(specs) < CHUNK:  # Hypothesis gave fewer (a small strategy ran out): top up, still from the seed
+    while len(specs) < n_specs:  # Hypothesis gave fewer (a small strategy ran out): top up, still from the seed
         extra += 1
-        specs += _generate(strategy, CHUNK - len(specs), stable_seed(seed, "campaign", nets, shard, "more", extra))
+        specs += _generate(strategy, n_specs - len(specs), stable_seed(seed, "campaign", nets, shard, "more", extra))
         if extra > 50:
             raise SpecError("--nets", "the strategy gives too few distinct networks", "use a larger strategy")
+    batches = [fit_batch(spec, int(np.random.default_rng(stable_seed(seed, "net", shard, n)).integers(1, MAX_BATCH + 1)))
+               for n, spec in enumerate(specs[:n_specs])]
     out = []
-    for j, spec in enumerate(specs[:CHUNK]):
+    for j in range(CHUNK):
         index = shard * CHUNK + j
         rng = np.random.default_rng(stable_seed(seed, "case", index))
         regime = regimes[int(rng.integers(len(regimes)))]
         dtype = dtypes[int(rng.integers(len(dtypes)))]
-        batch = fit_batch(spec, int(rng.integers(1, MAX_BATCH + 1)))
-        out.append(Draw(index, spec, regime, dtype, batch, int(rng.integers(0, 2**32))))
+        out.append(Draw(index, specs[j // per_net], regime, dtype, batches[j // per_net], int(rng.integers(0, 2**32))))
     return out
 
 
-def draw_case(seed: int, index: int, *, nets: str = "all", dtype: str = "both", strategy=None, regimes=None) -> Draw:
+def draw_case(seed: int, index: int, *, nets: str = "all", dtype: str = "both", strategy=None, regimes=None,
+              per_net: int = PER_NET) -> Draw:
     """Case ``index`` of the campaign ``seed`` (what ``bp-oracle campaign --seed seed`` checked as that case)."""
-    return draw_shard(seed, nets, _dtypes(dtype), index // CHUNK, strategy, regimes)[index % CHUNK]
+    return draw_shard(seed, nets, _dtypes(dtype), index // CHUNK, strategy, regimes, per_net)[index % CHUNK]
+
+
+def _per_net(per_net) -> int:
+    if type(per_net) is not int or per_net < 1 or CHUNK % per_net:
+        divisors = ", ".join(str(d) for d in range(1, CHUNK + 1) if CHUNK % d == 0)
+        raise SpecError("--per-net", f"{per_net!r} does not divide a shard of {CHUNK} cases", f"choose one of {divisors}")
+    return per_net
 
 
 def case_arrays(draw: Draw):
@@ -234,12 +253,20 @@ def judge(spec: Spec, params, x, y, impl):
     from .checker import CandidateError, check
 
     try:
-        r = check(spec, params, x, y, impl)
-    except CandidateError as err:
-        return "unusable", False, err
-    except SpecError:
+        return verdict_of(check(spec, params, x, y, impl))
+    except SpecError as err:
+        return verdict_of(err)
+
+
+def verdict_of(value):
+    """``judge``'s triple from what ``check`` returned or raised (``batch.check_many`` hands back either)."""
+    from .checker import CandidateError
+
+    if isinstance(value, CandidateError):
+        return "unusable", False, value
+    if isinstance(value, SpecError):
         return "refused", None, None
-    return r.classification, bool(r.passed and r.classification != "crash"), r
+    return value.classification, bool(value.passed and value.classification != "crash"), value
 
 
 def _cells(spec: Spec) -> tuple:
@@ -274,9 +301,12 @@ class Outcome:
         return self.passed is False
 
 
-def evaluate(draw: Draw, impl) -> Outcome:
-    params, x, y = case_arrays(draw)
-    classification, passed, value = judge(draw.spec, params, x, y, impl)
+def evaluate(draw: Draw, impl, verdict=None) -> Outcome:
+    """The outcome of one case; ``verdict`` (``judge``'s triple) when it was already judged (in a batch)."""
+    if verdict is None:
+        params, x, y = case_arrays(draw)
+        verdict = judge(draw.spec, params, x, y, impl)
+    classification, passed, value = verdict
     cells = _cells(draw.spec)
     out = Outcome(draw.index, classification, passed, cells, draw.spec.loss.name, draw.regime, draw.dtype,
                   draw.batch, draw.data_seed)
@@ -296,27 +326,38 @@ def evaluate(draw: Draw, impl) -> Outcome:
     return out
 
 
+def evaluate_net(draws: list, impl) -> list[Outcome]:
+    """The outcomes of consecutive draws of one network, judged together (``batch.check_many``: one batched torch
+    reference, the verdicts ``check`` gives)."""
+    from .batch import check_many
+
+    arrays = [case_arrays(d) for d in draws]
+    results = check_many(draws[0].spec, arrays, impl)
+    return [evaluate(d, impl, verdict_of(r)) for d, r in zip(draws, results)]
+
+
 def run_shard(seed: int, nets: str, dtypes: tuple, shard: int, start: int, stop: int, impl, *, strategy=None,
               regimes=None, deadline: float | None = None, max_failures: int | None = None, on_case=None,
-              record=None):
+              record=None, per_net: int = PER_NET):
     """Judge cases ``start``..``stop`` − 1 of shard ``shard``; (outcomes, complete). Stops early (complete False)
     when the wall clock passes ``deadline`` (``time.time()``) or after ``max_failures`` failures. ``record(draw,
     outcome)`` is called on every failing case (``cluster.Recorder``: its first of each signature goes to the example
     database at once)."""
-    draws = draw_shard(seed, nets, dtypes, shard, strategy, regimes)
+    draws = draw_shard(seed, nets, dtypes, shard, strategy, regimes, per_net)[start - shard * CHUNK: stop - shard * CHUNK]
     out, failures = [], 0
-    for d in draws[start - shard * CHUNK: stop - shard * CHUNK]:
+    nets_in_shard = [list(g) for _, g in itertools.groupby(draws, key=lambda d: id(d.spec))]
+    for group in nets_in_shard:
         if deadline is not None and time.time() >= deadline:
             return out, False
-        o = evaluate(d, impl)
-        out.append(o)
-        failures += o.failed
-        if o.failed and record is not None:
-            record(d, o)
-        if on_case is not None:
-            on_case(o)
-        if max_failures is not None and failures >= max_failures:
-            return out, d.index == stop - 1
+        for d, o in zip(group, evaluate_net(group, impl)):
+            out.append(o)
+            failures += o.failed
+            if o.failed and record is not None:
+                record(d, o)
+            if on_case is not None:
+                on_case(o)
+            if max_failures is not None and failures >= max_failures:
+                return out, d.index == stop - 1
     return out, True
 
 
@@ -352,7 +393,8 @@ def _worker_shard(job: dict):
 
     record = worker_recorder(job.get("database"), job.get("db_key"), job["seed"], job.get("run_id", ""))
     return run_shard(job["seed"], job["nets"], job["dtypes"], job["shard"], job["start"], job["stop"], _WORKER.get("impl"),
-                     regimes=job["regimes"], deadline=job["deadline"], max_failures=job["max_failures"], record=record)
+                     regimes=job["regimes"], deadline=job["deadline"], max_failures=job["max_failures"], record=record,
+                     per_net=job.get("per_net", PER_NET))
 
 
 # -- shrinking -------------------------------------------------------------------------------------------
@@ -379,7 +421,7 @@ class _Found(Exception):
 
 
 def shrink(rep: Draw, sig: tuple, strategy, impl, *, seed: int, nets: str, seconds: float,
-           examples: int = SHRINK_EXAMPLES):
+           examples: int = SHRINK_EXAMPLES, per_net: int = PER_NET):
     """The smallest case Hypothesis finds with signature ``sig``, or ``rep`` itself. Returns (Draw, how,
     (classification, passed, value)), ``how`` one of "shrunk", "data shrunk", "not shrunk".
 
@@ -431,7 +473,7 @@ def shrink(rep: Draw, sig: tuple, strategy, impl, *, seed: int, nets: str, secon
         last: list = []
 
         @hypothesis.seed(stable_seed(seed, "campaign", nets, rep.index // CHUNK))
-        @_settings(max_examples=CHUNK + 1, phases=[Phase.generate, Phase.shrink])
+        @_settings(max_examples=CHUNK // per_net + 1, phases=[Phase.generate, Phase.shrink])
         @given(strategy)
         def replayed(spec):
             case = with_rep_data(spec)
@@ -489,8 +531,10 @@ def _case_info(draw: Draw) -> dict:
             "size": dict(zip(("nodes", "parameters"), spec_size(draw.spec)))}
 
 
-def _command(*, examples, seed, nets, dtype, impl_name, max_failures, time_budget) -> str:
+def _command(*, examples, seed, nets, dtype, impl_name, max_failures, time_budget, per_net=PER_NET) -> str:
     parts = ["bp-oracle campaign", f"--examples {examples}", f"--seed {seed}", f"--nets {nets}", f"--dtype {dtype}"]
+    if per_net != PER_NET:
+        parts.append(f"--per-net {per_net}")
     if impl_name != "manual_bp":
         parts.append(f"--impl {shlex.quote(impl_name)}")
     if max_failures:
@@ -524,7 +568,7 @@ def run_campaign(*, examples: int, seed: int, nets: str = "all", dtype: str = "b
                  report_dir=None, max_failures: int | None = None, time_budget: float | None = None, workers: int = 1,
                  shrink_seconds: float = SHRINK_TOTAL_SECONDS, shrink_examples: int = SHRINK_EXAMPLES,
                  specs_strategy=None, regimes=None, progress: bool = True, out=None, ray_address: str | None = None,
-                 database: str | None = None) -> dict:
+                 database: str | None = None, per_net: int = PER_NET) -> dict:
     """Run a campaign; returns the campaign report (the ``campaign.json`` dict, with ``"exit_code"`` added: 0 when no
     case failed, 1 when any did). Raises ``CandidateError`` (bad input, exit 2) after writing the report when the
     candidate's answer was unusable on some case.
@@ -555,6 +599,7 @@ def run_campaign(*, examples: int, seed: int, nets: str = "all", dtype: str = "b
     if not (math.isfinite(shrink_seconds) and shrink_seconds >= 0):
         raise SpecError("--shrink-seconds", f"{shrink_seconds!r} is not a number of seconds", "give e.g. --shrink-seconds 120")
     dtypes = _dtypes(dtype)
+    per_net = _per_net(per_net)
     if specs_strategy is None:
         strategy = nets_strategy(nets)
     else:
@@ -586,7 +631,8 @@ def run_campaign(*, examples: int, seed: int, nets: str = "all", dtype: str = "b
     def make_job(k: int) -> dict:
         return {"seed": seed, "nets": nets, "dtypes": dtypes, "shard": k, "start": k * CHUNK,
                 "stop": min((k + 1) * CHUNK, examples), "regimes": regimes, "deadline": deadline,
-                "max_failures": max_failures, "database": database, "db_key": db_key, "run_id": run_id}
+                "max_failures": max_failures, "database": database, "db_key": db_key, "run_id": run_id,
+                "per_net": per_net}
 
     # 1. what the example database holds for this property, replayed before any new case
     replay_groups, db_stats = [], None
@@ -637,7 +683,7 @@ def run_campaign(*, examples: int, seed: int, nets: str = "all", dtype: str = "b
                 part, complete = run_shard(seed, nets, dtypes, k, job["start"], job["stop"], impl, strategy=strategy,
                                            regimes=regimes, deadline=deadline,
                                            max_failures=None if max_failures is None else max_failures - tally.failed,
-                                           on_case=step, record=record)
+                                           on_case=step, record=record, per_net=per_net)
                 if not consume(part, complete) or not complete:
                     break
         else:
@@ -697,7 +743,7 @@ def run_campaign(*, examples: int, seed: int, nets: str = "all", dtype: str = "b
         else:
             g0 = time.perf_counter()
             draw, how, verdict = shrink(rep, g["signature"], strategy, main_impl, seed=seed, nets=nets, seconds=budget,
-                                        examples=shrink_examples)
+                                        examples=shrink_examples, per_net=per_net)
             note = SHRINK_NOTES[how]
             final = True
             if time.perf_counter() - g0 >= budget:
@@ -714,9 +760,9 @@ def run_campaign(*, examples: int, seed: int, nets: str = "all", dtype: str = "b
     report = {
         "schema": SCHEMA, "schema_version": SCHEMA_VERSION,
         "command": _command(examples=examples, seed=seed, nets=nets, dtype=dtype, impl_name=impl_name,
-                            max_failures=max_failures, time_budget=time_budget),
+                            max_failures=max_failures, time_budget=time_budget, per_net=per_net),
         "seed": seed, "examples": examples, "nets": nets, "dtypes": list(dtypes), "regimes": list(regimes),
-        "impl": impl_name, "chunk": CHUNK, "max_batch": MAX_BATCH,
+        "impl": impl_name, "chunk": CHUNK, "per_net": per_net, "max_batch": MAX_BATCH,
         "stopped_early": stopped,
         **summary,
         "database": None,

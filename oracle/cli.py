@@ -281,7 +281,8 @@ def cmd_campaign(args) -> int:
                               impl_name=impl.target if impl is not None else "manual_bp", impl_target=args.impl,
                               timeout=args.timeout, report_dir=None if args.no_report else args.report,
                               max_failures=args.max_failures, time_budget=args.time_budget, workers=args.workers,
-                              shrink_seconds=args.shrink_seconds, ray_address=args.ray, database=args.database)
+                              shrink_seconds=args.shrink_seconds, ray_address=args.ray, database=args.database,
+                              per_net=args.per_net)
         return report["exit_code"]
     finally:
         if impl is not None:
@@ -469,6 +470,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="start no case after SECONDS; shrinking gets what is left of it (at least 10 s)")
     cp.add_argument("--workers", type=int, default=1, metavar="W",
                     help="processes checking shards of cases (default 1); the report is the same for any W")
+    cp.add_argument("--per-net", type=int, default=16, metavar="K",
+                    help="weight and data cases drawn for each network, judged with one batched torch reference "
+                         "(default 16; 1 draws a new network for every case; a divisor of 32)")
     cp.add_argument("--shrink-seconds", type=float, default=120.0, metavar="SECONDS",
                     help="time for shrinking all failure groups together, 30 s each at most (default 120)")
     cp.add_argument("--ray", default=None, metavar="ADDRESS",

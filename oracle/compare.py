@@ -37,7 +37,8 @@ implementation still passes. f = ``rounding_factor`` (2) is the safety margin.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+import functools
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -79,33 +80,60 @@ def gradient_scale(largest: float, loss: float, dtype, tol: Tolerance) -> float:
 
 @dataclass(frozen=True)
 class TensorComparison:
-    """How one candidate tensor compares with the reference."""
+    """How one candidate tensor compares with the reference.
+
+    The verdict and the normwise figures are computed at once (two dot products for a tensor that matches); the
+    element statistics (greatest differences, their indices, the mismatched count) only when something reads them:
+    a passing tensor in a campaign never needs them, a report does."""
 
     name: str                 # "layers.1.weight", "layers.1.delta", "input.grad", "loss"
     layer: int | None
     shape: tuple
     passed: bool
     verdict: str              # "match", "rounding" (within the rounding allowance), "mismatch"
-    max_abs_err: float
-    max_rel_err: float
     normwise_rel_err: float   # ‖g − ĝ‖ / ‖ĝ‖ (inf when ĝ = 0 and g ≠ 0)
     allowed_normwise: float   # the bound on ‖g − ĝ‖
     normwise_err: float       # ‖g − ĝ‖
     rounding_allowance: float | None  # ‖f·B‖, the rounding allowance's norm, when one was given
-    mismatched: int
     size: int
-    worst_index: tuple
-    worst_candidate: float
-    worst_reference: float
-    worst_allowed: float
-    rel_index: tuple
+    # (g, ĝ flattened, the elementwise allowance or None, tol, S): what the element statistics are computed from
+    _elements: tuple | None = field(default=None, repr=False, compare=False)
+
+    @functools.cached_property
+    def _stats(self) -> dict:
+        if self._elements is None:
+            return dict(max_abs_err=0.0, max_rel_err=0.0, mismatched=0, worst_index=(), worst_candidate=0.0,
+                        worst_reference=0.0, worst_allowed=0.0, rel_index=())
+        g, r, elem_allowed, tol, scale = self._elements
+        if elem_allowed is None:
+            elem_allowed = _element_allowance(r, tol, scale, None)
+        diff = _difference(g, r)
+        with np.errstate(over="ignore", invalid="ignore"):
+            rel = diff / np.maximum(np.abs(r), np.finfo(np.float64).tiny)  # 0 where equal, huge (or inf) where ĝ is 0
+        worst, worst_rel = int(np.argmax(diff)), int(np.argmax(rel))
+        return dict(max_abs_err=float(diff[worst]), max_rel_err=float(rel[worst_rel]),
+                    mismatched=int(np.count_nonzero(diff > elem_allowed)), worst_index=_index(worst, self.shape),
+                    worst_candidate=float(g[worst]), worst_reference=float(r[worst]),
+                    worst_allowed=float(elem_allowed[worst]), rel_index=_index(worst_rel, self.shape))
+
+    max_abs_err = property(lambda self: self._stats["max_abs_err"])
+    max_rel_err = property(lambda self: self._stats["max_rel_err"])
+    mismatched = property(lambda self: self._stats["mismatched"])
+    worst_index = property(lambda self: self._stats["worst_index"])
+    worst_candidate = property(lambda self: self._stats["worst_candidate"])
+    worst_reference = property(lambda self: self._stats["worst_reference"])
+    worst_allowed = property(lambda self: self._stats["worst_allowed"])
+    rel_index = property(lambda self: self._stats["rel_index"])
 
     @property
     def mismatched_share(self) -> float:
         return self.mismatched / self.size if self.size else 0.0
 
     def to_dict(self) -> dict:
-        d = asdict(self)
+        d = {k: getattr(self, k) for k in ("name", "layer", "shape", "passed", "verdict", "max_abs_err", "max_rel_err",
+                                            "normwise_rel_err", "allowed_normwise", "normwise_err", "rounding_allowance",
+                                            "mismatched", "size", "worst_index", "worst_candidate", "worst_reference",
+                                            "worst_allowed", "rel_index")}
         d["shape"] = list(self.shape)
         d["worst_index"] = list(self.worst_index)
         d["rel_index"] = list(self.rel_index)
@@ -171,45 +199,59 @@ def compare_tensor(
     r = np.asarray(ref, dtype=np.float64)
     shape, r = r.shape, r.ravel()
     if r.size == 0:
-        return TensorComparison(name, layer, shape, True, "match", 0.0, 0.0, 0.0, 0.0, 0.0, None, 0, 0, (), 0.0, 0.0, 0.0, ())
-    with np.errstate(invalid="ignore", over="ignore"):
-        diff = np.abs(g - r)
-    # a NaN anywhere is never a match, and an infinite reference is matched only by the same infinity
-    same_inf = np.isinf(r) & (g == r)
-    diff = np.where(same_inf, 0.0, np.where(np.isnan(diff) | np.isinf(r), np.inf, diff))
-    err = _norm(diff) if np.all(np.isfinite(diff)) else float("inf")
-    abs_r = np.abs(r)
-    ref_norm = _norm(np.where(np.isinf(r), 0.0, r))
-    elem_allowed = tol.atol * scale + tol.rtol * np.where(np.isinf(r), 0.0, abs_r)
+        return TensorComparison(name, layer, shape, True, "match", 0.0, 0.0, 0.0, None, 0)
+    err, ref_norm = _fast_norms(g, r)
+    if err is None:  # NaN, an infinity, or values whose squares leave float64's range: the careful way
+        diff = _difference(g, r)
+        err = _norm(diff) if np.all(np.isfinite(diff)) else float("inf")
+        ref_norm = _norm(np.where(np.isinf(r), 0.0, r))
     allowed = tol.rtol * ref_norm + tol.atol * scale * np.sqrt(r.size)
     verdict = "match" if err <= allowed else "mismatch"
-    allowance = None
+    allowance, elem_allowed = None, None
     if bound is not None:
         b = tol.rounding_factor * np.broadcast_to(np.asarray(bound, dtype=np.float64), shape).ravel()
         allowance = _norm(b)
-        elem_allowed = elem_allowed + b
-        if verdict == "mismatch" and np.all(diff <= elem_allowed):
+        elem_allowed = _element_allowance(r, tol, scale, b)
+        if verdict == "mismatch" and np.all(_difference(g, r) <= elem_allowed):
             verdict = "rounding"
-    with np.errstate(over="ignore", invalid="ignore"):
-        rel = diff / np.maximum(abs_r, np.finfo(np.float64).tiny)  # 0 where equal, huge (or inf) where ĝ is 0
-    worst, worst_rel = int(np.argmax(diff)), int(np.argmax(rel))
     return TensorComparison(
         name=name,
         layer=layer,
         shape=shape,
         passed=verdict != "mismatch",
         verdict=verdict,
-        max_abs_err=float(diff[worst]),
-        max_rel_err=float(rel[worst_rel]),
         normwise_rel_err=(err / ref_norm) if ref_norm > 0 else (0.0 if err == 0 else float("inf")),
         allowed_normwise=float(allowed),
-        normwise_err=err,
+        normwise_err=float(err),
         rounding_allowance=allowance,
-        mismatched=int(np.count_nonzero(diff > elem_allowed)),
         size=int(r.size),
-        worst_index=_index(worst, shape),
-        worst_candidate=float(g[worst]),
-        worst_reference=float(r[worst]),
-        worst_allowed=float(elem_allowed[worst]),
-        rel_index=_index(worst_rel, shape),
+        _elements=(g, r, elem_allowed, tol, scale),
     )
+
+
+def _difference(g: np.ndarray, r: np.ndarray) -> np.ndarray:
+    """|g − ĝ| elementwise; a NaN anywhere is never a match, and an infinite ĝ is matched only by the same infinity."""
+    with np.errstate(invalid="ignore", over="ignore"):
+        diff = np.abs(g - r)
+    if np.all(np.isfinite(diff)) and np.all(np.isfinite(r)):
+        return diff
+    same_inf = np.isinf(r) & (g == r)
+    return np.where(same_inf, 0.0, np.where(np.isnan(diff) | np.isinf(r), np.inf, diff))
+
+
+def _element_allowance(r: np.ndarray, tol: Tolerance, scale: float, b) -> np.ndarray:
+    """What each element may differ by: atol·S + rtol·|ĝᵢ|, plus f·Bᵢ when a rounding allowance is given."""
+    allowed = tol.atol * scale + tol.rtol * np.where(np.isinf(r), 0.0, np.abs(r))
+    return allowed if b is None else allowed + b
+
+
+def _fast_norms(g: np.ndarray, r: np.ndarray):
+    """(‖g − ĝ‖, ‖ĝ‖) by two dot products, or (None, None) where that could be wrong: a NaN or an infinity, or a sum
+    of squares outside [1e-280, 1e280] (an overflow, or an underflow that could turn a nonzero difference into 0)."""
+    with np.errstate(invalid="ignore", over="ignore", under="ignore"):
+        d = g - r
+        e2, r2 = float(d @ d), float(r @ r)
+    for v, vec in ((e2, d), (r2, r)):
+        if not (1e-280 <= v <= 1e280) and not (v == 0.0 and not vec.any()):
+            return None, None
+    return float(np.sqrt(e2)), float(np.sqrt(r2))

@@ -62,7 +62,7 @@ def label(name: str, is_sum: bool = False) -> str:
 
 def nodes(spec) -> tuple[Node, ...]:
     """The spec's nodes in the order they run (computed once per spec)."""
-    cached = getattr(spec, "_oracle_nodes", None)
+    cached = getattr(spec, "_cache_oracle_nodes", None)
     if cached is not None:
         return cached
     out: list[Node] = []
@@ -91,7 +91,7 @@ def nodes(spec) -> tuple[Node, ...]:
     for i, layer in enumerate(spec.layers):
         src = walk(f"layers.{i}", layer, src, spec.in_shape(i))
     result = tuple(out)
-    object.__setattr__(spec, "_oracle_nodes", result)
+    object.__setattr__(spec, "_cache_oracle_nodes", result)
     return result
 
 

@@ -84,7 +84,7 @@ def test_three_bugs_give_three_shrunk_replayable_groups(tmp_path, bugs, capsys):
     seed, regimes = 5, ("well_conditioned",)
     report = run_campaign(examples=40, seed=seed, nets="three-kinds", dtype="float64", impl=cli._start_impl(bugs, 60),
                           impl_name=bugs, report_dir=tmp_path, specs_strategy=THREE_KINDS, regimes=regimes,
-                          progress=False)
+                          progress=False, per_net=1)
     assert report["exit_code"] == 1
     groups = report["groups"]
     sigs = {(g["signature"]["layer"], g["signature"]["activation"]) for g in groups}
@@ -95,7 +95,7 @@ def test_three_bugs_give_three_shrunk_replayable_groups(tmp_path, bugs, capsys):
     smaller = 0
     for g in groups:
         first = draw_case(seed, g["first_case"], nets="three-kinds", dtype="float64", strategy=THREE_KINDS,
-                          regimes=regimes)
+                          regimes=regimes, per_net=1)
         shrunk = g["shrunk"]
         assert shrunk["reproduces"] and shrunk["how"] in ("shrunk", "data shrunk")
         n_first, p_first = spec_size(first.spec)
