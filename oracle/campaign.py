@@ -565,7 +565,7 @@ def _one_torch_thread(fn):
 @_one_torch_thread
 def run_campaign(*, examples: int, seed: int, nets: str = "all", dtype: str = "both", impl=None,
                  impl_name: str = "manual_bp", impl_target: str | None = None, timeout: float = 60.0,
-                 report_dir=None, max_failures: int | None = None, time_budget: float | None = None, workers: int = 1,
+                 report_dir=None, max_failures: int | None = None, time_budget: float | None = None, workers: int | None = None,
                  shrink_seconds: float = SHRINK_TOTAL_SECONDS, shrink_examples: int = SHRINK_EXAMPLES,
                  specs_strategy=None, regimes=None, progress: bool = True, out=None, ray_address: str | None = None,
                  database: str | None = None, per_net: int = PER_NET) -> dict:
@@ -589,6 +589,8 @@ def run_campaign(*, examples: int, seed: int, nets: str = "all", dtype: str = "b
     out = out or sys.stdout
     if type(examples) is not int or examples < 1:
         raise SpecError("--examples", f"{examples!r} must be at least 1", "give --examples N with N ≥ 1")
+    if workers is None:  # every core, once there is enough work to pay for starting the worker processes
+        workers = default_workers(examples) if specs_strategy is None and ray_address is None else 1
     if type(workers) is not int or workers < 1:
         raise SpecError("--workers", f"{workers!r} must be at least 1", "give --workers W with W ≥ 1")
     if max_failures is not None and (type(max_failures) is not int or max_failures < 1):
@@ -817,6 +819,21 @@ def run_campaign(*, examples: int, seed: int, nets: str = "all", dtype: str = "b
 SHRINK_NOTES = {"shrunk": "shrunk by Hypothesis toward the smallest network with the same signature",
                 "data shrunk": "its network kept; batch and data shrunk by Hypothesis",
                 "not shrunk": "not shrunk: Hypothesis found no smaller case with the same signature"}
+
+
+#: below this many cases a campaign runs in one process by default: a worker takes ~2 s to start (torch's import)
+POOL_MIN_EXAMPLES = 1000
+
+
+def default_workers(examples: int) -> int:
+    """Every core this process may use, for campaigns of at least ``POOL_MIN_EXAMPLES`` cases; else 1."""
+    if examples < POOL_MIN_EXAMPLES:
+        return 1
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cores = os.cpu_count() or 1
+    return max(1, cores)
 
 
 def _impl_spec(impl, impl_target, timeout) -> tuple:

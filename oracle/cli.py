@@ -267,7 +267,7 @@ def cmd_campaign(args) -> int:
         raise SpecError("--max-failures", f"{args.max_failures} must be at least 1", "give --max-failures K with K ≥ 1")
     if args.time_budget is not None and not (math.isfinite(args.time_budget) and args.time_budget > 0):
         raise SpecError("--time-budget", f"{args.time_budget} is not a positive number of seconds", "give e.g. --time-budget 600")
-    if args.workers < 1:
+    if args.workers is not None and args.workers < 1:
         raise SpecError("--workers", f"{args.workers} must be at least 1", "give --workers W with W ≥ 1")
     if not (math.isfinite(args.shrink_seconds) and args.shrink_seconds >= 0):
         raise SpecError("--shrink-seconds", f"{args.shrink_seconds} is not a number of seconds", "give e.g. --shrink-seconds 120")
@@ -468,8 +468,9 @@ def build_parser() -> argparse.ArgumentParser:
     cp.add_argument("--max-failures", type=int, default=None, metavar="K", help="stop after K failing cases")
     cp.add_argument("--time-budget", type=float, default=None, metavar="SECONDS",
                     help="start no case after SECONDS; shrinking gets what is left of it (at least 10 s)")
-    cp.add_argument("--workers", type=int, default=1, metavar="W",
-                    help="processes checking shards of cases (default 1); the report is the same for any W")
+    cp.add_argument("--workers", type=int, default=None, metavar="W",
+                    help="processes checking shards of cases (default: every core, or 1 below 1000 cases); the "
+                         "report is the same for any W")
     cp.add_argument("--per-net", type=int, default=16, metavar="K",
                     help="weight and data cases drawn for each network, judged with one batched torch reference "
                          "(default 16; 1 draws a new network for every case; a divisor of 32)")
