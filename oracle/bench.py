@@ -249,8 +249,9 @@ def run(quick: bool = False, progress=print) -> dict:
         for dtype in ("float64", "float32"):
             spec, params, x, y = _case(widths, batch, dtype)
             reps = repeats if widths[1] < 2048 else max(3, repeats // 2)
-            t = interleaved({"manual_bp": lambda: bp.gradients(spec, params, x, y),
-                             "torch": _torch_step(spec, params, x, y)}, reps)
+            step = _torch_step(spec, params, x, y)
+            t = interleaved({"manual_bp": lambda: bp.gradients(spec, params, x, y), "torch": step,
+                             "torch_sized": _sized(spec, batch, step)}, reps)
             flops = backward_flops(widths, batch)
             mm = matmul_gflops(widths, batch, dtype, reps)
             # backward alone: forward once, then time backward from the cache
@@ -258,6 +259,8 @@ def run(quick: bool = False, progress=print) -> dict:
             tb = interleaved({"bwd": lambda: bp.backward(cache, y)}, reps)["bwd"]
             row = {"size": "-".join(map(str, widths)), "batch": batch, "dtype": dtype,
                    "manual_s": t["manual_bp"], "torch_s": t["torch"], "time_ratio": t["manual_bp"] / t["torch"],
+                   "torch_sized_s": t["torch_sized"], "sized_ratio": t["manual_bp"] / t["torch_sized"],
+                   "torch_sized_threads": _threads_used(spec, batch),
                    "backward_gflops": flops / tb / 1e9, "matmul_gflops": mm,
                    "backward_vs_matmul": flops / tb / 1e9 / mm}
             if not quick or widths[1] >= 512:
@@ -274,9 +277,9 @@ def run(quick: bool = False, progress=print) -> dict:
 
     # a full check vs its halves alone, and vs gradcheck
     checks = []
-    for widths, batch in SIZES[1:3] if not quick else SIZES[1:2]:
+    for widths, batch in SIZES[:3] if not quick else SIZES[:2]:
         spec, params, x, y = _case(widths, batch, "float64")
-        halves = _torch_step(spec, params, x, y)
+        halves = _sized(spec, batch, _torch_step(spec, params, x, y))  # torch as the check runs it
         t = interleaved({"check": lambda: check(spec, params, x, y),
                          "manual_bp": lambda: bp.gradients(spec, params, x, y),
                          "torch": halves}, repeats)
@@ -289,10 +292,72 @@ def run(quick: bool = False, progress=print) -> dict:
 
     hypo = _hypothesis_rate(100 if quick else 400)
     progress(f"  Hypothesis: {hypo:.0f} examples/s on small random nets")
+    campaign = _campaign_rates(2048 if quick else 16384)
+    progress(f"  campaign: {campaign['cases_per_s']:.0f} cases/s with {campaign['workers']} workers, "
+             f"{campaign['one_worker_cases_per_s']:.0f} with one")
+    command = _command_times()
+    progress(f"  check --example seed-simple: {command['check_with_report_s']:.2f} s with its report "
+             f"(import torch alone: {command['import_torch_s']:.2f} s)")
     suite = None if quick else _suite_time()
     return {"schema": "bp-oracle/bench", "schema_version": 1, "quick": quick, "machine": machine_facts(),
             "mlp": rows, "cnn": cnn, "sequence": sequence, "check": checks, "hypothesis_examples_per_s": hypo,
+            "campaign": campaign, "command": command,
             "test_suite_s": suite, "torch_threads": torch.get_num_threads()}
+
+
+def _sized(spec, batch, fn):
+    """``fn`` run with torch on the threads a check gives this network (``twin.threads_for``: one for a small one)."""
+    from .twin import threads_for
+
+    def run():
+        with threads_for(spec, batch):
+            return fn()
+    return run
+
+
+def _threads_used(spec, batch) -> int:
+    import torch
+
+    from .twin import threads_for
+
+    with threads_for(spec, batch):
+        return torch.get_num_threads()
+
+
+def _campaign_rates(examples: int) -> dict:
+    """Cases per second of ``campaign --nets dense`` (manual_bp, both dtypes, every regime), on every core and on one;
+    the single-worker run is a quarter as long."""
+    from .campaign import default_workers, run_campaign
+
+    workers = max(2, default_workers(10**6))
+    res = {}
+    for label, n, w in (("many", examples, workers), ("one", max(512, examples // 4), 1)):
+        with open(os.devnull, "w") as quiet:
+            rep = run_campaign(examples=n, seed=1, nets="dense", dtype="both", workers=w, report_dir=None,
+                               progress=False, out=quiet)
+        res[label] = rep["timing"]["cases_per_second"]
+    return {"examples": examples, "workers": workers, "cases_per_s": res["many"], "one_worker_cases_per_s": res["one"],
+            "per_net": 16}
+
+
+def _command_times() -> dict:
+    """Wall seconds of ``bp-oracle check --example seed-simple`` with its report (into a temporary folder) and
+    without, and of ``python -c 'import torch'`` (the floor under both), each the best of three fresh processes."""
+    import tempfile
+
+    def best(argv):
+        times = []
+        for _ in range(3):
+            t = time.perf_counter()
+            subprocess.run(argv, capture_output=True, check=False)
+            times.append(time.perf_counter() - t)
+        return min(times)
+
+    cli = [sys.executable, "-c", "import sys; from oracle.cli import main; sys.exit(main(sys.argv[1:]))",
+           "check", "--example", "seed-simple"]
+    with tempfile.TemporaryDirectory() as tmp:
+        return {"check_with_report_s": best(cli + ["--report", tmp]), "check_no_report_s": best(cli + ["--no-report"]),
+                "import_torch_s": best([sys.executable, "-c", "import torch"])}
 
 
 def _gradcheck(spec, params, x, y, quick) -> dict:
@@ -370,12 +435,19 @@ def markdown(res: dict) -> str:
              "### manual_bp vs torch, forward + backward (medians, interleaved)", "",
              "Both compute the same outputs: every ∂C/∂θ and ∂C/∂b, ∂C/∂x, and every layer's δ "
              "(torch through `retain_grad` on each pre-activation).", "",
-             "| MLP | batch | dtype | manual_bp | torch | time ratio | peak mem ratio | backward GFLOP/s | of matmul |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "Two thread settings for torch, both measured: as configured (all its threads), and as a check runs it "
+             "(`twin.threads_for`: one thread for a small network, where waking idle OpenMP workers costs more than the "
+             "op). NumPy keeps its BLAS threads in both.", "",
+             "| MLP | batch | dtype | manual_bp | torch (all threads) | ratio | torch (per size) | ratio | peak mem ratio "
+             "| backward GFLOP/s | of matmul |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in res["mlp"]:
         mem = f"{r['memory_ratio']:.2f}" if r.get("memory_ratio") else "—"
+        sized = (f"{1e3 * r['torch_sized_s']:.3f} ms ({r['torch_sized_threads']} thr.) | **{r['sized_ratio']:.2f}**"
+                 if "torch_sized_s" in r else "— | —")
         lines.append(f"| {r['size']} | {r['batch']} | {r['dtype']} | {1e3 * r['manual_s']:.3f} ms | {1e3 * r['torch_s']:.3f} ms | "
-                     f"**{r['time_ratio']:.2f}** | {mem} | {r['backward_gflops']:.2f} | {100 * r['backward_vs_matmul']:.0f}% |")
+                     f"**{r['time_ratio']:.2f}** | {sized} | {mem} | {r['backward_gflops']:.2f} | "
+                     f"{100 * r['backward_vs_matmul']:.0f}% |")
     lines += ["", f"### Conv nets: 3×32×32 images, batch {CNN_BATCH}: plain, with batch norm, with a residual block "
               "(target: manual/torch ≤ 2)", "",
               "| net | batch | dtype | manual_bp | torch | manual/torch |", "|---|---|---|---|---|---|"]
@@ -390,15 +462,26 @@ def markdown(res: dict) -> str:
         for r in res["sequence"]:
             lines.append(f"| {r['label']} | {r['size']} | {r['batch']} | {r['dtype']} | {1e3 * r['manual_s']:.1f} ms | "
                          f"{1e3 * r['torch_s']:.1f} ms | **{r['time_ratio']:.2f}** |")
-    lines += ["", "### A full oracle check vs its halves and vs gradcheck (float64)", "",
+    lines += ["", "### A full oracle check vs its halves and vs gradcheck (float64; target ≤ 1.2× the halves)", "",
+              "The halves: manual_bp, and the torch step on the threads the check gives it.", "",
               "| MLP | batch | check | halves alone | overhead | gradcheck | gradcheck fast_mode |", "|---|---|---|---|---|---|---|"]
     for r in res["check"]:
         ext = " (extrapolated from one layer)" if r["extrapolated"] else ""
         lines.append(f"| {r['size']} | {r['batch']} | {1e3 * r['check_s']:.2f} ms | {1e3 * r['halves_s']:.2f} ms | "
                      f"**{r['overhead_ratio']:.2f}×** | {r['gradcheck_s']:.2f} s = {r['gradcheck_ratio']:.0f}×{ext} | "
                      f"{r['gradcheck_fast_s']:.3f} s = {r['gradcheck_fast_ratio']:.1f}× |")
-    lines += ["", f"Hypothesis throughput on small random nets (depth ≤ 3, width ≤ 8, one full check each): "
+    lines += ["", f"Hypothesis throughput on small random nets (depth ≤ 3, width ≤ 8, one full check each; target ≥ 500): "
               f"**{res['hypothesis_examples_per_s']:.0f} examples/s**."]
+    if res.get("campaign"):
+        c = res["campaign"]
+        lines += ["", f"Campaign throughput (`campaign --nets dense --dtype both`, manual_bp, {c['per_net']} cases per "
+                  f"network, {c['examples']} cases; target ≥ 2,000 on 2 cores): **{c['cases_per_s']:.0f} cases/s** with "
+                  f"{c['workers']} workers, {c['one_worker_cases_per_s']:.0f} with one."]
+    if res.get("command"):
+        c = res["command"]
+        lines += ["", f"`bp-oracle check --example seed-simple` end to end (best of 3; target ≤ 2 s): "
+                  f"**{c['check_with_report_s']:.2f} s** with its report, {c['check_no_report_s']:.2f} s without; "
+                  f"`import torch` alone takes {c['import_torch_s']:.2f} s."]
     if res["test_suite_s"] is not None:
         lines.append(f"Default test suite (`python -m pytest`): {res['test_suite_s']:.0f} s wall.")
     return "\n".join(lines) + "\n"

@@ -3,6 +3,7 @@ shrunk and replayable, coverage that adds up, early stops, bad input."""
 
 import json
 import math
+import os
 import shlex
 from pathlib import Path
 
@@ -141,7 +142,8 @@ def test_max_failures_and_time_budget_stop_early(tmp_path, bugs):
 
 
 @pytest.mark.parametrize("extra", [["--examples", "-1"], ["--workers", "0"], ["--max-failures", "0"],
-                                   ["--time-budget", "0"], ["--time-budget", "nan"], ["--seed", "-1"]])
+                                   ["--time-budget", "0"], ["--time-budget", "nan"], ["--seed", "-1"],
+                                   ["--per-net", "0"], ["--per-net", "5"], ["--per-net", "64"]])
 def test_bad_input_exits_2_in_one_line(extra, capsys):
     assert cli.main(["campaign", "--no-report", *extra]) == 2
     err = capsys.readouterr().err.strip()
@@ -164,3 +166,22 @@ def test_html_escapes_everything():
               "timing": {"case_seconds": 1.0, "cases_per_second": 1.0, "workers": 1, "shrink_seconds": 0.0, "seconds": 1.0}}
     page = html(report, b"png")
     assert "<script>" not in page and "<img src=x" not in page and "<d>" not in page and "&lt;script&gt;" in page
+
+
+def test_a_network_is_drawn_once_for_per_net_consecutive_cases():
+    for per_net in (1, 4, 16):
+        draws = draw_shard(11, "dense", ("float64", "float32"), 2, per_net=per_net)
+        assert len(draws) == CHUNK
+        groups = [draws[i:i + per_net] for i in range(0, CHUNK, per_net)]
+        assert all(len({id(d.spec) for d in g}) == 1 and len({d.batch for d in g}) == 1 for g in groups)
+        assert len({d.data_seed for d in draws}) == CHUNK  # each case its own weights and data
+    # the cases' regimes, dtypes and data seeds come from the case index alone, whatever the grouping
+    one, many = draw_shard(11, "dense", ("float64", "float32"), 2, per_net=1), draw_shard(11, "dense", ("float64", "float32"), 2)
+    assert [(d.regime, d.dtype, d.data_seed) for d in one] == [(d.regime, d.dtype, d.data_seed) for d in many]
+
+
+def test_default_workers_use_every_core_only_for_long_campaigns():
+    from oracle.campaign import POOL_MIN_EXAMPLES, default_workers
+
+    assert default_workers(POOL_MIN_EXAMPLES - 1) == 1
+    assert default_workers(POOL_MIN_EXAMPLES) == len(os.sched_getaffinity(0))
