@@ -5,7 +5,10 @@ A tensor **matches** under the strict, normwise bound
 .. math::  \|g - \hat g\|_2 \;\le\; \mathrm{rtol}\,\|\hat g\|_2 + \mathrm{atol}\cdot S\sqrt{n}
 
 ĝ is the float64 reference, n the tensor's size and S the *gradient scale of the whole check*: the
-largest |element| of any reference gradient or δ. Why this form:
+largest |element| of any reference parameter gradient or δ. ∂C/∂x is judged like them but does not set S:
+behind a batch norm over a nearly constant batch it carries a 1/σ (10⁵ and more) that the parameter
+gradients and δ, formed before that division, never see, and an S taken from it would let atol·S·√n swamp
+them all (``checker._scale``). Why this form:
 
 * Normwise, so a tiny element beside large ones may carry a large *relative* rounding error (it
   does, in any implementation) without a false alarm; an error of the size of the gradient itself,
@@ -33,6 +36,20 @@ at elements within rounding of a kink; guard elements are judged by the conventi
 worst case (``oracle.rounding``), which adds every error with one sign. Both scale with the
 intermediates, not with S, so when every gradient is tiny but the activations are not, a correct
 implementation still passes. f = ``rounding_factor`` (2) is the safety margin.
+
+**The loss** C, a scalar, is judged on its own size instead of S, and by the larger of the two bounds, not
+their sum (``compare_loss``):
+
+.. math::  |C - \hat C| \;\le\; \max\big((\mathrm{rtol} + \mathrm{atol})\,|\hat C|,\; f\cdot B_C\big)
+
+(``match`` within the first, ``rounding`` within the second). B_C bounds every rounding a correct
+implementation makes in C: the change through its rounded output, Σ|∇ₐC|·E_a, each element loss's own formula,
+c·u·M_ℓ, and the sum of the N element losses, (N + 2)·u·Σ|ℓᵢ| = (N + 2)·u·|C| as a worst case, since a loop
+adds them with one bias (``rounding._loss_rounding``; the ensemble injects that own rounding at its full size,
+at random, so B_C is in practice this bound). Nothing is left for the strict term to cover, so it only
+matters where it exceeds f·B_C (well-conditioned losses, where a correct C errs by far less than either);
+added to f·B_C it would let a change of the loss alone pass (a bias dropped from the forward pass moves C by
+1e-5·|C| where a correct float32 C is within 1e-7·|C|).
 """
 
 from __future__ import annotations
@@ -61,7 +78,8 @@ class Tolerance:
 
     def describe(self) -> str:
         return (f"‖g − ĝ‖ ≤ {self.rtol:g}·‖ĝ‖ + {self.atol:g}·S·√n (ĝ = torch float64), "
-                f"or every |gᵢ − ĝᵢ| ≤ {self.atol:g}·S + {self.rtol:g}·|ĝᵢ| + {self.rounding_factor:g}·Bᵢ (B: the rounding allowance)")
+                f"or every |gᵢ − ĝᵢ| ≤ {self.atol:g}·S + {self.rtol:g}·|ĝᵢ| + {self.rounding_factor:g}·Bᵢ (B: the rounding allowance); "
+                f"the loss: |C − Ĉ| ≤ max({self.rtol + self.atol:g}·|Ĉ|, {self.rounding_factor:g}·B_C)")
 
 
 TOLERANCES: dict[str, Tolerance] = {
@@ -71,9 +89,9 @@ TOLERANCES: dict[str, Tolerance] = {
 
 
 def gradient_scale(largest: float, loss: float, dtype, tol: Tolerance) -> float:
-    """S: the largest |element| of any reference gradient or δ, but never below the dtype's resolution
-    of this loss, ε²·max(1, |C|)/atol: where saturation drives every gradient to the underflow range,
-    torch's exact 0 and an exact implementation's 1e-45 are the same answer."""
+    """S: the largest |element| of any reference parameter gradient or δ (``largest``), but never below the
+    dtype's resolution of this loss, ε²·max(1, |C|)/atol: where saturation drives every gradient to the underflow
+    range, torch's exact 0 and an exact implementation's 1e-45 are the same answer."""
     eps = float(np.finfo(dtype).eps)
     return max(largest, eps * eps * max(1.0, abs(loss)) / max(tol.atol, 1e-300), float(np.finfo(np.float64).tiny))
 
@@ -189,11 +207,13 @@ def compare_tensor(
     scale: float,
     bound: np.ndarray | None = None,
     layer: int | None = None,
+    either: bool = False,
 ) -> TensorComparison:
     """Compare ``got`` with ``ref`` (float64 reference values) under ``tol``; see the module docstring.
 
     ``bound`` is the rounding allowance B of each element (``oracle.rounding``); given, it enables the
-    ``rounding`` verdict.
+    ``rounding`` verdict: every |gᵢ − ĝᵢ| ≤ atol·S + rtol·|ĝᵢ| + f·Bᵢ, or, with ``either``, ≤ max(atol·S +
+    rtol·|ĝᵢ|, f·Bᵢ) (for an allowance that is a complete bound on its own: the loss's, see ``compare_loss``).
     """
     g = np.asarray(got, dtype=np.float64).ravel()
     r = np.asarray(ref, dtype=np.float64)
@@ -211,7 +231,7 @@ def compare_tensor(
     if bound is not None:
         b = tol.rounding_factor * np.broadcast_to(np.asarray(bound, dtype=np.float64), shape).ravel()
         allowance = _norm(b)
-        elem_allowed = _element_allowance(r, tol, scale, b)
+        elem_allowed = _element_allowance(r, tol, scale, b, either)
         if verdict == "mismatch" and np.all(_difference(g, r) <= elem_allowed):
             verdict = "rounding"
     return TensorComparison(
@@ -229,6 +249,13 @@ def compare_tensor(
     )
 
 
+def compare_loss(got: float, ref: float, tol: Tolerance, bound=None) -> TensorComparison:
+    """Compare the loss C with the reference's Ĉ: ``match`` within (rtol + atol)·|Ĉ|, ``rounding`` within the
+    larger of that and f·B_C, never their sum (B_C, ``bound``, is a complete bound on a correct implementation's
+    error in C; see the module docstring)."""
+    return compare_tensor("loss", np.float64(got), np.float64(ref), tol, abs(float(ref)) or 1.0, bound, either=True)
+
+
 def _difference(g: np.ndarray, r: np.ndarray) -> np.ndarray:
     """|g − ĝ| elementwise; a NaN anywhere is never a match, and an infinite ĝ is matched only by the same infinity."""
     with np.errstate(invalid="ignore", over="ignore"):
@@ -239,10 +266,13 @@ def _difference(g: np.ndarray, r: np.ndarray) -> np.ndarray:
     return np.where(same_inf, 0.0, np.where(np.isnan(diff) | np.isinf(r), np.inf, diff))
 
 
-def _element_allowance(r: np.ndarray, tol: Tolerance, scale: float, b) -> np.ndarray:
-    """What each element may differ by: atol·S + rtol·|ĝᵢ|, plus f·Bᵢ when a rounding allowance is given."""
+def _element_allowance(r: np.ndarray, tol: Tolerance, scale: float, b, either: bool = False) -> np.ndarray:
+    """What each element may differ by: atol·S + rtol·|ĝᵢ|, plus f·Bᵢ when a rounding allowance is given (with
+    ``either``, the larger of the two: ``compare_loss``)."""
     allowed = tol.atol * scale + tol.rtol * np.where(np.isinf(r), 0.0, np.abs(r))
-    return allowed if b is None else allowed + b
+    if b is None:
+        return allowed
+    return np.maximum(allowed, b) if either else allowed + b
 
 
 def _fast_norms(g: np.ndarray, r: np.ndarray):

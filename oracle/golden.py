@@ -52,7 +52,7 @@ import manual_bp as bp
 from manual_bp import Spec, SpecError
 
 from . import caseio
-from .compare import TOLERANCES, Tolerance, compare_tensor
+from .compare import TOLERANCES, Tolerance, compare_loss, compare_tensor
 from .graph import RECURRENT, nodes
 
 SCHEMA = "bp-oracle/golden"
@@ -60,7 +60,8 @@ SCHEMA_VERSION = 1
 VERIFY_SCHEMA = "bp-oracle/verify"
 VERIFY_SCHEMA_VERSION = 1
 RULE = ("‖g − ĝ‖ ≤ rtol·‖ĝ‖ + atol·S·√n, or every |gᵢ − ĝᵢ| ≤ atol·S + rtol·|ĝᵢ| + rounding_factor·Bᵢ "
-        "(ĝ the expected float64 value, n the tensor's size, S the case's scale, B the allowance)")
+        "(ĝ the expected float64 value, n the tensor's size, S the case's scale, B the allowance); the loss: "
+        "|C − Ĉ| ≤ max((rtol + atol)·|Ĉ|, rounding_factor·B_C)")
 #: the golden files of a case, each hashed in the manifest
 CASE_FILES = ("case.json", "inputs.safetensors", "inputs.npz", "expected.safetensors", "expected.npz",
               "allowance.safetensors", "allowance.npz")
@@ -650,14 +651,16 @@ class CaseVerdict:
                 "tensors": self.tensors}
 
 
-def _excess(got, want, tol: Tolerance, scale: float, bound) -> float:
-    """max |gᵢ − ĝᵢ| ÷ (atol·S + rtol·|ĝᵢ| + f·Bᵢ): at most 1 passes the elementwise rule."""
+def _excess(got, want, tol: Tolerance, scale: float, bound, either: bool = False) -> float:
+    """max |gᵢ − ĝᵢ| ÷ (atol·S + rtol·|ĝᵢ| + f·Bᵢ) (the loss, ``either``: ÷ max of the two): at most 1 passes the
+    elementwise rule."""
     g, r = np.asarray(got, dtype=np.float64), np.asarray(want, dtype=np.float64)
     if r.size == 0:
         return 0.0
     allowed = tol.atol * scale + tol.rtol * np.abs(r)
     if bound is not None:
-        allowed = allowed + tol.rounding_factor * np.asarray(bound, dtype=np.float64)
+        fb = tol.rounding_factor * np.asarray(bound, dtype=np.float64)
+        allowed = np.maximum(allowed, fb) if either else allowed + fb
     with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
         d = np.abs(g - r)
         ratio = np.where(d == 0, 0.0, d / allowed)
@@ -762,8 +765,7 @@ def verify_case(gfolder: Path, rfolder: Path, name: str) -> CaseVerdict:
     bounds = {k: allowance[caseio.comparison_key(k)] for k in
               ["loss", *spec.param_shapes(), *[f"{n.name}.delta" for n in graph], "input.grad"]
               if caseio.comparison_key(k) in allowance}
-    loss_cmp = compare_tensor("loss", np.float64(np.asarray(loss).reshape(())), expected["loss"].reshape(()), tol,
-                              scales["loss"], bounds.get("loss"))
+    loss_cmp = compare_loss(np.float64(np.asarray(loss).reshape(())), expected["loss"].reshape(()), tol, bounds.get("loss"))
     ref = SimpleNamespace(grads={k: expected[f"grad.{k}"] for k in spec.param_shapes()},
                           deltas={n.name: expected[f"delta.{n.name}"] for n in graph},
                           grad_input=expected.get("input.grad"))
@@ -773,7 +775,7 @@ def verify_case(gfolder: Path, rfolder: Path, name: str) -> CaseVerdict:
 
     excess = {t.name: _excess(*arrays[t.name], tol, scale, bounds.get(t.name)) for t in tensors}
     excess["loss"] = _excess(np.asarray(loss).reshape(()), expected["loss"].reshape(()), tol, scales["loss"],
-                             bounds.get("loss"))
+                             bounds.get("loss"), either=True)
     for _, _, t in fwd:
         excess[t.name] = _excess(forward[t.name], expected[t.name], tol, scales[t.name], allowance.get(t.name))
     bad_fwd = next(((i, what, t) for i, what, t in fwd if not t.passed), None)

@@ -23,6 +23,13 @@ Backward, from ∇_a C at the output (loss-specific: its Hessian times E_{a_L} p
     E_{∂b_i} = \textstyle\sum E_{δ_i} + γ_{m+1}\sum|δ_i|
     E_{up_{i-1}} = E_{δ_i}|θ_i| + γ_{n+1}|δ_i||θ_i|
 
+and the loss value (``_loss_rounding``; M_ℓ the size of the terms each element loss is formed from, N the
+number of output elements; cross-entropy adds its log-sum-exp's k-term sum, k·u):
+
+.. math::
+
+    E_C = \textstyle\sum |∇_a C|\,E_{a_L} + c\,u\,M_ℓ + (N + 2)\,u\,|C|
+
 Written here for dense layers; every other layer type replaces E|θ|ᵀ, v|θ|, vᵀa, Σv and the counts k of
 γ_k by its own maps (``oracle.magnitudes``). Errors already made are moved through |θ| as a worst case:
 they are not independent (one rounded probability moves a whole softmax row of δ, and that row feeds
@@ -77,6 +84,7 @@ class Allowance:
     magnitudes: list = None  # per layer: its magnitude maps (oracle.magnitudes.Magnitudes)
     ties: list = None     # per layer: a max pool's windows with several contenders for the max (else None)
     act_error: list = None  # E_a per layer: how far a correct implementation's a = g(z) may be from torch's
+    loss_rounding: float = 0.0  # the loss value's own rounding: E_C less its change through the output
 
 
 def derivatives(act, z: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -164,7 +172,9 @@ def _scales(act, z, a, d1, us) -> tuple[np.ndarray | float, np.ndarray | float]:
         scale = getattr(act, "scale", 1.0) if name == "selu" else 1.0
         neg = (z <= 0) * abs(alpha) * scale
         exact_slope = neg * np.exp(np.minimum(z, 0))
-        return aa + _cancel(neg, aa, us), ad + aa + _cancel(neg, exact_slope, us)
+        # g' = a + α (selu: a + scale·α) from a rounded a only where z ≤ 0; for z > 0 it is the constant 1 (scale),
+        # which no formula rounds beyond itself (ad), however large a is
+        return aa + _cancel(neg, aa, us), ad + (z <= 0) * aa + _cancel(neg, exact_slope, us)
     if name == "softplus":       # log(1 + e^{βz})/β: 1 + e^{βz} rounds to 1 where βz ≪ 0 (without log1p)
         return aa + _cancel(1.0 / p["beta"], aa, us), ad
     if name == "gelu":           # z·½(1 + erf(z/√2)): 1 + erf cancels for z ≪ 0
@@ -238,7 +248,9 @@ def _loss_bounds(loss, a, y, G, Ea, u, guard):
         EG = np.where(kept[:, None], EG, 0.0)  # an ignored row's gradient is exactly 0
     else:  # nll: −onehot/m is exact
         EG = np.zeros_like(a)
-    # the loss value: first-order change through a, plus summing N terms of the loss's magnitude
+    # the loss value's own rounding (``_loss_rounding``): M_ℓ, the size of the terms each element loss is formed
+    # from, averaged as C is (None: |C|, the loss's own size), and the length k of the sum inside each element loss
+    inner = a.shape[-1] if name == "cross_entropy" else 0
     if name == "cross_entropy":
         mag = (np.abs(a[kept]).max(axis=-1) + np.log(a.shape[1]) + np.abs(a[kept]).max(axis=-1)).mean()
     elif name == "bce_with_logits":
@@ -250,7 +262,27 @@ def _loss_bounds(loss, a, y, G, Ea, u, guard):
     else:
         mag = None
     EC = float(np.sum(aG * Ea))
-    return np.reshape(EG, shape), EC, mag
+    return np.reshape(EG, shape), EC, mag, inner
+
+
+def _loss_rounding(mag: float, inner: int, n: int, loss: float, u: float, eta: float) -> float:
+    r"""The rounding a correct implementation makes in the loss value itself, given its output a; E_C adds the
+    first-order change through its rounded a, Σ|∇ₐC|·E_a:
+
+    .. math::  E_C - \sum|∇_a C|\,E_a = c\,u\,M_ℓ + γ_k + γ_{N+2}\,\textstyle\sum|ℓ_i| + (N + 2)\,η,
+               \qquad γ_k = k\,u,\quad \textstyle\sum|ℓ_i| = |C|
+
+    Each element loss's own formula errs by c ulps of the terms it is formed from (``mag`` = M_ℓ, averaged as C
+    is); cross-entropy's log Σⱼ e^{a_j − max} is a sum of ``inner`` = k terms ≤ 1, so its log errs by γ_k
+    absolutely, however small C is; the sum of the N element losses ℓᵢ errs by at most γ_{N−1}·Σ|ℓᵢ| (a recursive
+    sum, Higham eq. 4.4), plus the division of a mean and a last add. Σ|ℓᵢ|, normalized as C is, is |C|: every
+    element loss is ≥ 0 (bce's targets lie in [0, 1], nll reads log-probabilities; ``manual_bp``'s checks).
+    The sum counts once, not c ulps once per term: that would let a change of the loss alone by 10⁻⁵·|C| pass in
+    float32. It is the worst case, not the probabilistic γ of the dot products (``_gamma``): a loop adding N terms
+    of one size rounds with one bias. η: what each operation may lose below the smallest normal number (a loss of
+    1e-57 is 0 in float32).
+    """
+    return ULPS * u * mag + inner * u + (n + 2) * u * abs(loss) + (n + 2) * eta
 
 
 def _softmax_bce_bound(p, y, Ea, G, cu, cu64, u_c):
@@ -350,11 +382,11 @@ def allowance(spec: Spec, params: dict, x: np.ndarray, y: np.ndarray, ref, dtype
     G = ref.upstream[L - 1]
     yv = np.asarray(y, dtype=np.float64) if spec.loss.targets == "values" else None
     # on the rows the loss applies to (a sequence output's m·T steps); class indices: −100 rows ignored
-    EG, EC, mag = _loss_bounds(spec.loss, ref.output, np.asarray(y) if yv is None else yv, G, Ea[L], u, guard)
-    n_terms = ref.output.size
-    loss_bound = EC + cu * (n_terms + 2) * (abs(ref.loss) if mag is None else mag) + (n_terms + 2) * eta
-
-    bounds = {"loss": np.array(loss_bound)}
+    EG, EC, loss_mag, inner = _loss_bounds(spec.loss, ref.output, np.asarray(y) if yv is None else yv, G, Ea[L], u,
+                                           guard)
+    loss_mag = abs(ref.loss) if loss_mag is None else float(loss_mag)
+    loss_rounding = _loss_rounding(loss_mag, inner, ref.output.size, ref.loss, u, eta)
+    bounds = {"loss": np.array(EC + loss_rounding)}
     # ∂C/∂a of node k's output (j = k + 1; the input x: j = 0) adds what every node reading it sends back:
     # their errors, and the rounding of that sum where two or more add (a block's input feeds body and skip)
     sent_error = {L: EG}
@@ -430,5 +462,6 @@ def allowance(spec: Spec, params: dict, x: np.ndarray, y: np.ndarray, ref, dtype
         send(j, back, mag.back_input(ad))
     bounds["input.grad"] = received(0) if 0 in sent_error else np.zeros(np.shape(x))
     return Allowance(bounds, Ez, Ea[L], kink_masks, scales, mags, ties,
-                     [np.broadcast_to(np.asarray(e, dtype=np.float64), np.shape(a)) for e, a in zip(Ea[1:], ref.acts)])
+                     [np.broadcast_to(np.asarray(e, dtype=np.float64), np.shape(a)) for e, a in zip(Ea[1:], ref.acts)],
+                     loss_rounding)
 
