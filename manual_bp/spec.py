@@ -152,17 +152,10 @@ class Spec:
         return " -> ".join(parts) + f", {self.loss.name}"
 
     # -- JSON --------------------------------------------------------------------------------
-    def __deepcopy__(self, memo) -> "Spec":
-        """A copy that shares nothing mutable with this spec. Attributes named ``_cache_*`` (derived data another
-        package attaches, such as the oracle's node list) are left out: they are rebuilt when next asked for."""
-        import copy
-
-        new = object.__new__(type(self))
-        memo[id(self)] = new
-        for k, v in self.__dict__.items():
-            if not k.startswith("_cache_"):
-                object.__setattr__(new, k, copy.deepcopy(v, memo))
-        return new
+    def __getstate__(self) -> dict:
+        """What a copy or a pickle of the spec keeps: everything but attributes named ``_cache_*`` (derived data
+        another package attaches, such as the oracle's node list), which are rebuilt when next asked for."""
+        return {k: v for k, v in self.__dict__.items() if not k.startswith("_cache_")}
 
     def to_dict(self) -> dict[str, Any]:
         head = {"format_version": self.format_version, "name": self.name, "description": self.description}

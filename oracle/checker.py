@@ -32,7 +32,7 @@ from manual_bp.data import check_params, check_x, check_y, dtype_of, ensure_real
 from manual_bp.named import show
 
 from . import conventions
-from .compare import TOLERANCES, TensorComparison, Tolerance, compare_tensor, gradient_scale, mismatch_mask
+from .compare import TOLERANCES, TensorComparison, Tolerance, compare_loss, compare_tensor, gradient_scale, mismatch_mask
 from .noise import measured_allowance
 from .rounding import allowance
 from .graph import RECURRENT, consumers, nodes
@@ -228,7 +228,7 @@ def _fresh_copy(spec: Spec) -> Spec:
     (once per spec, kept on it; never bytes read from anywhere): 10 µs, where a deepcopy takes 60."""
     blob = spec.__dict__.get("_cache_pickled")
     if blob is None:
-        blob = pickle.dumps(copy.deepcopy(spec), protocol=pickle.HIGHEST_PROTOCOL)  # deepcopy leaves _cache_* out
+        blob = pickle.dumps(spec, protocol=pickle.HIGHEST_PROTOCOL)  # Spec.__getstate__ leaves _cache_* out
         object.__setattr__(spec, "_cache_pickled", blob)
     return pickle.loads(blob)
 
@@ -249,8 +249,16 @@ def _largest(t: np.ndarray) -> float:
 
 
 def _scale(ref, dt, tol) -> float:
-    tensors = list(ref.grads.values()) + list(ref.deltas.values()) + [t for t in [ref.grad_input] if t is not None]
-    largest = max(_largest(t) for t in tensors)
+    """S, the check's gradient scale (``compare.gradient_scale``): the largest |element| of the reference's
+    parameter gradients and δ.
+
+    ∂C/∂x is left out on purpose. A batch norm over a nearly constant input batch multiplies ∂C/∂x by 1/σ
+    (10⁵× the δ around it is common), but the parameter gradients and δ are formed *before* that 1/σ, so their
+    rounding does not grow with it: an S taken from ∂C/∂x would let atol·S·√n swamp every δ and parameter
+    gradient, a dropped Bessel factor included. ∂C/∂x itself is still judged, by rtol·‖ĝ‖, atol·S and its
+    own rounding allowance B. (``rates.changes_something`` takes S the same way.)"""
+    tensors = list(ref.grads.values()) + list(ref.deltas.values())
+    largest = max((_largest(t) for t in tensors), default=0.0)
     return gradient_scale(largest, ref.loss, dt, tol)
 
 
@@ -528,7 +536,7 @@ def _judge(spec: Spec, params, x, y, grads_fn, dt: np.dtype, tol: Tolerance, qui
     if spec.buffer_shapes() and isinstance(cand.buffers, Mapping):
         notes.append(_running_statistics_note(spec, cand.buffers, ref.buffers, tol))
     arrays: dict = {}
-    loss_cmp = compare_tensor("loss", np.float64(cand.loss), np.float64(ref.loss), tol, abs(ref.loss) or 1.0)
+    loss_cmp = compare_loss(cand.loss, ref.loss, tol)
     tensors = _compare_all(spec, cand, ref, {}, tol, scale, arrays)
 
     bounds: dict = {}
@@ -550,8 +558,9 @@ def _judge(spec: Spec, params, x, y, grads_fn, dt: np.dtype, tol: Tolerance, qui
     # B: torch's rounding noise measured on this case with kinks held fixed, capped by the worst case
     bounds = measured_allowance(spec, params64, x64, y64, ref, allow, dt)
     losses = {"torch": ref.loss, **{k: v for k, v in special.guard_losses.items() if np.isfinite(v)}}
-    loss_cmp = min((compare_tensor("loss", np.float64(cand.loss), np.float64(v), tol, abs(v) or 1.0, bounds["loss"])
-                    for v in losses.values()), key=lambda t: (not t.passed, t.normwise_err))
+    # the loss: within the strict bound or within f·B_C, the larger (compare_loss: B_C is a complete bound)
+    loss_cmp = min((compare_loss(cand.loss, v, tol, bounds["loss"]) for v in losses.values()),
+                   key=lambda t: (not t.passed, t.normwise_err))
     arrays.clear()
     tensors = _compare_all(spec, cand, ref, bounds, tol, scale, arrays)
     if loss_cmp.passed and all(t.passed for t in tensors):

@@ -45,8 +45,8 @@ def test_batched_reference_is_torchs_reference_of_each_case(spec, batch, seed):
         np.testing.assert_allclose(got.grad_input, want.grad_input, rtol=1e-9, atol=1e-12 * scale)
         for a, b in zip(got.upstream, want.upstream):
             np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-12 * scale)
-        for a, b in zip(got.z, want.z):
-            np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-300)
+        for a, b in zip(got.z, want.z):  # a sum that cancels may differ by its terms' rounding, in either order
+            np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-12 * max(1.0, float(np.max(np.abs(b)))))
 
 
 def _same_verdict(a, b):
