@@ -109,10 +109,11 @@ def references(spec: Spec, cases: Sequence[tuple]) -> list[Reference] | None:
 
 
 def check_many(spec: Spec, cases: Sequence[tuple], grads_fn: GradsFn | None = None, *, dtype: str | None = None,
-               tolerance: Tolerance | None = None) -> list:
+               tolerance: Tolerance | None = None, early: bool = False) -> list:
     """``check`` on each (params, x, y) of ``cases`` (one spec), with one batched torch reference for all of those
     that share a batch size. Returns one entry per case, in order: its ``CheckResult``, or the ``SpecError``
-    (bad input; a ``CandidateError`` for an unusable answer) that ``check`` would have raised on it."""
+    (bad input; a ``CandidateError`` for an unusable answer) that ``check`` would have raised on it. ``early``: see
+    ``checker.judge`` (the same verdicts; a campaign's setting)."""
     prepared: list = []
     for params, x, y in cases:
         try:
@@ -137,7 +138,7 @@ def check_many(spec: Spec, cases: Sequence[tuple], grads_fn: GradsFn | None = No
             continue
         s, params, x, y, dt, tol = p
         try:
-            results.append(judge(s, params, x, y, grads_fn, dt, tol, quick=quick.get(i)))
+            results.append(judge(s, params, x, y, grads_fn, dt, tol, quick=quick.get(i), early=early))
         except (SpecError, CandidateError) as err:
             results.append(err)
     return results

@@ -332,7 +332,7 @@ def evaluate_net(draws: list, impl) -> list[Outcome]:
     from .batch import check_many
 
     arrays = [case_arrays(d) for d in draws]
-    results = check_many(draws[0].spec, arrays, impl)
+    results = check_many(draws[0].spec, arrays, impl, early=True)  # only verdicts are read: stop the ensemble early
     return [evaluate(d, impl, verdict_of(r)) for d, r in zip(draws, results)]
 
 

@@ -508,15 +508,19 @@ def prepare(spec: Spec, params, x, y, *, dtype: str | None = None, tolerance: To
     return spec, params, x, y, dt, tolerance or TOLERANCES[dt.name]
 
 
-def judge(spec: Spec, params, x, y, grads_fn: GradsFn | None, dt: np.dtype, tol: Tolerance, quick=None) -> CheckResult:
+def judge(spec: Spec, params, x, y, grads_fn: GradsFn | None, dt: np.dtype, tol: Tolerance, quick=None,
+          early: bool = False) -> CheckResult:
     """Steps 2-5 of a check on a case ``prepare`` validated. ``quick`` is this case's float64 reference computed
     elsewhere (``oracle.batch``: many cases in one vmapped torch call): trusted for the overflow refusal and a strict
-    match only; any other outcome recomputes the reference with ``run_twin``, so the verdict is ``check``'s."""
+    match only; any other outcome recomputes the reference with ``run_twin``, so the verdict is ``check``'s.
+    ``early``: stop the noise ensemble as soon as the candidate passes within the allowance measured so far (the same
+    verdict and classification, a smaller B in the result, and so fewer "weak check" notes: for campaigns, which read
+    only verdicts)."""
     with threads_for(spec, x.shape[0]):
-        return _judge(spec, params, x, y, grads_fn, dt, tol, quick)
+        return _judge(spec, params, x, y, grads_fn, dt, tol, quick, early)
 
 
-def _judge(spec: Spec, params, x, y, grads_fn, dt: np.dtype, tol: Tolerance, quick) -> CheckResult:
+def _judge(spec: Spec, params, x, y, grads_fn, dt: np.dtype, tol: Tolerance, quick, early=False) -> CheckResult:
     grads_fn = grads_fn or manual_bp.gradients
     params64 = {k: np.asarray(v, dtype=np.float64) for k, v in params.items()}
     x64 = x if spec.token_input else np.asarray(x, dtype=np.float64)
@@ -550,14 +554,19 @@ def _judge(spec: Spec, params, x, y, grads_fn, dt: np.dtype, tol: Tolerance, qui
     if loss_cmp.passed and all(t.passed for t in tensors):
         return result(True, "match")
     if quick is not None:  # judged from here on against run_twin's own reference, exactly as check does
-        return _judge(spec, params, x, y, _Answered(cand), dt, tol, None)
+        return _judge(spec, params, x, y, _Answered(cand), dt, tol, None, early)
     # Only now are the rounding allowance and the multi-valued elements worth computing.
     guard = conventions.find_guards(spec, ref, params, x, y, y64, dt)
     allow = allowance(spec, params64, x64, y64, ref, dt, guard=guard.mask)
     special = conventions.find(spec, ref, allow, y64, guard)
-    # B: torch's rounding noise measured on this case with kinks held fixed, capped by the worst case
-    bounds = measured_allowance(spec, params64, x64, y64, ref, allow, dt)
     losses = {"torch": ref.loss, **{k: v for k, v in special.guard_losses.items() if np.isfinite(v)}}
+
+    def passes(b) -> bool:  # the verdict below, for an ensemble cut short (``early``)
+        return (any(compare_loss(cand.loss, v, tol, b["loss"]).passed for v in losses.values())
+                and all(t.passed for t in _compare_all(spec, cand, ref, b, tol, scale, {})))
+
+    # B: torch's rounding noise measured on this case with kinks held fixed, capped by the worst case
+    bounds = measured_allowance(spec, params64, x64, y64, ref, allow, dt, enough=passes if early else None)
     # the loss: within the strict bound or within f·B_C, the larger (compare_loss: B_C is a complete bound)
     loss_cmp = min((compare_loss(cand.loss, v, tol, bounds["loss"]) for v in losses.values()),
                    key=lambda t: (not t.passed, t.normwise_err))

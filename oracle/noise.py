@@ -232,10 +232,13 @@ def jittered_run(spec, params: dict, x: np.ndarray, y, ref, allow, u: float, rng
 
 
 def measured_allowance(spec, params: dict, x: np.ndarray, y, ref, allow, dtype, runs: int = RUNS,
-                       adopt=None, routes=None) -> dict:
+                       adopt=None, routes=None, enough=None) -> dict:
     """FACTOR × the largest deviation of ``runs`` jittered runs from ``ref``, capped by the analytic bound.
 
-    Seeded from the case itself, so the same case always gets the same allowance.
+    Seeded from the case itself, so the same case always gets the same allowance. ``enough(bounds)``, if given, is
+    asked after each run but the last with the allowance so far, and a True ends the ensemble there: the allowance
+    only grows with more runs, so whatever passes within it passes within the full one (a campaign's correct
+    candidate rarely needs more than one run; a failing one always gets all of them).
     """
     # where some z lies within rounding of a point at which g's *value* jumps (softplus's threshold), a correct
     # implementation may take either value there, element by element: a discrete choice, not random noise, whose
@@ -250,11 +253,18 @@ def measured_allowance(spec, params: dict, x: np.ndarray, y, ref, allow, dtype, 
     if ref.grad_input is not None:
         reference["input.grad"] = ref.grad_input
     worst = {k: np.zeros(np.shape(v)) for k, v in reference.items()}
+    # fmin: where the analytic cap is not a number (0·∞ in an underflowed corner) the measurement stands
+    def so_far():
+        return {k: np.fmin(FACTOR * worst[k], allow.bounds[k]) for k in allow.bounds if k in worst}
+
     with np.errstate(invalid="ignore", over="ignore"):
-        for _ in range(runs):
+        for n in range(1, runs + 1):
             run = jittered_run(spec, params, x, y, ref, allow, u, rng, adopt, routes)
             for k, v in run.items():
                 dev = np.abs(v - reference[k])
                 worst[k] = np.maximum(worst[k], np.where(np.isfinite(dev), dev, np.inf))
-    # fmin: where the analytic cap is not a number (0·∞ in an underflowed corner) the measurement stands
-    return {k: np.fmin(FACTOR * worst[k], allow.bounds[k]) for k in allow.bounds if k in worst}
+            if enough is not None and n < runs:
+                bounds = so_far()
+                if enough(bounds):
+                    return bounds
+    return so_far()
