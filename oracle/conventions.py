@@ -112,11 +112,17 @@ def exact_bce(spec, z: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, float]:
         delta = (torch.sigmoid(zt) - yt) / N
         loss = F.binary_cross_entropy_with_logits(zt, yt)
         return delta.numpy(), float(loss)
-    n = zt.shape[-1]
+    if zt.shape[-1] == 1:  # one unit: p ≡ 1, the loss is infinite unless y = 1; torch's clamp is the only finite answer
+        return ((torch.ones_like(zt) - yt) * 0).numpy(), float("nan")
+    delta, loss = _softmax_bce_exact(zt, yt)
+    return delta.numpy(), float(loss)
+
+
+def _softmax_bce_exact(zt: torch.Tensor, yt: torch.Tensor):
+    """(δ_L, C) of bce on a softmax output from the logits, as torch tensors (differentiable in zt): see exact_bce."""
+    N, n = zt.numel(), zt.shape[-1]
     logp = F.log_softmax(zt, dim=-1)
     p = logp.exp()
-    if n == 1:  # one unit: p ≡ 1, the loss is infinite unless y = 1; torch's clamp is the only finite answer
-        return ((p - yt) * 0).numpy(), float("nan")
     others = zt.unsqueeze(-2).expand(*zt.shape, n).clone()
     idx = torch.arange(n)
     others[..., idx, idx] = -torch.inf
@@ -127,7 +133,30 @@ def exact_bce(spec, z: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, float]:
     ratio = torch.exp(log_ratio.masked_fill(torch.eye(n, dtype=torch.bool), -torch.inf))  # j ≠ k only
     delta = ((p - yt) - (ratio * (p - yt).unsqueeze(-2)).sum(dim=-1)) / N
     loss = -(yt * logp + (1 - yt) * log1mp).mean()
-    return delta.numpy(), float(loss)
+    return delta, loss
+
+
+def exact_bce_drift(spec, z: np.ndarray, y: np.ndarray, ez: np.ndarray) -> np.ndarray:
+    r"""How far the exact δ_L of bce (``exact_bce``) moves when the logits move by at most ``ez`` each:
+    Σ_l |∂δ_j/∂z_l|·E_{z_l}, to first order.
+
+    A candidate that follows the exact convention evaluates that formula at *its own* rounded z. Where the guard
+    is active behind a softmax, p_j/(1 − p_k) is the softmax of the logits other than k: of order 1 even where p_j
+    itself underflows, so it moves with z's absolute rounding (large in a saturated net, |z| ~ 10⁴), unlike p_j.
+    Behind a sigmoid, (σ(z) − y)/N moves by σ′E_z/N, which its bound already holds (E_a/N); 0 is returned there.
+    """
+    if nodes(spec)[-1].activation.name != "softmax" or np.shape(z)[-1] == 1:
+        return np.zeros(np.shape(z))
+    zt = torch.tensor(np.asarray(z, dtype=np.float64), requires_grad=True)
+    yt = torch.from_numpy(np.asarray(y, dtype=np.float64))
+    e = torch.from_numpy(np.asarray(ez, dtype=np.float64))
+    out = torch.zeros_like(e)
+    with torch.enable_grad():
+        delta, _ = _softmax_bce_exact(zt, yt)
+        for j in range(zt.shape[-1]):  # row j of each example's Jacobian (the rows of the batch are independent)
+            (row,) = torch.autograd.grad(delta[..., j].sum(), zt, retain_graph=True)
+            out[..., j] = (torch.nan_to_num(row, nan=0.0, posinf=0.0, neginf=0.0).abs() * e).sum(dim=-1)
+    return out.numpy()
 
 
 def _vjp(act, z, a, up, d1):

@@ -25,8 +25,10 @@ element and run):
   rounds with one bias (a float32 loop over 65,536 equal squares errs by 0.18·N·u·|C|, 4.5× what 10·√N·u·|C|
   would allow). Its change through the rounded output is autograd's own, not injected again.
 
-Held fixed: at elements within rounding of a kink, g keeps torch's slope in the backward, so the slope
-cannot flip (its value is g's own at the jittered z: either side's, as a correct implementation's); the loss's guard elements are judged by the convention rule.
+Held fixed: at elements within rounding of a kink, g keeps torch's *side* of the kink in the backward, so the
+slope cannot flip; along that side it is the side's own g′ at the jittered z (selu′ = λαe^z moves with z, as a
+correct implementation's does: ``side_slope``). Its value is g's own at the jittered z (either side's, as a correct
+implementation's). The loss's guard elements are judged by the convention rule.
 The allowance is ``FACTOR`` times the largest deviation any run makes, element by element, and never
 more than the analytic worst case.
 """
@@ -83,6 +85,44 @@ def _loss_gradient_terms(loss, a, y, upstream) -> torch.Tensor:
     return scale * (a.abs() + y.abs())
 
 
+def side_slope(act, g, z_ref: np.ndarray, z: torch.Tensor) -> torch.Tensor:
+    """g′ at the jittered ``z``, on the side of each element's nearest kink that torch takes at ``z_ref``.
+
+    The *choice* is held: z is first moved onto torch's piece of g (strictly between that kink and the next kink
+    point on its side, a few ulps in), so the slope can never flip to the other side's. Its *value* is not: on a
+    piece where g′ varies (selu′ = λαe^z and elu′ = αe^z for z < 0, softplus′ = σ(βz) below its threshold) a correct
+    implementation evaluates g′ at its own rounded z, |g″|·|Δz| from torch's. Holding torch's slope at torch's z
+    would drop that rounding from the ensemble, and a norm behind it (1/s of a nearly constant batch) amplifies it.
+    On a piecewise-linear g (relu, leaky relu, hardtanh) it is torch's slope itself.
+    """
+    zr = np.asarray(z_ref, dtype=np.float64)
+    points = np.sort(np.asarray(act.kink_points(), dtype=np.float64))
+
+    def nudged(p, sign):  # a few ulps from p toward its side (±∞ stays as it is)
+        with np.errstate(invalid="ignore"):
+            return np.where(np.isfinite(p), p + sign * 4 * np.finfo(np.float64).eps * np.maximum(1.0, np.abs(p)), p)
+
+    with torch.enable_grad():  # the one-sided slopes at each kink, and torch's g′ at the reference z
+        probe = torch.tensor(np.stack([nudged(points, -1), nudged(points, 1)]), dtype=torch.float64, requires_grad=True)
+        (sides,) = torch.autograd.grad(g(probe).sum(), probe)
+        zt = torch.from_numpy(zr.copy()).requires_grad_(True)
+        (d_ref,) = torch.autograd.grad(g(zt).sum(), zt)
+    nearest = np.argmin(np.abs(zr[..., None] - points), axis=-1)
+    k = points[nearest]
+    left_slope, right_slope, d_ref = sides[0].numpy()[nearest], sides[1].numpy()[nearest], d_ref.numpy()
+    # torch's side: where z_ref lies, or on the kink itself the side whose slope torch's g′(k) is
+    left = np.where(zr == k, np.abs(d_ref - left_slope) <= np.abs(d_ref - right_slope), zr < k)
+    prev = np.concatenate([[-np.inf], points])[nearest]        # the kink point before k (−∞ for the first)
+    nxt = np.concatenate([points, [np.inf]])[nearest + 1]      # and after it (+∞ for the last)
+    lo = np.where(left, nudged(prev, 1), nudged(k, 1))
+    hi = np.where(left, nudged(k, -1), nudged(nxt, -1))
+    on_side = torch.minimum(torch.maximum(z, torch.from_numpy(lo)), torch.from_numpy(hi))
+    with torch.enable_grad():
+        zs = on_side.clone().requires_grad_(True)
+        (slope,) = torch.autograd.grad(g(zs).sum(), zs)
+    return slope
+
+
 def jittered_run(spec, params: dict, x: np.ndarray, y, ref, allow, u: float, rng, adopt=None, routes=None) -> dict:
     """One torch run in float64 with rounding-sized noise injected everywhere (see the module docstring).
 
@@ -120,15 +160,11 @@ def jittered_run(spec, params: dict, x: np.ndarray, y, ref, allow, u: float, rng
         act = node.activation
         g = activation_fn(act)
         mask = allow.kink_masks[i]
-        if mask.any():  # hold the slope: torch's slope at torch's z
-            z_ref = torch.from_numpy(ref.z[i])
-            with torch.enable_grad():
-                zr = z_ref.clone().requires_grad_(True)
-                ar = g(zr)
-                (slope,) = torch.autograd.grad(ar.sum(), zr)
+        if mask.any():  # hold the side of the kink: torch's branch of g′, at the jittered z
+            slope = side_slope(act, g, ref.z[i], z.detach())
             # g's own value at the jittered z (a correct implementation whose z lands on the other side of the
             # kink computes that side's value: (s' − s)(z − k) apart, which a norm with a near-zero variance can
-            # amplify), but torch's slope for the backward: held = g(z) in value, slope·dz in gradient
+            # amplify), but torch's side's slope for the backward: held = g(z) in value, slope·dz in gradient
             held = g(z).detach() + slope * (z - z.detach())
             a = torch.where(torch.from_numpy(mask), held, g(z))
         else:

@@ -316,7 +316,8 @@ def allowance(spec: Spec, params: dict, x: np.ndarray, y: np.ndarray, ref, dtype
     (``twin.run_twin``, or its re-run following a candidate's conventions); ``guard`` an optional boolean
     mask of output elements where a numerical guard of the loss is active, and ``alternatives`` the δ_L
     accepted there (``conventions.Guards.deltas``): each is computed by a formula whose terms are as large
-    as the values, so its rounding, relative to them, is allowed on the guarded rows too. ``routes`` are the
+    as the values, so its rounding, relative to them, is allowed on the guarded rows too, and the exact one
+    moves with the candidate's own rounded z by up to Σ|∂δ/∂z|·E_z (``conventions.exact_bce_drift``). ``routes`` are the
     max-pool routings ``ref`` was computed with (``twin.run_twin(routes=...)``), if not torch's.
     """
     us = (UNIT_ROUNDOFF[np.dtype(dtype)], UNIT_ROUNDOFF[np.dtype(np.float64)])
@@ -445,6 +446,9 @@ def allowance(spec: Spec, params: dict, x: np.ndarray, y: np.ndarray, ref, dtype
             for alt in alternatives.values():
                 big = np.abs(alt)
                 edelta = edelta + np.where(rows, cu * (big + big.sum(axis=-1, keepdims=True) * act.output_only), 0.0)
+            if "exact" in alternatives:  # ... and evaluated at the candidate's own rounded z, it moves with z
+                from .conventions import exact_bce_drift  # (conventions reads this module's helpers)
+                edelta = edelta + np.where(rows, exact_bce_drift(spec, ref.z[i], yv, Ez[i]), 0.0)
         mag = mags[i]
         edelta = edelta + ULPS * eta
         bounds[f"{node.name}.delta"] = edelta

@@ -1,0 +1,153 @@
+"""Regression: two false alarms of ``oracle.rates.false_alarms`` (5000 cases per dtype), both second_correct in
+float32 judged ``bug``. Each case is rebuilt from its recorded seed by ``oracle.rates.replay``; next to each, a
+real bug on the same case must still fail.
+
+1. seed 31, norm share: ``15 -> 4 softplus -> layer_norm selu -> batch_norm selu -> batch_norm selu -> 2 sigmoid,
+   half_mse``, near_zero, batch 7. Both batch norms see a nearly constant batch (σ² ≈ 1e-7 ≪ eps), so z₂ and z₃ carry
+   float32 errors of several percent, and every element of both selu layers lies within rounding of the kink at 0.
+   The noise ensemble held the slope there at torch's value *at torch's z*; but on the negative side
+   selu′ = λαe^z moves with z (|g″|·Δz, 1e-3 relative here), a correct candidate evaluates it at its own z, and
+   batch norm's backward multiplies that by 1/s ≈ 316 twice: δ₁[1, 0] was 2% off, 3× the measured allowance.
+   Fixed in ``noise.side_slope``: the *side* of the kink is held, the slope is that side's g′ at the jittered z.
+2. seed 51, saturated bce share: ``6 -> 15 relu -> 32 relu -> 32 relu -> 15 selu -> 25 gelu_tanh -> 8 softmax, bce``,
+   batch 6. torch's 1e-12 guard is active on every row; second_correct returns the exact δ (an accepted convention),
+   δ_j = (p_j − y_j) − Σ_k (p_k − y_k) p_j/(1 − p_k), where p_j/(1 − p_k) is the softmax of the logits without k:
+   of order 1 for two near-tied logits (1328.75 and 1329.81) behind a dominant one (21433), so it moves with z's
+   absolute float32 rounding (up to 6e-3 at |z| ~ 1e4). The exact formula at second_correct's own float32 z gives
+   its answer to 9e-9 (δ[3, 2] = −0.0142055; at the float64 z −0.0142040); the allowance held only the formula's own
+   rounding (2.9e-7). Fixed in ``rounding.allowance`` with ``conventions.exact_bce_drift`` (Σ|∂δ/∂z|·E_z on guard rows).
+"""
+
+import importlib.util
+
+import numpy as np
+import pytest
+
+import oracle
+from oracle import conventions, rates
+from oracle.mutants import CATALOGUE
+
+CASES = {
+    "norm_selu_kink_float32": {
+        "spec": {"format_version": 2, "name": "", "description": "", "input": {"shape": [15]}, "layers": [
+            {"type": "dense", "units": 4, "activation": {"name": "softplus", "beta": 0.5, "threshold": 5.0}, "bias": True},
+            {"type": "layer_norm", "eps": 1e-05, "normalized_shape": [4], "elementwise_affine": True, "activation": "selu"},
+            {"type": "batch_norm", "eps": 1e-05, "momentum": 0.1, "affine": False, "training": True, "activation": "selu"},
+            {"type": "batch_norm", "eps": 1e-05, "momentum": 0.1, "affine": False, "training": True, "activation": "selu"},
+            {"type": "dense", "units": 2, "activation": "sigmoid", "bias": True}], "loss": "half_mse"},
+        "regime": "near_zero", "dtype": "float32", "batch": 7, "data_seed": 61970517},
+    "softmax_bce_exact_guard_float32": {
+        "spec": {"format_version": 1, "name": "", "description": "", "input_size": 6, "layers": [
+            {"type": "dense", "units": 15, "activation": "relu", "bias": True},
+            {"type": "dense", "units": 32, "activation": "relu", "bias": False},
+            {"type": "dense", "units": 32, "activation": "relu", "bias": False},
+            {"type": "dense", "units": 15, "activation": "selu", "bias": True},
+            {"type": "dense", "units": 25, "activation": "gelu_tanh", "bias": True},
+            {"type": "dense", "units": 8, "activation": "softmax", "bias": False}], "loss": "bce"},
+        "regime": "saturated", "dtype": "float32", "batch": 6, "data_seed": 638983871},
+}
+
+
+def _second_module():
+    """A fresh copy of tests/impls/second_correct.py (so that patching it for a control touches nothing else)."""
+    spec = importlib.util.spec_from_file_location("second_correct_for_controls", rates.SECOND_CORRECT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _delta_of_layer_1_off(eps):
+    """second_correct with δ of layer 1 (the selu after the layer norm) off by a factor 1 + eps, and everything
+    below computed from it: the backward's act_vjp calls run layers 3, 2, 1 (the output layer's δ is its own)."""
+    sc = _second_module()
+    vjp, calls = sc.act_vjp, {"n": 0}
+
+    def wrong(name, p, z, g):
+        calls["n"] += 1
+        d = vjp(name, p, z, g)
+        return d * (1 + eps) if calls["n"] == 3 else d
+
+    def grads(*args):
+        calls["n"] = 0
+        return sc.grads(*args)
+
+    sc.act_vjp = wrong
+    return grads
+
+
+def _output_delta_off(eps):
+    """second_correct with the exact softmax + bce δ_L off by a factor 1 + eps (and every gradient below from it)."""
+    sc = _second_module()
+    exact = sc._softmax_bce_delta
+    sc._softmax_bce_delta = lambda z, y: exact(z, y) * (1 + eps)
+    return sc.grads
+
+
+def _mutant(name):
+    return next(m for m in CATALOGUE if m.name == name).grads_fn
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_second_correct_float32_is_not_a_bug(name):
+    spec, params, x, y = rates.replay(CASES[name])
+    result = oracle.check(spec, params, x, y, rates.load_second_correct())
+    assert result.passed, result.message()
+
+
+@pytest.mark.parametrize("name, bug", [
+    ("norm_selu_kink_float32", lambda: _mutant("batch_norm_mean_path_dropped")),    # the backward that forms δ₁
+    ("norm_selu_kink_float32", lambda: _mutant("layer_norm_backward_over_batch_axis")),
+    ("norm_selu_kink_float32", lambda: _delta_of_layer_1_off(0.03)),   # correct float32 answers differ by ~2% here
+    ("softmax_bce_exact_guard_float32", lambda: _output_delta_off(0.01)),
+    ("softmax_bce_exact_guard_float32", lambda: _mutant("softmax_jvp_dropped")),
+])
+def test_a_real_bug_on_the_same_case_still_fails(name, bug):
+    spec, params, x, y = rates.replay(CASES[name])
+    classification, passed, _ = rates.verdict(spec, params, x, y, bug())
+    assert passed is False, classification
+
+
+def test_the_noise_holds_the_side_of_a_kink_but_not_the_slope_along_it():
+    """selu at jittered z: torch's side of 0 is kept (never λ where torch took λαe^z, nor the reverse), but on the
+    negative side the slope is λαe^z at the jittered z, not at torch's."""
+    import torch
+
+    from manual_bp.activations import make_activation
+    from oracle.noise import side_slope
+    from oracle.twin import activation_fn
+
+    act = make_activation("selu")
+    g = activation_fn(act)
+    lam, alpha = act.scale, act.alpha
+    z_ref = np.array([-0.03, -1e-9, 0.0, 1e-9, 0.02])
+    z = torch.tensor([-0.02, 5e-9, 3e-9, -2e-9, -0.01], dtype=torch.float64)
+    slope = side_slope(act, g, z_ref, z).numpy()
+    assert slope[0] == pytest.approx(lam * alpha * np.exp(-0.02), rel=1e-12)   # along the branch, at the jittered z
+    assert slope[1] == pytest.approx(lam * alpha, rel=1e-12)                  # torch's side (left), not λ
+    assert slope[2] == pytest.approx(lam * alpha, rel=1e-12)                  # on the kink: torch's selu′(0) = λα
+    assert slope[3] == pytest.approx(lam, rel=1e-12)                          # torch's side (right), not λα
+    assert slope[4] == pytest.approx(lam, rel=1e-12)
+
+
+def test_the_exact_bce_moves_with_z_within_its_drift():
+    """Case 2's mechanism: second_correct's δ_L is the exact formula at its *own* float32 z (to float32 rounding),
+    far (beyond the formula's own rounding) from the formula at the float64 z, and within ``exact_bce_drift``."""
+    from oracle.twin import run_twin
+
+    spec, params, x, y = rates.replay(CASES["softmax_bce_exact_guard_float32"])
+    p64 = {k: v.astype(np.float64) for k, v in params.items()}
+    y64 = y.astype(np.float64)
+    z64 = run_twin(spec, p64, x.astype(np.float64), y64, np.float64).z[-1]
+    sc = _second_module()
+    tape, values, cur = [], [x], 0
+    for i, layer in enumerate(spec.layers):  # second_correct's own float32 forward
+        cur = sc._unroll(tape, f"layers.{i}", layer, cur, params, values, np.float32)
+    z32 = tape[-1]["z"].astype(np.float64)
+    _, _, deltas = sc.grads(spec, params, x, y)
+    got = deltas["layers.5"].astype(np.float64)
+    at64, _ = conventions.exact_bce(spec, z64, y64)
+    at32, _ = conventions.exact_bce(spec, z32, y64)
+    assert np.abs(got - at32).max() <= 1e-6 * np.abs(at32).max()    # its own z explains its answer ...
+    assert np.abs(got - at64).max() > 1e-5 * np.abs(at64).max()      # ... not the formula's rounding
+    drift = conventions.exact_bce_drift(spec, z64, y64, np.abs(z32 - z64))
+    assert np.all(np.abs(at32 - at64) <= 1.01 * drift + 1e-15)
