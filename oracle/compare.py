@@ -192,11 +192,8 @@ def mismatch_mask(got, ref, tol: Tolerance, scale: float, bound=None) -> np.ndar
     """The elements of ``got`` outside what ``compare_tensor`` allows each one (its tolerance plus its rounding
     allowance), in ``ref``'s shape: where a failing tensor fails."""
     g, r = np.asarray(got, dtype=np.float64), np.asarray(ref, dtype=np.float64)
-    allowed = tol.atol * scale + tol.rtol * np.abs(r)
-    if bound is not None:
-        allowed = allowed + tol.rounding_factor * np.broadcast_to(np.asarray(bound, dtype=np.float64), r.shape)
-    with np.errstate(invalid="ignore", over="ignore"):
-        return ~(np.abs(g - r) <= allowed)
+    b = None if bound is None else tol.rounding_factor * np.broadcast_to(np.asarray(bound, dtype=np.float64), r.shape)
+    return ~(_difference(g, r) <= _element_allowance(r, tol, scale, b))
 
 
 def compare_tensor(
