@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import time
 import zlib
 from collections import Counter
@@ -474,9 +475,18 @@ def _pct(rate) -> str:
     return "—" if rate is None else f"{100 * rate:.1f}%"
 
 
+def shortfall_chance(detected: int, changed: int, target: float) -> float:
+    """P(X ≤ detected) for X ~ Binomial(changed, target): how often a cell whose true detection rate *is* ``target``
+    shows this few detections. Below 0.05 the cell's own data contradict the target; above it, the shortfall may be
+    chance (50 cases cannot show 99%: a cell detecting 99% of all cases misses at least one of 50 four times in ten)."""
+    return float(sum(math.comb(changed, k) * target ** k * (1 - target) ** (changed - k) for k in range(detected + 1)))
+
+
 def _detection_md(d: dict) -> list:
     thr = d["threshold"]
     ok = d["passed"]
+    below = [c for c in d["cells"] if c["rate"] is not None and c["rate"] < thr]
+    contradict = [c for c in below if shortfall_chance(c["detected"], c["changed"], thr) < 0.05]
     lines = [
         f"## Detection rate ≥ {100 * thr:.0f}% in every cell: {'PASS' if ok else 'FAIL'}",
         "",
@@ -487,6 +497,11 @@ def _detection_md(d: dict) -> list:
         f"says \"Weak check\" (rounding alone could move the answer by a large share of the gradient, so the case "
         f"cannot tell) is counted apart as inconclusive: {sum(c.get('inconclusive', 0) for c in d['cells'])} in all. "
         f"{d['checks']} checks in {d['seconds']:.0f} s ({d['seconds_per_check'] or 0:.3f} s per check).",
+        "",
+        f"Of the cells below {100 * thr:.0f}%, {len(contradict)} contradict a true rate of {100 * thr:.0f}% at the 5% "
+        f"level (P, the chance of so few detections at exactly {100 * thr:.0f}%, binomial, is below 0.05"
+        + (": " + ", ".join(f"`{c['mutant']}/{c['regime']}/{c['dtype']}`" for c in contradict) if contradict else "")
+        + "); for the others the shortfall may be chance at this many cases per cell.",
         "",
     ]
     if d.get("summary"):
@@ -503,7 +518,8 @@ def _detection_md(d: dict) -> list:
     lines += ["| mutant | regime | dtype | rate | detected / changed | drawn | missed as |", "|---|---|---|---|---|---|---|"]
     for c in d["cells"]:
         missed_as = ", ".join(f"{k} {v}" for k, v in sorted(c["verdicts"].items()) if k in PASSING)
-        flag = " ❌" if c["rate"] is not None and c["rate"] < thr else ""
+        flag = (f" ❌ (P = {shortfall_chance(c['detected'], c['changed'], thr):.2g})"
+                if c["rate"] is not None and c["rate"] < thr else "")
         refused = f" ({c['refused']} refused)" if c.get("refused") else ""
         refused += f" ({c['inconclusive']} inconclusive)" if c.get("inconclusive") else ""
         lines.append(f"| `{c['mutant']}` | {c['regime']} | {c['dtype']} | {_pct(c['rate'])}{flag} | "

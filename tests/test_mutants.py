@@ -228,3 +228,17 @@ def test_a_change_that_float32_arithmetic_wipes_out_is_not_counted_in_a_float32_
         params = {"layers.0.weight": np.array([[10.0]], dtype=dtype), "layers.0.bias": np.zeros(1, dtype=dtype)}
         x, y = np.ones((1, 1), dtype=dtype), np.full((1, 1), 0.5, dtype=dtype)
         assert changes_something(sign_flip, spec, params, x, y, dtype) is counted
+
+
+def test_shortfall_chance_is_the_binomial_tail():
+    """P(X ≤ d) for X ~ Binomial(n, 0.99), against closed forms: all detected is certain; one miss in 50 is seen
+    whenever not all 50 are detected, 1 − 0.99⁵⁰; three misses in 28 is rare."""
+    from math import comb
+
+    from oracle.rates import shortfall_chance
+
+    assert shortfall_chance(50, 50, 0.99) == pytest.approx(1.0)
+    assert shortfall_chance(49, 50, 0.99) == pytest.approx(1 - 0.99 ** 50)
+    exact = sum(comb(28, k) * 0.99 ** k * 0.01 ** (28 - k) for k in range(26))
+    assert shortfall_chance(25, 28, 0.99) == pytest.approx(exact) and exact < 0.005
+    assert shortfall_chance(0, 10, 0.99) == pytest.approx(0.01 ** 10)
