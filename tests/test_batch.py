@@ -35,6 +35,8 @@ def test_batched_reference_is_torchs_reference_of_each_case(spec, batch, seed):
     refs = references(spec, cases)
     assert refs is not None and len(refs) == len(cases)
     for case, got in zip(cases, refs):
+        if got is None:  # some z within rounding of a kink: that case is left to run_twin (test below)
+            continue
         want = run_twin(spec, *case, np.float64)
         scale = max(1.0, *(float(np.max(np.abs(g))) for g in [*want.grads.values(), *want.deltas.values()]))
         np.testing.assert_allclose(got.loss, want.loss, rtol=1e-10, atol=1e-300)
@@ -135,4 +137,19 @@ def test_an_ensemble_cut_short_gives_the_same_verdicts(spec, seed, dtype):
     and classification whether the noise ensemble runs in full or stops at the first allowance that passes."""
     cases = _cases(spec, 4, 3, seed, dtype)
     for a, b in zip(check_many(spec, cases, early=True), [check(spec, *c) for c in cases]):
+        _same_verdict(a, b)
+
+
+def test_a_case_with_z_within_rounding_of_a_kink_is_left_to_run_twin():
+    """Exact kinks: integer weights and inputs make z = 0 exactly in one summation order and ±1e-17 in another, and
+    torch's relu slope there decides "match" or "kink". Such a case gets no batched reference; its neighbours do."""
+    spec = Spec.from_dict({"format_version": 1, "input_size": 2, "loss": "mse", "layers": [
+        {"type": "dense", "units": 2, "activation": "relu"}, {"type": "dense", "units": 1, "activation": "identity"}]})
+    params = {"layers.0.weight": np.array([[1.0, -1.0], [0.5, 2.0]]), "layers.0.bias": np.zeros(2),
+              "layers.1.weight": np.array([[1.0, 1.0]]), "layers.1.bias": np.zeros(1)}
+    on_kink = (params, np.array([[3.0, 3.0]]), np.array([[1.0]]))        # z₀ = 0 in its first unit
+    off_kink = (params, np.array([[3.0, 1.0]]), np.array([[1.0]]))
+    refs = references(spec, [on_kink, off_kink])
+    assert refs[0] is None and refs[1] is not None
+    for a, b in zip(check_many(spec, [on_kink, off_kink]), [check(spec, *on_kink), check(spec, *off_kink)]):
         _same_verdict(a, b)
