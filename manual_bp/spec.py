@@ -157,6 +157,17 @@ class Spec:
         another package attaches, such as the oracle's node list), which are rebuilt when next asked for."""
         return {k: v for k, v in self.__dict__.items() if not k.startswith("_cache_")}
 
+    def __deepcopy__(self, memo) -> "Spec":
+        """``__getstate__``'s fields, each deep-copied: shares nothing mutable with this spec (half the time of
+        the generic reduce-based copy)."""
+        import copy
+
+        new = object.__new__(type(self))
+        memo[id(self)] = new
+        for k, v in self.__getstate__().items():
+            object.__setattr__(new, k, copy.deepcopy(v, memo))
+        return new
+
     def to_dict(self) -> dict[str, Any]:
         head = {"format_version": self.format_version, "name": self.name, "description": self.description}
         if self.format_version == 1:

@@ -93,8 +93,8 @@ def references(spec: Spec, cases: Sequence[tuple]) -> list[Reference | None] | N
     loss = losses.detach().numpy()
     gw = {n: stacked[n].grad.numpy() for n in names}
     gx = xs.grad.numpy()
+    near = _near_kinks(spec, graph, stacked, xs, zs, acts, ys)
     z_np, a_np = [z.detach().numpy() for z in zs], [t.detach().numpy() for t in acts]
-    near = _near_kinks(spec, graph, stacked, xs.detach().numpy(), z_np, a_np, ys.numpy())
     gz = [z.grad.numpy() if z.grad is not None else np.zeros(tuple(z.shape)) for z in zs]
     ga = [t.grad.numpy() if t.grad is not None else np.zeros(tuple(t.shape)) for t in acts]
     return [None if near[k] else Reference(
@@ -111,35 +111,30 @@ def references(spec: Spec, cases: Sequence[tuple]) -> list[Reference | None] | N
     ) for k in range(K)]
 
 
-def _near_kinks(spec: Spec, graph, stacked: dict, x: np.ndarray, zs: list, acts: list, y: np.ndarray) -> np.ndarray:
+def _near_kinks(spec: Spec, graph, stacked: dict, xs, zs: list, acts: list, ys) -> np.ndarray:
     """For each of the K cases, whether some z lies within its own rounding of an activation's kink (or an l1-type
     loss's output within rounding of its target). There the batched product and ``run_twin``'s may land on different
     sides, so torch's one-sided slope, and with it a "match" or a "kink" verdict, could differ: such a case is judged
-    from ``run_twin`` alone. The rounding of z = aθᵀ + b is bounded by 2n·ε·(|a||θ|ᵀ + |b|) (n terms, float64)."""
+    from ``run_twin`` alone. The rounding of z = aθᵀ + b is bounded by 2(n + 1)·ε·(|a||θ|ᵀ + |b|) (n terms,
+    float64), |a||θ|ᵀ + |b| being the layer's own batched twin on absolute values."""
+    import torch
+
     K = zs[0].shape[0]
-    near = np.zeros(K, dtype=bool)
+    near = torch.zeros(K, dtype=torch.bool)
     eps = float(np.finfo(np.float64).eps)
-    for node, z in zip(graph, zs):
-        points = node.activation.kink_points()
-        if not points:
-            continue
-        a = x if node.src < 0 else acts[node.src]
-        theta = stacked.get(f"{node.name}.weight")
-        if theta is None:  # a flatten: z is a exactly, judged where a was made
-            continue
-        th = np.abs(theta.detach().numpy())
-        size = np.abs(a) @ np.swapaxes(th, -1, -2).reshape(K, *(1,) * (a.ndim - 3), th.shape[-1], th.shape[-2])
-        bias = stacked.get(f"{node.name}.bias")
-        if bias is not None:
-            size = size + np.abs(bias.detach().numpy()).reshape(K, *(1,) * (z.ndim - 2), -1)
-        tol = 2 * (th.shape[-1] + 1) * eps * size
-        for k in points:
-            near |= np.any((np.abs(z - k) <= tol).reshape(K, -1), axis=1)
-    if spec.loss.targets == "values" and type(spec.loss).kinks is not Loss.kinks:  # l1: |ỹ − y| at 0
-        out = acts[-1]
-        tol = 4 * eps * (np.abs(out) + np.abs(y))
-        near |= np.any((np.abs(out - y) <= tol).reshape(K, -1), axis=1)
-    return near
+    with torch.no_grad():
+        for node, z in zip(graph, zs):
+            if not node.activation.kink_points() or node.layer.type not in ("dense", "temporal_dense"):
+                continue  # (a flatten's z is its input exactly: judged where that was made)
+            a = xs if node.src < 0 else acts[node.src]
+            w = {n[len(node.name) + 1:]: stacked[n].abs() for n in node.param_names}
+            tol = 2 * (w["weight"].shape[-1] + 1) * eps * _batched_linear(w, a.abs())
+            for k in node.activation.kink_points():
+                near |= ((z - k).abs() <= tol).reshape(K, -1).any(dim=1)
+        if spec.loss.targets == "values" and type(spec.loss).kinks is not Loss.kinks:  # l1: |ỹ − y| at 0
+            out = acts[-1]
+            near |= ((out - ys).abs() <= 4 * eps * (out.abs() + ys.abs())).reshape(K, -1).any(dim=1)
+    return near.numpy()
 
 
 def check_many(spec: Spec, cases: Sequence[tuple], grads_fn: GradsFn | None = None, *, dtype: str | None = None,

@@ -851,16 +851,27 @@ POOL_IN_FLIGHT = 4
 
 
 
-def merge_in_order(done: dict, next_merge: int, consume) -> tuple[int, bool]:
-    """Hand the finished shards ``done`` ({k: (outcomes, complete)}) to ``consume`` in shard order from ``next_merge``
-    on, as far as they are contiguous (so the report is the same however the shards finished). Returns the next
-    shard to merge and whether to stop (``consume`` said so, or a shard came back incomplete)."""
-    while next_merge in done:
-        part, complete = done.pop(next_merge)
-        next_merge += 1
-        if not consume(part, complete) or not complete:
-            return next_merge, True
-    return next_merge, False
+class InOrder:
+    """Finished shards handed to ``consume(part, complete)`` in shard order, as far as they are contiguous (so the
+    report is the same however they finished), progress shown (``show(n, failures so far)``) as each arrives.
+    ``stop`` turns True once ``consume`` says so or a shard comes back incomplete; ``next`` is the next shard due."""
+
+    def __init__(self, consume, show):
+        self.consume, self.show = consume, show
+        self.done: dict = {}
+        self.next = self.failures = 0
+        self.stop = False
+
+    def add(self, k: int, part: list, complete: bool) -> bool:
+        """Shard k finished with outcomes ``part``; merge what is now contiguous. Returns ``stop``."""
+        self.done[k] = (part, complete)
+        self.failures += sum(o.failed for o in part)
+        self.show(len(part), self.failures)
+        while not self.stop and self.next in self.done:
+            part, complete = self.done.pop(self.next)
+            self.next += 1
+            self.stop = not self.consume(part, complete) or not complete
+        return self.stop
 
 
 def _run_pool(n_shards: int, make_job, *, impl_spec, workers: int, consume, show) -> None:
@@ -870,25 +881,18 @@ def _run_pool(n_shards: int, make_job, *, impl_spec, workers: int, consume, show
     from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 
     ctx = multiprocessing.get_context("spawn")  # torch's thread pools do not survive a fork
-    done: dict = {}
-    next_submit = next_merge = failures = 0
+    merged = InOrder(consume, show)
+    next_submit = 0
     with ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_worker_init, initargs=impl_spec) as pool:
         futures: dict = {}
         try:
-            while next_merge < n_shards:
+            while merged.next < n_shards and not merged.stop:
                 while next_submit < n_shards and len(futures) < POOL_IN_FLIGHT * workers:
                     futures[pool.submit(_worker_shard, make_job(next_submit))] = next_submit
                     next_submit += 1
                 finished, _ = wait(futures, return_when=FIRST_COMPLETED)
                 for fut in finished:
-                    k = futures.pop(fut)
-                    part, complete = fut.result()
-                    done[k] = (part, complete)
-                    failures += sum(o.failed for o in part)
-                    show(len(part), failures)
-                next_merge, stop = merge_in_order(done, next_merge, consume)
-                if stop:
-                    break
+                    merged.add(futures.pop(fut), *fut.result())
         finally:
             for fut in futures:
                 fut.cancel()

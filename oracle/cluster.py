@@ -261,7 +261,7 @@ def run_ray(n_shards: int, make_job, *, session: tuple, address: str, impl_spec:
     answer; disconnected at the end when it owns the connection); ``consume(part, complete)`` gets each shard's
     outcomes in case order and returns False to stop. Returns what the report's timing says about the cluster, with
     ``lost``: the first shard lost after its retries (the campaign stops there), or None."""
-    from .campaign import merge_in_order
+    from .campaign import InOrder
 
     ray, owned = session
     try:
@@ -271,15 +271,14 @@ def run_ray(n_shards: int, make_job, *, session: tuple, address: str, impl_spec:
         limit = max(1, in_flight or RAY_IN_FLIGHT * cpus)
         spec_ref = ray.put(impl_spec)
         refs: dict = {}
-        done: dict = {}
-        next_submit = next_merge = 0
+        merged = InOrder(consume, show)
+        next_submit = 0
         lost = None
-        failures = 0
         t0 = time.perf_counter()
         # No ray.cancel for the shards still out when the campaign stops (a failure limit, a lost shard): a cancel
         # interrupts a worker wherever it is, even inside an import, and a worker left half-importing torch fails its
         # next task. They finish within a shard's time, or end with the job when this call owns the connection.
-        while next_merge < n_shards:
+        while merged.next < n_shards and not merged.stop:
             while next_submit < n_shards and len(refs) < limit:
                 refs[task.remote(make_job(next_submit), spec_ref)] = next_submit
                 next_submit += 1
@@ -298,12 +297,7 @@ def run_ray(n_shards: int, make_job, *, session: tuple, address: str, impl_spec:
                     if lost is None or k < lost["shard"]:
                         lost = {"shard": k, "error": f"{type(err).__name__}: "
                                 f"{(str(err).strip().splitlines() or [''])[0][:200]}"}
-                done[k] = (part, complete)
-                failures += sum(o.failed for o in part)
-                show(len(part), failures)
-            next_merge, stop = merge_in_order(done, next_merge, consume)
-            if stop:
-                break
+                merged.add(k, part, complete)
         return {"address": address, "nodes": nodes, "cpus": cpus, "in_flight": limit, "max_retries": RAY_MAX_RETRIES,
                 "shards": next_submit, "seconds": round(time.perf_counter() - t0, 3), "lost": lost}
     finally:

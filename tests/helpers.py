@@ -70,3 +70,30 @@ def assert_close_to_reference(spec, got, ref, rtol=1e-9):
         have = {**g, **d}[name]
         assert have.shape == want.shape and have.dtype == np.float64, name
         np.testing.assert_allclose(have, want, rtol=rtol, atol=1e-12 * scale, err_msg=f"{spec.describe()}: {name}")
+
+
+def dense_backprop_source(doc: str, delta: str, bias: str = "delta.sum(axis=0)") -> str:
+    """The source of an ``--impl`` file: manual_bp's dense backward written out, with the expression ``delta`` (in g,
+    z, a and act, the layer's activation) for δ and ``bias`` for ∂C/∂b: where a test injects its bugs."""
+    return f'''
+"""{doc}"""
+import manual_bp as bp
+
+
+def grads(spec, params, x, y):
+    c = bp.forward(spec, params, x)
+    out_rows, y_rows = spec.loss.as_rows(c.output, y)
+    loss = spec.loss.value(out_rows, y_rows)
+    g = spec.loss.grad(out_rows, y_rows).reshape(c.output.shape)
+    grads, deltas = {{}}, {{}}
+    for i in reversed(range(len(spec.layers))):
+        layer, act = spec.layers[i], spec.layers[i].activation
+        z, a = c.z[i], c.a[i + 1]
+        delta = {delta}
+        deltas[f"layers.{{i}}"] = delta
+        grads[f"layers.{{i}}.weight"] = delta.T @ c.a[i]
+        if layer.bias:
+            grads[f"layers.{{i}}.bias"] = {bias}
+        g = delta @ params[f"layers.{{i}}.weight"]
+    return loss, grads, deltas
+'''

@@ -15,33 +15,13 @@ from oracle.campaign import CHUNK, comparable, draw_case, draw_shard, html, run_
 from oracle.graph import nodes
 from oracle.strategies import specs
 
-BUGS = '''
-"""manual_bp's dense backprop with three injected bugs, each visible only on some nets."""
-import manual_bp as bp
+from .helpers import dense_backprop_source
 
-
-def grads(spec, params, x, y):
-    c = bp.forward(spec, params, x)
-    out_rows, y_rows = spec.loss.as_rows(c.output, y)
-    loss = spec.loss.value(out_rows, y_rows)
-    g = spec.loss.grad(out_rows, y_rows).reshape(c.output.shape)
-    grads, deltas = {}, {}
-    for i in reversed(range(len(spec.layers))):
-        layer, act = spec.layers[i], spec.layers[i].activation
-        z, a = c.z[i], c.a[i + 1]
-        if act.name == "sigmoid":
-            delta = g * z * (1 - z)                      # bug 1: sigmoid' taken at z instead of at sigmoid(z)
-        elif act.name == "relu":
-            delta = g                                    # bug 2: relu's mask dropped
-        else:
-            delta = act.vjp(z, a, g)
-        deltas[f"layers.{i}"] = delta
-        grads[f"layers.{i}.weight"] = delta.T @ c.a[i]
-        if layer.bias:
-            grads[f"layers.{i}.bias"] = delta.mean(axis=0)  # bug 3: the bias gradient averaged, not summed
-        g = delta @ params[f"layers.{i}.weight"]
-    return loss, grads, deltas
-'''
+# bug 1: sigmoid' taken at z instead of at sigmoid(z); bug 2: relu's mask dropped; bug 3: the bias gradient averaged
+BUGS = dense_backprop_source(
+    "manual_bp's dense backprop with three injected bugs, each visible only on some nets.",
+    delta="g * z * (1 - z) if act.name == 'sigmoid' else g if act.name == 'relu' else act.vjp(z, a, g)",
+    bias="delta.mean(axis=0)")
 
 # nets where each bug shows alone: sigmoid hidden layers (no bias), relu hidden layers (no bias), identity with biases
 THREE_KINDS = st.one_of(

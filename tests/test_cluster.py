@@ -20,29 +20,12 @@ from oracle import cli
 from oracle.campaign import Draw, comparable, replay_database, run_campaign
 from oracle.cluster import INSTALL_HINT, Recorder, database_key, decode_entry, encode_entry, redact, secondary
 
+from .helpers import dense_backprop_source
+
 IN_CI = bool(os.environ.get("CI"))
 
-RELU_BUG = '''
-"""manual_bp's dense backprop with relu's mask dropped in the backward (delta = g for a relu layer)."""
-import manual_bp as bp
-
-
-def grads(spec, params, x, y):
-    c = bp.forward(spec, params, x)
-    out_rows, y_rows = spec.loss.as_rows(c.output, y)
-    loss = spec.loss.value(out_rows, y_rows)
-    g = spec.loss.grad(out_rows, y_rows).reshape(c.output.shape)
-    grads, deltas = {}, {}
-    for i in reversed(range(len(spec.layers))):
-        layer, act = spec.layers[i], spec.layers[i].activation
-        delta = g if act.name == "relu" else act.vjp(c.z[i], c.a[i + 1], g)
-        deltas[f"layers.{i}"] = delta
-        grads[f"layers.{i}.weight"] = delta.T @ c.a[i]
-        if layer.bias:
-            grads[f"layers.{i}.bias"] = delta.sum(axis=0)
-        g = delta @ params[f"layers.{i}.weight"]
-    return loss, grads, deltas
-'''
+RELU_BUG = dense_backprop_source("manual_bp's dense backprop with relu's mask dropped in the backward (delta = g for a "
+                                 "relu layer).", delta="g if act.name == 'relu' else act.vjp(z, a, g)")
 
 FIXED = '''
 import manual_bp as bp
