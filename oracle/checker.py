@@ -31,7 +31,8 @@ from manual_bp.data import check_params, check_x, check_y, dtype_of, ensure_real
 from manual_bp.named import show
 
 from . import conventions
-from .compare import TOLERANCES, TensorComparison, Tolerance, compare_loss, compare_tensor, gradient_scale, mismatch_mask
+from .compare import (TOLERANCES, Scales, TensorComparison, Tolerance, compare_loss, compare_tensor, gradient_scale,
+                      mismatch_mask, scale_of)
 from .noise import measured_allowance
 from .rounding import allowance
 from .graph import RECURRENT, consumers, nodes
@@ -85,7 +86,7 @@ class CheckResult:
     passed: bool
     classification: str              # match | rounding | kink | convention | forward | bug | crash
     tolerance: Tolerance
-    scale: float                     # S, the largest reference gradient element
+    scale: float                     # S (a compare.Scales: S_δ for δ, S_θ for parameter gradients)
     loss: TensorComparison | None    # None only for a crash
     tensors: list                    # TensorComparison for grads, δ, ∂C/∂x in layer order
     first_divergent_layer: int | None
@@ -128,7 +129,9 @@ class CheckResult:
         for t in bad:
             lines.append(t.message())
             lines.extend(f"  Hint: {h}" for h in self.hints.get(t.name, []))
-        lines.append(f"Criterion: {self.tolerance.describe()}, S = {self.scale:.3g}")
+        scales = (f"S_δ = {self.scale.delta:.3g}, S_θ = {self.scale.param:.3g}" if isinstance(self.scale, Scales)
+                  else f"S = {self.scale:.3g}")
+        lines.append(f"Criterion: {self.tolerance.describe()}, {scales}")
         return "\n".join(lines)
 
 
@@ -242,18 +245,19 @@ def _largest(t: np.ndarray) -> float:
     return max(float(t.max()), -float(t.min())) if t.size else 0.0
 
 
-def _scale(ref, dt, tol) -> float:
-    """S, the check's gradient scale (``compare.gradient_scale``): the largest |element| of the reference's
-    parameter gradients and δ.
+def _scale(ref, dt, tol) -> Scales:
+    """S_δ and S_θ, the check's gradient scales (``compare.Scales``, each through ``compare.gradient_scale``): the
+    largest |element| of the reference's δ, and of its parameter gradients.
 
     ∂C/∂x is left out on purpose. A batch norm over a nearly constant input batch multiplies ∂C/∂x by 1/σ
     (10⁵× the δ around it is common), but the parameter gradients and δ are formed *before* that 1/σ, so their
     rounding does not grow with it: an S taken from ∂C/∂x would let atol·S·√n swamp every δ and parameter
     gradient, a dropped Bessel factor included. ∂C/∂x itself is still judged, by rtol·‖ĝ‖, atol·S and its
     own rounding allowance B. (``rates.changes_something`` takes S the same way.)"""
-    tensors = list(ref.grads.values()) + list(ref.deltas.values())
-    largest = max((_largest(t) for t in tensors), default=0.0)
-    return gradient_scale(largest, ref.loss, dt, tol)
+    def of(tensors):
+        return gradient_scale(max((_largest(t) for t in tensors), default=0.0), ref.loss, dt, tol)
+
+    return Scales(of(ref.deltas.values()), of(ref.grads.values()))
 
 
 def _compare_all(spec, cand: Candidate, ref, bounds: dict, tol: Tolerance, scale: float, arrays: dict) -> list:
@@ -261,7 +265,7 @@ def _compare_all(spec, cand: Candidate, ref, bounds: dict, tol: Tolerance, scale
     out = []
 
     def one(name, got, want, layer=None):
-        out.append(compare_tensor(name, got, want, tol, scale, bounds.get(name), layer=layer))
+        out.append(compare_tensor(name, got, want, tol, scale_of(scale, name), bounds.get(name), layer=layer))
         arrays[name] = (got, want)
 
     for i, node in reversed(list(enumerate(nodes(spec)))):
@@ -676,7 +680,7 @@ def _through_time(spec: Spec, k, arrays: dict, bounds: dict, tol, scale) -> str:
     if name not in arrays:  # the candidate gave no δ (an embedding's token input has no gradient at all)
         return "" if name == "input.grad" else " (give δ to see at which step its backward first diverges)"
     got, want = arrays[name]
-    found = step_hint(mismatch_mask(got, want, tol, scale, bounds.get(name)), got, want)
+    found = step_hint(mismatch_mask(got, want, tol, scale_of(scale, name), bounds.get(name)), got, want)
     return f"; through time: {'; '.join(found)}" if found else ""
 
 
@@ -689,7 +693,7 @@ def _hints(spec, result, ref, special, x64, y64=None) -> dict:
     for t in result.failed_tensors:
         cand, reference = result.arrays[t.name]
         kink = special.kink[t.layer] if t.name.endswith(".delta") and t.layer is not None else None
-        allowed = result.tolerance.atol * result.scale + result.tolerance.rtol * np.abs(reference)
+        allowed = result.tolerance.atol * scale_of(result.scale, t.name) + result.tolerance.rtol * np.abs(reference)
         found = hints(t.name, cand, reference, batch=x64.shape[0], others=others, kink_mask=kink, allowed=allowed,
                       factors=_net_factors(spec))
         found += _sequence_hints(spec, t, cand, reference, result, y64)
@@ -705,7 +709,7 @@ def _sequence_hints(spec, t, cand, reference, result, y) -> list[str]:
     from .diagnose import GATES, gate_hint, step_hint
 
     graph = nodes(spec)
-    bad = mismatch_mask(cand, reference, result.tolerance, result.scale, (result.bounds or {}).get(t.name))
+    bad = mismatch_mask(cand, reference, result.tolerance, scale_of(result.scale, t.name), (result.bounds or {}).get(t.name))
     out = []
     if t.layer is not None and not t.name.endswith(".delta"):
         node = graph[t.layer]

@@ -4,11 +4,13 @@ A tensor **matches** under the strict, normwise bound
 
 .. math::  \|g - \hat g\|_2 \;\le\; \mathrm{rtol}\,\|\hat g\|_2 + \mathrm{atol}\cdot S\sqrt{n}
 
-ĝ is the float64 reference, n the tensor's size and S the *gradient scale of the whole check*: the
-largest |element| of any reference parameter gradient or δ. ∂C/∂x is judged like them but does not set S:
-behind a batch norm over a nearly constant batch it carries a 1/σ (10⁵ and more) that the parameter
-gradients and δ, formed before that division, never see, and an S taken from it would let atol·S·√n swamp
-them all (``checker._scale``). Why this form:
+ĝ is the float64 reference, n the tensor's size and S the *gradient scale of the whole check* for the tensor's
+kind (``Scales``): for a δ, S_δ, the largest |element| of any reference δ; for a parameter gradient, S_θ, the
+largest |element| of any reference parameter gradient. They are kept apart because ∂C/∂θ = δᵀa carries the
+activations below it: with inputs of size 100 one S would let a δ move by a hundred times its own rounding.
+∂C/∂x is judged on S = max(S_δ, S_θ) but does not set it: behind a batch norm over a nearly constant batch it
+carries a 1/σ (10⁵ and more) that the parameter gradients and δ, formed before that division, never see, and an
+S taken from it would let atol·S·√n swamp them all (``checker._scale``). Why this form:
 
 * Normwise, so a tiny element beside large ones may carry a large *relative* rounding error (it
   does, in any implementation) without a false alarm; an error of the size of the gradient itself,
@@ -94,6 +96,35 @@ def gradient_scale(largest: float, loss: float, dtype, tol: Tolerance) -> float:
     range, torch's exact 0 and an exact implementation's 1e-45 are the same answer."""
     eps = float(np.finfo(dtype).eps)
     return max(largest, eps * eps * max(1.0, abs(loss)) / max(tol.atol, 1e-300), float(np.finfo(np.float64).tiny))
+
+
+class Scales(float):
+    """The check's gradient scales: S_δ, the largest |element| of any reference δ, and S_θ, of any reference
+    parameter gradient, each through ``gradient_scale``. As a float it is S = max(S_δ, S_θ), the scale ∂C/∂x is
+    judged on and the one a report names.
+
+    Two, not one, because the two kinds are in different units: ∂C/∂θ = δᵀa carries the activations below it, so
+    inputs of size 100 make the first layer's weight gradient 100× the δ around it, and an S taken from it would
+    let atol·S·√n pass a δ changed by a hundred times its own rounding."""
+
+    def __new__(cls, delta: float, param: float):
+        obj = super().__new__(cls, max(delta, param))
+        obj.delta, obj.param = float(delta), float(param)
+        return obj
+
+    def __reduce__(self):
+        return (Scales, (self.delta, self.param))
+
+    def of(self, name: str) -> float:
+        """The scale the tensor ``name`` is judged on: S_δ for a δ, S for ∂C/∂x, S_θ for a parameter's gradient."""
+        if name.endswith(".delta") or name.startswith("delta."):  # layers.1.delta, or a golden set's delta.layers.1
+            return self.delta
+        return float(self) if name == "input.grad" else self.param
+
+
+def scale_of(scale, name: str) -> float:
+    """``scale.of(name)`` for ``Scales``; a plain float S is every tensor's scale."""
+    return scale.of(name) if isinstance(scale, Scales) else float(scale)
 
 
 @dataclass(frozen=True)

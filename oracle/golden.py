@@ -52,7 +52,7 @@ import manual_bp as bp
 from manual_bp import Spec, SpecError
 
 from . import caseio
-from .compare import TOLERANCES, Tolerance, compare_loss, compare_tensor
+from .compare import TOLERANCES, Scales, Tolerance, compare_loss, compare_tensor, scale_of
 from .graph import RECURRENT, nodes
 
 SCHEMA = "bp-oracle/golden"
@@ -314,14 +314,14 @@ def reference_case(spec: Spec, params: dict, x, y, dtype) -> GoldenCase:
         elif key.startswith(("z.", "a.")):
             s = _forward_scale(want)
         else:
-            s = scale
+            s = scale_of(scale, key)
         n = int(np.size(want))
         compare[key] = {"scale": s, "n": n,
                         "allowed_normwise": tol.rtol * float(np.linalg.norm(want)) + tol.atol * s * float(np.sqrt(n)),
                         "max_allowance": float(np.max(allowance_t[key])) if np.size(allowance_t[key]) else 0.0}
     meta = {
         "describe": spec.describe(),
-        "tolerance": {"rtol": tol.rtol, "atol": tol.atol, "rounding_factor": tol.rounding_factor, "scale_S": scale,
+        "tolerance": {"rtol": tol.rtol, "atol": tol.atol, "rounding_factor": tol.rounding_factor, "scale_S": float(scale),
                       "loss_scale": loss_scale, "criterion": tol.describe(), "rule": RULE},
         "loss": {"name": spec.loss.name, "reduction": LOSS_REDUCTIONS.get(spec.loss.name, spec.loss.name),
                  "rows": ("a per-step output (m, T, k) is judged as m·T rows" if len(spec.output_shape) > 1
@@ -692,6 +692,9 @@ def _golden_tensors(folder: Path, spec: Spec, meta: dict):
                         "regenerate the golden set") from None
     if not all(np.isfinite(s) and s > 0 for s in [scale, *scales.values()]):
         raise SpecError(str(folder / "case.json"), "holds a scale that is not a positive number", "regenerate the golden set")
+    # S_δ and S_θ as the set recorded them, tensor by tensor (a set written before they were told apart has S for both)
+    of_kind = {kind: [v for k, v in scales.items() if k.startswith(prefix)] for kind, prefix in (("delta", "delta."), ("param", "grad."))}
+    scale = Scales(*(of_kind[kind][0] if of_kind[kind] else scale for kind in ("delta", "param")))
     return expected, allowance, tol, scale, scales
 
 
@@ -773,7 +776,7 @@ def verify_case(gfolder: Path, rfolder: Path, name: str) -> CaseVerdict:
     arrays: dict = {}
     tensors = _compare_all(spec, cand, ref, bounds, tol, scale, arrays)
 
-    excess = {t.name: _excess(*arrays[t.name], tol, scale, bounds.get(t.name)) for t in tensors}
+    excess = {t.name: _excess(*arrays[t.name], tol, scale_of(scale, t.name), bounds.get(t.name)) for t in tensors}
     excess["loss"] = _excess(np.asarray(loss).reshape(()), expected["loss"].reshape(()), tol, scales["loss"],
                              bounds.get("loss"), either=True)
     for _, _, t in fwd:

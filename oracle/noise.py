@@ -16,7 +16,9 @@ element and run):
   a layer many operations deep (rnn, lstm, gru, attention) gets a sample of every one of its operations'
   roundings, carried through it (``oracle.composite``), in z, in ∂C/∂a and in its parameters' gradients;
 * a = g(z) gets c·u·M_g·ξ and δ = ∇ₐC ⊙ g′ gets c·u·(|∇ₐC|·M_g′ + |δ|)·ξ (M from ``rounding._scales``:
-  the cancellations of each formula, e.g. σ′ = a(1 − a) from a rounded a);
+  the cancellations of each formula, e.g. σ′ = a(1 − a) from a rounded a), each plus c·η·ξ, η the dtype's
+  smallest subnormal: a value below the normal range keeps fewer bits (σ(−99.8) = 4.4e-44 in float32 is rounded
+  by 1.6%, which moves a bce loss term −y·log a by 0.016·y);
 * ∂C/∂a = δθ, ∂C/∂θ = δᵀa and ∂C/∂b = Σδ get √(k+1)·u·(their |terms|)·ξ;
 * ∇ₐC of the loss gets c·u·|∇ₐC|·ξ; its dependence on the rounded a is autograd's own;
 * the loss value C gets its own rounding's worst case (``rounding._loss_rounding``: each element loss's formula,
@@ -123,8 +125,12 @@ def side_slope(act, g, z_ref: np.ndarray, z: torch.Tensor) -> torch.Tensor:
     return slope
 
 
-def jittered_run(spec, params: dict, x: np.ndarray, y, ref, allow, u: float, rng, adopt=None, routes=None) -> dict:
+def jittered_run(spec, params: dict, x: np.ndarray, y, ref, allow, u: float, rng, adopt=None, routes=None,
+                 eta: float = 0.0) -> dict:
     """One torch run in float64 with rounding-sized noise injected everywhere (see the module docstring).
+
+    ``eta``: the absolute rounding of a value below the dtype's normal range (its smallest subnormal), which an
+    activation and a δ get besides their relative rounding.
 
     ``adopt`` and ``routes`` (as in ``twin.run_twin``) make the run follow a candidate's choices at kinks,
     guards and max-pool ties, so that the noise is measured around the re-run that follows them.
@@ -177,9 +183,12 @@ def jittered_run(spec, params: dict, x: np.ndarray, y, ref, allow, u: float, rng
             size = (zd - zd.max(dim=-1, keepdim=True).values).abs() + math.log(zd.shape[-1]) + 1
         else:                            # softmax: every p to a few ulps of itself
             size = a.detach().abs()
-        jolt = cu * size * _gauss(rng, a.shape)
-        if spec.loss.name == "bce" and i == len(graph) - 1:  # probabilities stay probabilities
+        jolt = (cu * size + EVAL * eta) * _gauss(rng, a.shape)
+        if spec.loss.name == "bce" and i == len(graph) - 1:  # probabilities stay probabilities, and where torch's
+            # output is exactly 1 its log clamp (log(1 − a) ≥ −100) stays active: a choice held fixed, like a kink's
+            # side (a jolt to 1 − 1e-7 would move that element's loss from 100·(1 − y) to 16·(1 − y))
             jolt = torch.maximum(torch.minimum(jolt, 1 - a.detach()), -a.detach())
+            jolt = torch.where(torch.from_numpy(np.asarray(ref.acts[-1]) == 1), 1 - a.detach(), jolt)
         a = a + jolt
         zs.append(z)
         acts.append(a)
@@ -209,7 +218,7 @@ def jittered_run(spec, params: dict, x: np.ndarray, y, ref, allow, u: float, rng
                 size = up + p * up.sum(-1, keepdim=True)
             else:
                 size = up * mgp + g.abs()
-            g = g + cu * size * _gauss(rng, g.shape)
+            g = g + (cu * size + EVAL * eta) * _gauss(rng, g.shape)
             stash[("delta", i)] = g.detach()
             return g
 
@@ -283,6 +292,7 @@ def measured_allowance(spec, params: dict, x: np.ndarray, y, ref, allow, dtype, 
            for node, mask, z in zip(nodes(spec), allow.kink_masks, ref.z)):
         return dict(allow.bounds)
     u = UNIT_ROUNDOFF[np.dtype(dtype)] + UNIT_ROUNDOFF[np.dtype(np.float64)]
+    eta = float(np.finfo(dtype).smallest_subnormal)  # IEEE gradual underflow (flush-to-zero hardware is not modelled)
     seed = zlib.crc32(np.ascontiguousarray(x).tobytes() + spec.describe().encode())
     rng = np.random.default_rng(seed)
     reference = {"loss": np.array(ref.loss), **ref.grads, **{f"{k}.delta": v for k, v in ref.deltas.items()}}
@@ -295,7 +305,7 @@ def measured_allowance(spec, params: dict, x: np.ndarray, y, ref, allow, dtype, 
 
     with np.errstate(invalid="ignore", over="ignore"):
         for n in range(1, runs + 1):
-            run = jittered_run(spec, params, x, y, ref, allow, u, rng, adopt, routes)
+            run = jittered_run(spec, params, x, y, ref, allow, u, rng, adopt, routes, eta=eta)
             for k, v in run.items():
                 dev = np.abs(v - reference[k])
                 worst[k] = np.maximum(worst[k], np.where(np.isfinite(dev), dev, np.inf))

@@ -47,6 +47,7 @@ from pathlib import Path
 import numpy as np
 
 from manual_bp import SpecError
+from .compare import scale_of
 
 SCHEMA = "bp-oracle/check"
 SCHEMA_VERSION = 1
@@ -100,7 +101,8 @@ def result_dict(result, *, seed, impl: str, replay: str, source: str, case_sha25
         "case_sha256": case_sha256,
         "tolerance": {"rtol": result.tolerance.rtol, "atol": result.tolerance.atol,
                       "rounding_factor": result.tolerance.rounding_factor,
-                      "criterion": result.tolerance.describe(), "scale_S": result.scale},
+                      "criterion": result.tolerance.describe(), "scale_S": float(result.scale),
+                      "scale_S_delta": scale_of(result.scale, ".delta"), "scale_S_param": scale_of(result.scale, "")},
         "loss": result.loss.to_dict() if result.loss is not None else None,
         "tensors": [{**t.to_dict(), "hints": result.hints.get(t.name, [])} for t in result.tensors],
         "spec": result.spec.to_dict(),
@@ -168,7 +170,9 @@ def markdown(report: dict) -> str:
     rows = ([report["loss"]] if report.get("loss") else []) + list(report["tensors"])
     if rows:
         tol = report["tolerance"]
-        lines += [f"Criterion: {_md_code(tol['criterion'])}, S = {fmt(tol['scale_S'])}", "",
+        scales = (f"S_δ = {fmt(tol['scale_S_delta'])}, S_θ = {fmt(tol['scale_S_param'])}, S = {fmt(tol['scale_S'])}"
+                  if "scale_S_delta" in tol else f"S = {fmt(tol['scale_S'])}")
+        lines += [f"Criterion: {_md_code(tol['criterion'])}, {scales}", "",
                   "| tensor | shape | verdict | max abs err | max rel err | normwise rel err | mismatched |",
                   "|---|---|---|---|---|---|---|"]
         for t in rows:
@@ -457,7 +461,7 @@ def heatmap_figure(result, t) -> tuple:
 
     cand, ref = result.arrays[t.name]
     extra = _element_allowance(result, t.name)
-    codes = element_classes(cand, ref, result.tolerance, result.scale, extra)
+    codes = element_classes(cand, ref, result.tolerance, scale_of(result.scale, t.name), extra)
     ndim = codes.ndim
     grid, (th, tw) = tiled(codes)
     rows, cols = grid.shape
@@ -588,7 +592,7 @@ img{max-width:100%}.caption{color:#555;font-size:.9rem}</style></head><body>
 {% if r.crash %}<h2>The candidate did not return ({{ r.crash.kind }})</h2>
 <p>The candidate {{ r.crash.message }}</p>
 {% if r.crash.traceback %}<p>Its traceback:</p><pre>{{ r.crash.traceback }}</pre>{% endif %}{% endif %}
-<p>{% if not r.crash %}Criterion: <code>{{ r.tolerance.criterion }}</code>, S = {{ r.tolerance.scale_S | num }};
+<p>{% if not r.crash %}Criterion: <code>{{ r.tolerance.criterion }}</code>, {% if r.tolerance.scale_S_delta is defined %}S_δ = {{ r.tolerance.scale_S_delta | num }}, S_θ = {{ r.tolerance.scale_S_param | num }}, {% endif %}S = {{ r.tolerance.scale_S | num }};
 {% endif %}classification <b>{{ r.classification }}</b>; dtype {{ r.dtype }}; implementation <code>{{ r.impl }}</code></p>
 {% set rows = ([r.loss] if r.loss else []) + r.tensors %}{% if rows %}
 <table><tr><th>tensor</th><th>shape</th><th>verdict</th><th>max abs</th><th>max rel</th><th>normwise rel</th><th>mismatched</th><th>worst index</th></tr>

@@ -262,7 +262,19 @@ def _loss_bounds(loss, a, y, G, Ea, u, guard):
     else:
         mag = None
     EC = float(np.sum(aG * Ea))
+    if name == "bce":  # C's change through a rounded a, exactly: −y·log a is far from linear where a is tiny (and G,
+        # torch's guarded gradient, is not its slope there); torch's clamp of the log at −100 bounds it
+        EC = float(np.sum(np.abs(y) * _clamped_log_change(a, Ea) + np.abs(1 - y) * _clamped_log_change(1 - a, Ea)) / N)
     return np.reshape(EG, shape), EC, mag, inner
+
+
+def _clamped_log_change(v, e):
+    """The most max(log v′, −100) moves for v′ within e of v (v′ ≤ 0 gives −100)."""
+    def clog(t):
+        with np.errstate(divide="ignore", invalid="ignore"):
+            return np.maximum(np.log(np.maximum(t, 0.0)), -100.0)
+
+    return np.maximum(clog(v + e) - clog(v), clog(v) - clog(v - e))
 
 
 def _loss_rounding(mag: float, inner: int, n: int, loss: float, u: float, eta: float) -> float:

@@ -1,5 +1,5 @@
-"""Regression: two false alarms of ``oracle.rates.false_alarms`` (5000 cases per dtype), both second_correct in
-float32 judged ``bug``. Each case is rebuilt from its recorded seed by ``oracle.rates.replay``; next to each, a
+"""Regression: three false alarms of ``oracle.rates.false_alarms`` (5000–10000 cases per dtype), in float32: two of
+second_correct judged ``bug``, one of manual_bp judged ``forward``. Each case is rebuilt from its recorded seed by ``oracle.rates.replay``; next to each, a
 real bug on the same case must still fail.
 
 1. seed 31, norm share: ``15 -> 4 softplus -> layer_norm selu -> batch_norm selu -> batch_norm selu -> 2 sigmoid,
@@ -16,6 +16,13 @@ real bug on the same case must still fail.
    absolute float32 rounding (up to 6e-3 at |z| ~ 1e4). The exact formula at second_correct's own float32 z gives
    its answer to 9e-9 (δ[3, 2] = −0.0142055; at the float64 z −0.0142040); the allowance held only the formula's own
    rounding (2.9e-7). Fixed in ``rounding.allowance`` with ``conventions.exact_bce_drift`` (Σ|∂δ/∂z|·E_z on guard rows).
+3. seed 29, saturated bce share: ``12 -> 1 mish -> 2 sigmoid (no bias), bce``, batch 7. One output is σ(−99.84) =
+   4.36e-44, a float32 subnormal with about 5 significant bits (torch's float32 sigmoid even returns 0 there, its log
+   clamped to −100). Rounding a by up to 1.6% moves its loss term −y·log a by up to 0.016·y: manual_bp's C is off by
+   2.4e-4, where the allowance was 6e-5. Two things were missing: the noise ensemble rounded every value relatively only (now
+   also by the dtype's smallest subnormal, ``noise.jittered_run``'s η), and the worst case that caps it took C's
+   change through a as torch's *guarded* gradient times E_a (6e10 where the slope y/(aN) is 1e42; now the change
+   of the clamped log itself, ``rounding._clamped_log_change``).
 """
 
 import importlib.util
@@ -45,6 +52,11 @@ CASES = {
             {"type": "dense", "units": 25, "activation": "gelu_tanh", "bias": True},
             {"type": "dense", "units": 8, "activation": "softmax", "bias": False}], "loss": "bce"},
         "regime": "saturated", "dtype": "float32", "batch": 6, "data_seed": 638983871},
+    "bce_subnormal_output_float32": {
+        "spec": {"format_version": 1, "name": "", "description": "", "input_size": 12, "layers": [
+            {"type": "dense", "units": 1, "activation": "mish", "bias": True},
+            {"type": "dense", "units": 2, "activation": "sigmoid", "bias": False}], "loss": "bce"},
+        "regime": "saturated", "dtype": "float32", "batch": 7, "data_seed": 153},
 }
 
 
@@ -83,6 +95,17 @@ def _output_delta_off(eps):
     return sc.grads
 
 
+def _loss_off(eps):
+    """manual_bp with the loss value off by a factor 1 + eps (its gradients right)."""
+    import manual_bp as bp
+
+    def grads(spec, params, x, y):
+        r = bp.gradients(spec, params, x, y)
+        return r.loss * (1 + eps), r.grads, r.deltas
+
+    return grads
+
+
 def _mutant(name):
     return next(m for m in CATALOGUE if m.name == name).grads_fn
 
@@ -94,12 +117,21 @@ def test_second_correct_float32_is_not_a_bug(name):
     assert result.passed, result.message()
 
 
+@pytest.mark.parametrize("name", list(CASES))
+def test_manual_bp_float32_is_not_a_bug(name):
+    spec, params, x, y = rates.replay(CASES[name])
+    result = oracle.check(spec, params, x, y)
+    assert result.passed, result.message()
+
+
 @pytest.mark.parametrize("name, bug", [
     ("norm_selu_kink_float32", lambda: _mutant("batch_norm_mean_path_dropped")),    # the backward that forms δ₁
     ("norm_selu_kink_float32", lambda: _mutant("layer_norm_backward_over_batch_axis")),
     ("norm_selu_kink_float32", lambda: _delta_of_layer_1_off(0.03)),   # correct float32 answers differ by ~2% here
     ("softmax_bce_exact_guard_float32", lambda: _output_delta_off(0.01)),
     ("softmax_bce_exact_guard_float32", lambda: _mutant("softmax_jvp_dropped")),
+    ("bce_subnormal_output_float32", lambda: _mutant("bias_missing_in_forward")),
+    ("bce_subnormal_output_float32", lambda: _loss_off(0.05)),  # f·B_C is 2% of C here
 ])
 def test_a_real_bug_on_the_same_case_still_fails(name, bug):
     spec, params, x, y = rates.replay(CASES[name])

@@ -848,7 +848,7 @@ def test_the_full_message_lists_the_failing_loss_and_tensors_line_by_line():
     lines = result.message().split("\n")
     assert "layers.1.weight (layer 1): mismatch" in lines and not any(line.startswith("loss") for line in lines)
     assert any(line.startswith("  Hint: constant ratio candidate/torch = 2") for line in lines)
-    assert lines[-1].endswith(f"S = {result.scale:.3g}")
+    assert lines[-1].endswith(f"S_δ = {result.scale.delta:.3g}, S_θ = {result.scale.param:.3g}")
 
 
 # -- (12) kinks away from element (0, 0), other kink slopes, and the loss kink behind a non-identity output --------
@@ -1509,3 +1509,23 @@ def test_every_activations_allowance_covers_a_correct_implementation(act, dtype)
     _assert_within_allowance((loss, grads, deltas), ref, bounds, dt, tight=True)
     result = oracle.check(spec, p, x, y, lambda *a: (loss, grads, deltas))
     assert result.passed, result.message()
+
+
+def test_a_delta_is_judged_on_the_deltas_scale_not_on_weight_gradients_that_large_inputs_inflate():
+    """Inputs of size 10⁴ make ∂C/∂θ₀ = δ₀ᵀx 10⁴× every δ. One S taken over both would let atol·S·√n pass a reported
+    δ that is off by 10⁻⁷ of itself (10⁹ times float64's rounding of it); S_δ does not. The same relative error in
+    a weight gradient is caught either way, and the correct answer passes."""
+    spec = _spec(3, [(4, "identity", True), (2, "identity", True)], "half_sse")
+    rng = np.random.default_rng(3)
+    params = bp.init_params(spec, rng)
+    params["layers.0.weight"] *= 1e-4  # z₀ of size 1 from inputs of size 10⁴
+    x, y = 1e4 * rng.standard_normal((5, 3)), rng.standard_normal((5, 2))
+
+    def off_delta(spec, params, x, y):
+        loss, grads, deltas = _backprop(spec, params, x, y)
+        return loss, grads, {**deltas, "layers.1": deltas["layers.1"] * (1 + 1e-7)}
+
+    result = oracle.check(spec, params, x, y, off_delta)
+    assert result.scale.param > 1e3 * result.scale.delta  # the premise: weight gradients dwarf δ
+    assert not result.passed and _failed(result) == ["layers.1.delta"], result.message()
+    assert oracle.check(spec, params, x, y, _candidate()).passed
