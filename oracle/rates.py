@@ -11,12 +11,15 @@ through one time in five is killed too. Here each bug mutant is measured per *ce
 * a case counts (the denominator) only where the mutant *changes something*: its loss, gradients or
   δ, computed in float64 on the cell's (dtype-rounded) values, differ from the correct backward's
   beyond the strict bound of the cell's dtype, ‖g − ĝ‖ > rtol‖ĝ‖ + atol·S·√n
-  (``oracle.compare.TOLERANCES``; S the largest |element| of the reference gradients and δ;
-  the loss against rtol·|C| + atol·|C|). A bias averaged over a batch of one, or a bias left out of a
-  forward whose biases are zero, changes nothing and is not counted; nor does a mutant whose only
-  change is the other one-sided slope at elements exactly on a kink (a valid convention there), nor,
-  in a float32 cell, one whose change vanishes when both it and the correct backward run in float32
-  (a saturated net whose every gradient underflows to the same zeros): no oracle can tell those apart;
+  (``oracle.compare.TOLERANCES``; S as the oracle takes it: S_δ, the largest |element| of the reference δ,
+  for a δ, S_θ, of the reference parameter gradients, for those; the loss against rtol·|C| + atol·|C|).
+  A bias averaged over a batch of one, or a bias left out of a forward whose biases are zero, changes
+  nothing and is not counted; nor does a mutant whose only change is the other one-sided slope at
+  elements exactly on a kink, at some of the layers that have them (a valid convention there); nor, in a
+  float32 cell, one whose change vanishes when both it and the correct backward run in float32 (a
+  saturated net whose every gradient underflows to the same zeros), or whose change to every tensor is
+  within torch's own float32 error on it (torch in float32 against the float64 truth): no oracle that
+  passes correct float32 code can tell those apart;
 * the numerator is the number of those cases where ``oracle.check`` does not pass the mutant
   (``bug``, ``forward``, ``crash``, or an unusable answer). A case the oracle refuses to judge at all
   (``SpecError``, e.g. a forward pass that overflows the dtype) is counted apart as ``refused``, and a
@@ -37,6 +40,7 @@ prints (or writes ``DIR/detection-rates.md`` and ``.json``).
 from __future__ import annotations
 
 import importlib.util
+import itertools
 import json
 import math
 import time
@@ -117,7 +121,7 @@ def _as_triple(result):
     return result.loss, result.grads, getattr(result, "deltas", None) or {}
 
 
-def _beyond(got, ref, rtol, atol, scale, floor=0.0) -> bool:
+def _beyond(got, ref, rtol, atol, scale, floor=0.0, slack=0.0) -> bool:
     g = np.asarray(got, dtype=np.float64).ravel()
     r = np.asarray(ref, dtype=np.float64).ravel()
     if g.shape != r.shape:
@@ -127,15 +131,17 @@ def _beyond(got, ref, rtol, atol, scale, floor=0.0) -> bool:
     err = float(np.linalg.norm(g - r))
     if err != err:
         return True
-    return err > rtol * float(np.linalg.norm(r)) + (atol * scale + floor) * np.sqrt(r.size)
+    return err > max(rtol * float(np.linalg.norm(r)) + (atol * scale + floor) * np.sqrt(r.size), slack)
 
 
 def changes_something(mutant: Mutant, spec: Spec, params: dict, x, y, dtype: str) -> bool:
     """Whether the mutant's loss, gradients or δ, in float64 on these values, differ from the correct
-    backward's beyond the strict bound of ``dtype`` (see the module docstring)."""
+    backward's beyond the strict bound of ``dtype``, and from every valid choice at exact kinks, and (float32)
+    beyond what torch's own float32 backward errs by (see the module docstring)."""
     p64 = {k: np.asarray(v, dtype=np.float64) for k, v in params.items()}
     x64 = x if spec.token_input else np.asarray(x, dtype=np.float64)
     y64 = y if spec.loss.targets == "classes" else np.asarray(y, dtype=np.float64)
+    tol = TOLERANCES[dtype]
     with np.errstate(all="ignore"):  # an overflow is an answer here (inf differs), not a warning
         try:
             ref = _as_triple(bp.gradients(spec, p64, x64, y64))
@@ -148,12 +154,12 @@ def changes_something(mutant: Mutant, spec: Spec, params: dict, x, y, dtype: str
             return True
         # a change below the dtype's smallest normal number cannot be represented there: not counted
         floor = float(np.finfo(dtype).tiny)
-        if not _differ(got, ref, TOLERANCES[dtype], floor, dtype):
+        if not _differ(got, ref, tol, floor, dtype):
             return False
-        # a mutant that only takes the other one-sided slope at elements exactly on a kink is a valid
-        # convention there (the kink mutant is one): no oracle can call that a bug, so it is not counted
-        other = _as_triple(_other_slopes_at_kinks(spec, p64, x64, y64))
-        if not _differ(got, other, TOLERANCES[dtype], floor, dtype):
+        # a mutant that only takes the other one-sided slope at elements exactly on a kink, at some of the layers
+        # that have them (the kink mutant is one; a ReLU mask dropped at layer 0 where every z₀ is exactly 0 is
+        # another), makes a valid choice there: no oracle can call that a bug, so it is not counted
+        if any(not _differ(got, other, tol, floor, dtype) for other in _kink_choices(spec, p64, x64, y64)):
             return False
         if np.dtype(dtype) == np.float64:
             return True
@@ -166,39 +172,92 @@ def changes_something(mutant: Mutant, spec: Spec, params: dict, x, y, dtype: str
                                                np.array(y, copy=True)))
         except Exception:
             return True
-        return _differ(got_d, ref_d, TOLERANCES[dtype], floor, dtype)
+        if not _differ(got_d, ref_d, tol, floor, dtype):
+            return False
+        # and the change must exceed torch's own float32 error, tensor by tensor: an oracle that passes torch's
+        # float32 gradients (a correct implementation) cannot fail a change smaller than their own distance from
+        # the float64 truth (a saturated l1 net whose float32 δ errs by 3e-5 where the mutant moves it by 2e-5)
+        return _differ(got, ref, tol, floor, dtype, slack=_distance(_torch_in(spec, params, x, y, dtype), ref))
 
 
-def _other_slopes_at_kinks(spec: Spec, params: dict, x, y):
-    """The correct backward with the other one-sided derivative at every element exactly on a kink."""
+def _kink_choices(spec: Spec, params: dict, x, y, most: int = 5):
+    """The correct backward with the other one-sided slope at the exact kink elements of each subset of the
+    places that have some (layers, and the loss): every subset where there are at most ``most`` such places,
+    else each place alone and all of them."""
+    cache = bp.forward(spec, params, x)
+    places = [i for i, layer in enumerate(spec.layers)
+              if layer.activation.other_side_slope() is not None and np.any(layer.activation.kinks(cache.z[i]))]
+    if spec.loss.targets == "values" and np.any(spec.loss.kinks(*spec.loss.as_rows(cache.output, np.asarray(y)))):
+        places.append("loss")
+    if len(places) <= most:
+        subsets = [set(c) for r in range(1, len(places) + 1) for c in itertools.combinations(places, r)]
+    else:
+        subsets = [{p} for p in places] + [set(places)]
+    return (_as_triple(_other_slopes_at_kinks(spec, params, x, y, s)) for s in subsets)
+
+
+def _other_slopes_at_kinks(spec: Spec, params: dict, x, y, flip=None):
+    """The correct backward with the other one-sided derivative at every element exactly on a kink, at the layers
+    (indices) and the loss (``"loss"``) in ``flip`` (all of them when None)."""
     from .mutants import Hooks, faulty_gradients
 
     def vjp(c, i, act, z, a, g):
         delta = act.vjp(z, a, g)
         slope = act.other_side_slope()
-        if slope is None:
+        if slope is None or (flip is not None and i not in flip):
             return delta
         return np.where(act.kinks(z), g * slope, delta)
 
     def loss_grad(spec_, a, y_):
         grad = spec_.loss.grad(a, y_)
-        return np.where(spec_.loss.kinks(a, y_), 1.0 / a.size, grad) if spec_.loss.targets == "values" else grad
+        if spec_.loss.targets != "values" or (flip is not None and "loss" not in flip):
+            return grad
+        return np.where(spec_.loss.kinks(a, y_), 1.0 / a.size, grad)
 
     return faulty_gradients(spec, params, x, y, Hooks(vjp=vjp, loss_grad=loss_grad))
 
 
-def _differ(got, ref, tol, floor: float = 0.0, dtype="float64") -> bool:
+def _torch_in(spec: Spec, params: dict, x, y, dtype):
+    """torch's (loss, grads, δ) run in ``dtype`` on the case's values."""
+    from .twin import run_twin
+
+    t = run_twin(spec, params, x, y, np.dtype(dtype))
+    return t.loss, t.grads, t.deltas
+
+
+def _distance(got, ref) -> dict:
+    """‖g − ĝ‖ of each tensor (and of the loss, ``"loss"``) of ``got`` from ``ref``."""
     (loss, grads, deltas), (ref_loss, ref_grads, ref_deltas) = got, ref
-    refs = list(ref_grads.values()) + list(ref_deltas.values())
+    out = {"loss": abs(float(loss) - float(ref_loss))}
+    for mine, theirs in ((grads, ref_grads), (deltas, ref_deltas)):
+        for name, r in theirs.items():
+            if name in mine and np.shape(mine[name]) == np.shape(r):
+                out[name] = float(np.linalg.norm(np.asarray(mine[name], np.float64).ravel() - np.asarray(r, np.float64).ravel()))
+    return out
+
+
+def _differ(got, ref, tol, floor: float = 0.0, dtype="float64", slack: dict | None = None) -> bool:
+    """Whether some tensor of ``got`` (or the loss) lies beyond the strict bound of ``ref``'s, and beyond its
+    ``slack`` (a distance per tensor: torch's own float32 error) where one is given."""
+    (loss, grads, deltas), (ref_loss, ref_grads, ref_deltas) = got, ref
     ref_loss = float(ref_loss)
-    largest = max((float(np.max(np.abs(t))) for t in refs if np.size(t)), default=0.0)
-    scale = gradient_scale(largest, ref_loss, dtype, tol)
-    if _beyond([float(loss)], [ref_loss], tol.rtol, tol.atol, abs(ref_loss) or 1.0, floor):
+
+    def scale_of(tensors):  # S_δ and S_θ, as the oracle takes them (checker._scale)
+        largest = max((float(np.max(np.abs(t))) for t in tensors if np.size(t)), default=0.0)
+        return gradient_scale(largest, ref_loss, dtype, tol)
+
+    s_theta, s_delta = scale_of(ref_grads.values()), scale_of(ref_deltas.values())
+    slack = slack or {}
+
+    def beyond(name, g, r, scale_):
+        return _beyond(g, r, tol.rtol, tol.atol, scale_, floor, slack.get(name, 0.0))
+
+    if beyond("loss", [float(loss)], [ref_loss], abs(ref_loss) or 1.0):
         return True
     for name, r in ref_grads.items():
-        if name not in grads or _beyond(grads[name], r, tol.rtol, tol.atol, scale, floor):
+        if name not in grads or beyond(name, grads[name], r, s_theta):
             return True
-    return any(name in deltas and _beyond(deltas[name], r, tol.rtol, tol.atol, scale, floor) for name, r in ref_deltas.items())
+    return any(name in deltas and beyond(name, deltas[name], r, s_delta) for name, r in ref_deltas.items())
 
 
 def verdict(spec: Spec, params: dict, x, y, grads_fn):
@@ -270,15 +329,19 @@ def _control_entry() -> dict:
 
 
 def detection_rates(per_cell: int, seed: int, progress: Callable | None = None, *, mutants=None, regimes=RATE_REGIMES,
-                    dtypes=DTYPES, controls: bool = True, keep: int = 3) -> dict:
+                    dtypes=DTYPES, controls: bool = True, keep: int = 3, until_changed: int | None = None,
+                    workers: int = 1) -> dict:
     """Detection rate of every bug mutant per regime and dtype (see the module docstring).
 
     ``mutants`` (names) restricts the catalogue; ``regimes``/``dtypes`` the cells; ``controls=False``
     skips the correct and kink-mutant runs; ``progress(cell)`` is called after each cell. A case the
     oracle refuses to judge (``SpecError``, e.g. a forward pass that overflows the dtype) is counted in
     ``refused``, not in the denominator; an unusable answer (``CandidateError``) counts as detected.
+    ``until_changed``: a cell stops drawing once that many of its cases changed something (``per_cell`` is then
+    the most it draws), so that every cell's rate rests on about as many cases; ``workers`` > 1 measures the
+    (mutant, regime) pairs in that many processes, with the same result as one.
 
-    Returns ``{"schema", "schema_version", "per_cell", "seed", "threshold", "regimes", "dtypes",
+    Returns ``{"schema", "schema_version", "per_cell", "until_changed", "seed", "threshold", "regimes", "dtypes",
     "cells": [{"mutant", "regime", "dtype", "drawn", "refused", "changed", "detected", "missed", "rate"
     (None when nothing changed), "verdicts", "first_missed", "hypothesis_seed", "seconds"}],
     "summary": {regime: {dtype: {"cells", "changed", "detected", "rate", "missed_as", "cells_below_threshold"}}},
@@ -287,53 +350,19 @@ def detection_rates(per_cell: int, seed: int, progress: Callable | None = None, 
     "seconds", "seconds_per_check"}``.
     """
     chosen = [m for m in bug_mutants() if mutants is None or m.name in mutants]
-    control_impls = ([("correct", CORRECT)] + [(m.name, m) for m in kink_mutants()]) if controls else []
-    ctrl = {name: _control_entry() for name, _ in control_impls}
+    units = [(m.name, r, per_cell, seed, tuple(dtypes), controls, keep, until_changed)
+             for m in chosen for r in regimes if r in m.regimes]
+    ctrl = {}
     cells, checks = [], 0
     start = time.perf_counter()
-    for mutant in chosen:
-        for regime in [r for r in regimes if r in mutant.regimes]:
-            hseed = stable_seed(seed, mutant.name, regime)
-            draws = draw_specs(mutant.specs, per_cell, hseed)
-            for dtype in dtypes:
-                t0 = time.perf_counter()
-                cell = {"mutant": mutant.name, "regime": regime, "dtype": dtype, "drawn": len(draws), "refused": 0,
-                        "inconclusive": 0,
-                        "changed": 0, "detected": 0, "missed": 0, "rate": None, "verdicts": Counter(), "first_missed": None,
-                        "hypothesis_seed": hseed}
-                for k, (spec, batch, data_seed) in enumerate(draws):
-                    params, x, y = build_case(spec, regime, dtype, batch, data_seed)
-                    for name, impl in control_impls:
-                        classification, passed, r = verdict(spec, params, x, y, impl.grads_fn)
-                        checks += 1
-                        _tally(ctrl[name], "first_false_alarms", keep, classification, passed, lambda: _case_info(
-                            spec, regime, dtype, batch, data_seed, classification=classification,
-                            drawn_for=mutant.name, case_index=k, hypothesis_seed=hseed, message=_worst_message(r)))
-                    if not changes_something(mutant, spec, params, x, y, dtype):
-                        continue
-                    classification, passed, r = verdict(spec, params, x, y, mutant.grads_fn)
-                    checks += 1
-                    if passed is None:  # the oracle cannot judge this case at all: not counted
-                        cell["refused"] += 1
-                        continue
-                    if passed and is_weak(r):  # a pass the oracle itself calls inconclusive: counted apart
-                        cell["inconclusive"] += 1
-                        continue
-                    cell["changed"] += 1
-                    cell["verdicts"][classification] += 1
-                    if not passed:
-                        cell["detected"] += 1
-                    elif cell["first_missed"] is None:
-                        cell["first_missed"] = _case_info(spec, regime, dtype, batch, data_seed,
-                                                          classification=classification, case_index=k,
-                                                          hypothesis_seed=hseed, notes=list(getattr(r, "notes", [])))
-                cell["missed"] = cell["changed"] - cell["detected"]
-                cell["rate"] = cell["detected"] / cell["changed"] if cell["changed"] else None
-                cell["verdicts"] = dict(cell["verdicts"])
-                cell["seconds"] = round(time.perf_counter() - t0, 3)
-                cells.append(cell)
-                if progress:
-                    progress(cell)
+    for unit_cells, unit_ctrl, unit_checks in _mapped(_measure_pair, units, workers):
+        checks += unit_checks
+        for name, entry in unit_ctrl.items():
+            _merge_control(ctrl.setdefault(name, _control_entry()), entry, keep)
+        for cell in unit_cells:
+            cells.append(cell)
+            if progress:
+                progress(cell)
     for entry in ctrl.values():
         entry["classifications"] = dict(entry["classifications"])
     seconds = time.perf_counter() - start
@@ -342,11 +371,84 @@ def detection_rates(per_cell: int, seed: int, progress: Callable | None = None, 
     empty = [f"{c['mutant']}/{c['regime']}/{c['dtype']}" for c in cells if c["rate"] is None]
     return {
         "schema": "bp-oracle/detection-rates", "schema_version": SCHEMA_VERSION,
-        "per_cell": per_cell, "seed": seed, "threshold": THRESHOLD, "regimes": list(regimes), "dtypes": list(dtypes),
+        "per_cell": per_cell, "until_changed": until_changed, "seed": seed, "threshold": THRESHOLD,
+        "regimes": list(regimes), "dtypes": list(dtypes),
         "cells": cells, "summary": summary, "controls": ctrl, "below_threshold": below, "empty_cells": empty,
         "passed": not below, "checks": checks, "seconds": round(seconds, 2),
         "seconds_per_check": round(seconds / checks, 4) if checks else None,
     }
+
+
+def _mapped(fn, items: list, workers: int):
+    """``fn`` over ``items`` in order: here, or in ``workers`` spawned processes (torch's thread pools do not
+    survive a fork)."""
+    if workers <= 1 or len(items) <= 1:
+        yield from map(fn, items)
+        return
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        yield from pool.map(fn, items)
+
+
+def _merge_control(into: dict, entry: dict, keep: int) -> None:
+    for k in ("checks", "refused", "false_alarms"):
+        into[k] += entry[k]
+    into["classifications"].update(entry["classifications"])
+    into["first_false_alarms"].extend(entry["first_false_alarms"][:max(0, keep - len(into["first_false_alarms"]))])
+
+
+def _measure_pair(unit) -> tuple[list, dict, int]:
+    """The cells of one mutant in one regime (one per dtype), the controls' tallies on its draws, and the checks run."""
+    name, regime, per_cell, seed, dtypes, controls, keep, until_changed = unit
+    mutant = next(m for m in CATALOGUE if m.name == name)
+    control_impls = ([("correct", CORRECT)] + [(m.name, m) for m in kink_mutants()]) if controls else []
+    ctrl = {n: _control_entry() for n, _ in control_impls}
+    hseed = stable_seed(seed, mutant.name, regime)
+    draws = draw_specs(mutant.specs, per_cell, hseed)
+    cells, checks = [], 0
+    for dtype in dtypes:
+        t0 = time.perf_counter()
+        cell = {"mutant": mutant.name, "regime": regime, "dtype": dtype, "drawn": 0, "refused": 0,
+                "inconclusive": 0,
+                "changed": 0, "detected": 0, "missed": 0, "rate": None, "verdicts": Counter(), "first_missed": None,
+                "hypothesis_seed": hseed}
+        for k, (spec, batch, data_seed) in enumerate(draws):
+            if until_changed is not None and cell["changed"] >= until_changed:
+                break
+            cell["drawn"] += 1
+            params, x, y = build_case(spec, regime, dtype, batch, data_seed)
+            for cname, impl in control_impls:
+                classification, passed, r = verdict(spec, params, x, y, impl.grads_fn)
+                checks += 1
+                _tally(ctrl[cname], "first_false_alarms", keep, classification, passed, lambda: _case_info(
+                    spec, regime, dtype, batch, data_seed, classification=classification,
+                    drawn_for=mutant.name, case_index=k, hypothesis_seed=hseed, message=_worst_message(r)))
+            if not changes_something(mutant, spec, params, x, y, dtype):
+                continue
+            classification, passed, r = verdict(spec, params, x, y, mutant.grads_fn)
+            checks += 1
+            if passed is None:  # the oracle cannot judge this case at all: not counted
+                cell["refused"] += 1
+                continue
+            if passed and is_weak(r):  # a pass the oracle itself calls inconclusive: counted apart
+                cell["inconclusive"] += 1
+                continue
+            cell["changed"] += 1
+            cell["verdicts"][classification] += 1
+            if not passed:
+                cell["detected"] += 1
+            elif cell["first_missed"] is None:
+                cell["first_missed"] = _case_info(spec, regime, dtype, batch, data_seed,
+                                                  classification=classification, case_index=k,
+                                                  hypothesis_seed=hseed, notes=list(getattr(r, "notes", [])))
+        cell["missed"] = cell["changed"] - cell["detected"]
+        cell["rate"] = cell["detected"] / cell["changed"] if cell["changed"] else None
+        cell["verdicts"] = dict(cell["verdicts"])
+        cell["seconds"] = round(time.perf_counter() - t0, 3)
+        cells.append(cell)
+    return cells, ctrl, checks
 
 
 PASSING = ("match", "rounding", "kink", "convention")
@@ -490,10 +592,15 @@ def _detection_md(d: dict) -> list:
     lines = [
         f"## Detection rate ≥ {100 * thr:.0f}% in every cell: {'PASS' if ok else 'FAIL'}",
         "",
-        f"{len(d['cells'])} cells (bug mutant × regime × dtype), {d['per_cell']} cases drawn per cell, seed {d['seed']}; "
+        f"{len(d['cells'])} cells (bug mutant × regime × dtype), "
+        + (f"cases drawn per cell until {d['until_changed']} changed something (at most {d['per_cell']})"
+           if d.get("until_changed") else f"{d['per_cell']} cases drawn per cell")
+        + f", seed {d['seed']}; "
         f"{len(d['below_threshold'])} cell(s) below {100 * thr:.0f}%, {len(d['empty_cells'])} cell(s) where the mutant "
         f"changed nothing on any draw. A case counts only where the mutant changes the loss, a gradient or a δ "
-        f"beyond the dtype's strict bound; the rate is the share of those the oracle does not pass. A pass that "
+        f"beyond the dtype's strict bound (and, in float32, beyond torch's own float32 error on that tensor; not "
+        f"where it only takes the other valid slope at exact kinks); the rate is the share of those the oracle does "
+        f"not pass. A pass that "
         f"says \"Weak check\" (rounding alone could move the answer by a large share of the gradient, so the case "
         f"cannot tell) is counted apart as inconclusive: {sum(c.get('inconclusive', 0) for c in d['cells'])} in all. "
         f"{d['checks']} checks in {d['seconds']:.0f} s ({d['seconds_per_check'] or 0:.3f} s per check).",
@@ -614,7 +721,10 @@ def main(argv=None) -> int:
     import argparse
 
     ap = argparse.ArgumentParser(prog="python -m oracle.rates", description=__doc__.splitlines()[0])
-    ap.add_argument("--per-cell", type=int, default=20)
+    ap.add_argument("--per-cell", type=int, default=20, help="cases drawn per cell (the most, with --until-changed)")
+    ap.add_argument("--until-changed", type=int, default=None,
+                    help="stop a cell's draws once this many of its cases changed something")
+    ap.add_argument("--workers", type=int, default=1, help="processes measuring (mutant, regime) pairs")
     ap.add_argument("--false-alarms", type=int, default=100, help="cases per dtype for the false-alarm run")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--mutants", nargs="*", default=None, help="restrict to these mutants")
@@ -628,7 +738,8 @@ def main(argv=None) -> int:
                   f"({cell['detected']}/{cell['changed']}, {cell['seconds']:.1f} s)", flush=True)
 
     result = {"schema": "bp-oracle/rates", "schema_version": SCHEMA_VERSION,
-              "detection": detection_rates(args.per_cell, args.seed, progress, mutants=args.mutants)}
+              "detection": detection_rates(args.per_cell, args.seed, progress, mutants=args.mutants,
+                                           until_changed=args.until_changed, workers=args.workers)}
     if args.false_alarms:
         result["false_alarms"] = false_alarms(args.false_alarms, args.seed)
     if args.out:

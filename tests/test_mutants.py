@@ -230,6 +230,61 @@ def test_a_change_that_float32_arithmetic_wipes_out_is_not_counted_in_a_float32_
         assert changes_something(sign_flip, spec, params, x, y, dtype) is counted
 
 
+def test_a_valid_slope_at_exact_kinks_of_some_layers_only_is_not_counted():
+    """2 -> 1 relu -> 2 selu with every weight of layer 0 zero: z₀ = 0 and z₁ = 0 exactly. Dropping the ReLU mask at
+    layer 0 takes relu′(0) = 1 there and selu's torch slope at layer 1, a valid combination no oracle may fail; the
+    same mistake is counted where some z₀ < 0, where relu′ = 0 is not a choice."""
+    import manual_bp as bp
+    from oracle.rates import changes_something
+
+    dropped = next(m for m in CATALOGUE if m.name == "relu_mask_dropped_layer0")
+    spec = bp.Spec.from_dict({"format_version": 1, "input_size": 2, "loss": "half_sse", "layers": [
+        {"type": "dense", "units": 1, "activation": "relu", "bias": False},
+        {"type": "dense", "units": 2, "activation": "selu", "bias": False}]})
+    y = np.array([[0.0, 1.0]])
+    on_kinks = {"layers.0.weight": np.zeros((1, 2)), "layers.1.weight": np.full((2, 1), -0.5)}
+    assert changes_something(dropped, spec, on_kinks, np.zeros((1, 2)), y, "float64") is False
+    below = {"layers.0.weight": np.array([[-1.0, 0.5]]), "layers.1.weight": np.full((2, 1), -0.5)}
+    assert changes_something(dropped, spec, below, np.array([[1.0, 1.0]]), y, "float64") is True
+
+
+def test_a_float32_change_within_torchs_own_float32_error_is_not_counted():
+    """A saturated elu -> tanh net with an l1 loss (a detection run's case): torch's own float32 δ₀ errs by 3e-5 of
+    the float64 truth, and the mutant (elu's α dropped) moves it by 2e-5; the same mistake on a well-conditioned
+    draw moves it far beyond that and is counted."""
+    import manual_bp as bp
+    from oracle.rates import _as_triple, _distance, _torch_in, changes_something, replay
+
+    info = {'spec': {'format_version': 1, 'name': '', 'description': '', 'input_size': 29, 'layers': [{'type': 'dense', 'units': 31, 'activation': {'name': 'elu', 'alpha': 1.5}, 'bias': True}, {'type': 'dense', 'units': 7, 'activation': 'tanh', 'bias': True}], 'loss': 'l1'}, 'regime': 'saturated', 'dtype': 'float32', 'batch': 6, 'data_seed': 235335859}  # noqa: E501
+    dropped = next(m for m in CATALOGUE if m.name == "elu_alpha_dropped")
+    spec, params, x, y = replay(info)
+    p64 = {k: v.astype(np.float64) for k, v in params.items()}
+    truth = _as_triple(bp.gradients(spec, p64, x.astype(np.float64), y.astype(np.float64)))
+    mutated = _as_triple(dropped.grads_fn(spec, p64, x.astype(np.float64), y.astype(np.float64)))
+    own = _distance(_torch_in(spec, params, x, y, "float32"), truth)["layers.0"]
+    moved = _distance(mutated, truth)["layers.0"]
+    assert 0 < moved < own  # the premise: a change smaller than torch's own float32 error
+    assert changes_something(dropped, spec, params, x, y, "float32") is False
+    spec, params, x, y = replay({**info, "regime": "well_conditioned"})
+    assert changes_something(dropped, spec, params, x, y, "float32") is True
+
+
+def test_detection_rates_until_changed_and_in_workers_give_the_same_cells():
+    """``until_changed`` stops a cell's draws once that many changed something; two worker processes measure the
+    same cells, in the same order, as one."""
+    from oracle.rates import detection_rates
+
+    kw = dict(mutants=["sign_flip"], regimes=("well_conditioned", "saturated"), controls=True)
+    one = detection_rates(6, 5, until_changed=2, **kw)
+    for cell in one["cells"]:
+        assert cell["changed"] <= 2 and (cell["changed"] == 2 or cell["drawn"] == 6)  # stopped at 2, or ran out
+        assert cell["drawn"] == 6 or cell["changed"] == 2
+    two = detection_rates(6, 5, until_changed=2, workers=2, **kw)
+    strip = lambda r: [{k: v for k, v in c.items() if k != "seconds"} for c in r["cells"]]  # noqa: E731
+    assert strip(two) == strip(one) and two["controls"] == one["controls"]
+    assert one["until_changed"] == 2
+
+
 def test_shortfall_chance_is_the_binomial_tail():
     """P(X ≤ d) for X ~ Binomial(n, 0.99), against closed forms: all detected is certain; one miss in 50 is seen
     whenever not all 50 are detected, 1 − 0.99⁵⁰; three misses in 28 is rare."""
