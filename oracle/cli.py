@@ -322,7 +322,15 @@ def cmd_rates(args) -> int:
 
     from .rates import bug_mutants, detection_rates, false_alarms, rates_markdown, verdict_summary, write_reports
 
-    cells = sum(len(m.regimes) for m in bug_mutants()) * 2
+    for name in ("per_cell", "workers", "until_changed"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            raise SpecError(f"--{name.replace('_', '-')}", "must be at least 1", f"give --{name.replace('_', '-')} N with N ≥ 1")
+    known = {m.name for m in bug_mutants()}
+    unknown = sorted(set(args.mutants or ()) - known)
+    if unknown:
+        raise SpecError("--mutants", f"no bug mutant is called {', '.join(unknown)}",
+                        f"give names from: {', '.join(sorted(known))}")
+    cells = sum(len(m.regimes) for m in bug_mutants() if args.mutants is None or m.name in args.mutants) * 2
     bar = tqdm(total=cells, unit="cell", desc="detection", disable=args.json, dynamic_ncols=True)
 
     def step(cell):
@@ -330,7 +338,8 @@ def cmd_rates(args) -> int:
         bar.update(1)
 
     result = {"schema": "bp-oracle/rates", "schema_version": 1,
-              "detection": detection_rates(args.per_cell, args.seed, step)}
+              "detection": detection_rates(args.per_cell, args.seed, step, mutants=args.mutants,
+                                           until_changed=args.until_changed, workers=args.workers)}
     bar.close()
     if args.false_alarms:
         result["false_alarms"] = false_alarms(args.false_alarms, args.seed)
@@ -492,7 +501,12 @@ def build_parser() -> argparse.ArgumentParser:
     m.set_defaults(func=cmd_mutants)
 
     rt = sub.add_parser("rates", help="detection rate of every mutant per regime and dtype, and false alarms of correct code")
-    rt.add_argument("--per-cell", type=int, default=20, help="cases per mutant x regime x dtype (default 20)")
+    rt.add_argument("--per-cell", type=int, default=20,
+                    help="cases per mutant x regime x dtype (default 20; with --until-changed, the most drawn)")
+    rt.add_argument("--until-changed", type=int, default=None, metavar="N",
+                    help="draw a cell's cases until N of them change something (one miss then reads 99%%, not 98%%)")
+    rt.add_argument("--workers", type=int, default=1, metavar="W", help="processes measuring the cells (default 1)")
+    rt.add_argument("--mutants", nargs="+", default=None, metavar="NAME", help="only these mutants")
     rt.add_argument("--false-alarms", type=int, default=200, help="cases per dtype for two correct implementations (default 200; 0 skips)")
     rt.add_argument("--seed", type=int, default=0)
     rt.add_argument("--json", action="store_true", help="print the result as JSON")

@@ -33,8 +33,9 @@ that does not pass is a false alarm. ``false_alarms`` measures the same on ``cas
 plus a share of saturated bce networks) for manual_bp and for an independently written second
 correct implementation (``tests/impls/second_correct.py``).
 
-``python -m oracle.rates --per-cell 20 --false-alarms 100 --seed 0 [--out DIR]`` runs both and
-prints (or writes ``DIR/detection-rates.md`` and ``.json``).
+``bp-oracle rates --per-cell 20 --false-alarms 100 --seed 0 [--until-changed N] [--workers W] [--report DIR]``
+(or ``python -m oracle.rates`` with the same arguments) runs both and prints (and writes
+``DIR/mutants/detection-rates.md`` and ``.json``).
 """
 
 from __future__ import annotations
@@ -718,35 +719,12 @@ def verdict_summary(result: dict) -> bool:
 
 
 def main(argv=None) -> int:
-    import argparse
+    """``python -m oracle.rates ARGS`` is ``bp-oracle rates ARGS``."""
+    import sys
 
-    ap = argparse.ArgumentParser(prog="python -m oracle.rates", description=__doc__.splitlines()[0])
-    ap.add_argument("--per-cell", type=int, default=20, help="cases drawn per cell (the most, with --until-changed)")
-    ap.add_argument("--until-changed", type=int, default=None,
-                    help="stop a cell's draws once this many of its cases changed something")
-    ap.add_argument("--workers", type=int, default=1, help="processes measuring (mutant, regime) pairs")
-    ap.add_argument("--false-alarms", type=int, default=100, help="cases per dtype for the false-alarm run")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--mutants", nargs="*", default=None, help="restrict to these mutants")
-    ap.add_argument("--out", default=None, help="folder for detection-rates.md/.json (default: print)")
-    ap.add_argument("--quiet", action="store_true")
-    args = ap.parse_args(argv)
+    from .cli import main as cli_main
 
-    def progress(cell):
-        if not args.quiet:
-            print(f"{cell['mutant']:34s} {cell['regime']:17s} {cell['dtype']:8s} {_pct(cell['rate']):>7s} "
-                  f"({cell['detected']}/{cell['changed']}, {cell['seconds']:.1f} s)", flush=True)
-
-    result = {"schema": "bp-oracle/rates", "schema_version": SCHEMA_VERSION,
-              "detection": detection_rates(args.per_cell, args.seed, progress, mutants=args.mutants,
-                                           until_changed=args.until_changed, workers=args.workers)}
-    if args.false_alarms:
-        result["false_alarms"] = false_alarms(args.false_alarms, args.seed)
-    if args.out:
-        md, js = write_reports(result, args.out)
-        print(f"wrote {md} and {js}")
-    print(rates_markdown(result))
-    return 0 if verdict_summary(result) else 1
+    return cli_main(["rates", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

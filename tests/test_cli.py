@@ -192,3 +192,21 @@ def test_a_bad_input_from_a_real_process_has_no_traceback(tmp_path):
     done = subprocess.run([sys.executable, "-m", "oracle", "check", str(tmp_path / "broken.json")],
                           capture_output=True, text=True)
     assert done.returncode == 2 and "Traceback" not in done.stderr and done.stderr.startswith("bp-oracle: error:")
+
+
+def test_rates_options_are_checked_before_any_work(capsys):
+    for argv, words in ((["--workers", "0"], "--workers: must be at least 1"),
+                        (["--until-changed", "0"], "--until-changed: must be at least 1"),
+                        (["--per-cell", "0"], "--per-cell: must be at least 1"),
+                        (["--mutants", "sign_flip", "no_such_mutant"], "no bug mutant is called no_such_mutant")):
+        code, out, err = run(capsys, "rates", *argv)
+        assert code == 2 and words in err and err.count("\n") == 1 and "detection" not in err, (argv, err)
+
+
+def test_rates_for_one_mutant_with_until_changed_writes_its_table(capsys, tmp_path):
+    code, out, err = run(capsys, "rates", "--mutants", "sign_flip", "--per-cell", "3", "--until-changed", "1",
+                         "--false-alarms", "0", "--report", str(tmp_path))
+    result = json.loads((tmp_path / "mutants" / "detection-rates.json").read_text())["detection"]
+    assert result["until_changed"] == 1 and {c["mutant"] for c in result["cells"]} == {"sign_flip"}
+    assert all(c["changed"] == 1 for c in result["cells"] if c["drawn"] < 3)
+    assert code == (0 if result["passed"] else 1) and "until 1 changed something (at most 3)" in out
