@@ -33,10 +33,11 @@ def constant_ratio(cand, ref, batch: int | None, factors=()) -> str | None:
     big = np.abs(ref) > 1e-3 * np.max(np.abs(ref)) if ref.size and np.any(ref) else None
     if big is None or big.sum() < 1:
         return None
-    r = cand[big] / ref[big]
-    k = float(np.median(r))
-    if k == 0 or not np.all(np.abs(r - k) <= 1e-6 * abs(k)) or abs(k - 1) < 1e-6:
-        return None
+    with np.errstate(over="ignore", invalid="ignore"):  # a ratio beyond float64 (a candidate of 1e300) is no constant
+        r = cand[big] / ref[big]
+        k = float(np.median(r))
+        if not np.isfinite(k) or k == 0 or not np.all(np.abs(r - k) <= 1e-6 * abs(k)) or abs(k - 1) < 1e-6:
+            return None
     if not _close(cand, k * ref):
         return None
     named = []

@@ -297,3 +297,10 @@ def test_shortfall_chance_is_the_binomial_tail():
     exact = sum(comb(28, k) * 0.99 ** k * 0.01 ** (28 - k) for k in range(26))
     assert shortfall_chance(25, 28, 0.99) == pytest.approx(exact) and exact < 0.005
     assert shortfall_chance(0, 10, 0.99) == pytest.approx(0.01 ** 10)
+
+
+def test_a_ratio_beyond_float64_is_no_constant_ratio_and_warns_nothing():
+    """A candidate of ±1e300 against a reference of ±1e-10: the ratio overflows; no hint, and no RuntimeWarning
+    (the suite turns warnings into errors)."""
+    big = np.array([[1e300, -1e300]])
+    assert not any("constant ratio" in h for h in hints("layers.0.weight", big, np.array([[1e-10, -1e-10]]), batch=4))
