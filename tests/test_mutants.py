@@ -269,6 +269,33 @@ def test_a_float32_change_within_torchs_own_float32_error_is_not_counted():
     assert changes_something(dropped, spec, params, x, y, "float32") is True
 
 
+def test_a_float64_change_within_torch_and_manual_bps_own_disagreement_is_not_counted():
+    """A conv net whose second batch norm hands down a zero-mean gradient: the first batch norm's bias gradient
+    Σδ cancels to 1e-9 of its terms, so torch and manual_bp (both correct, both float64) differ on it by 1e-6 of
+    itself, more than the Bessel mutant moves it; the same mistake where nothing cancels is counted."""
+    import manual_bp as bp
+    from oracle.rates import _as_triple, _distance, _torch_in, build_case, changes_something
+
+    spec = bp.Spec.from_dict({"format_version": 2, "input": {"shape": [2, 7, 10]}, "layers": [
+        {"type": "conv2d", "out_channels": 3, "kernel_size": [1, 4], "stride": 3, "padding": 1, "dilation": 2,
+         "activation": "relu", "bias": False},
+        {"type": "conv2d", "out_channels": 3, "kernel_size": [1, 4], "stride": 3, "padding": 1, "dilation": [2, 1],
+         "activation": "relu", "bias": False},
+        {"type": "batch_norm", "affine": True, "activation": "softsign"},
+        {"type": "batch_norm", "affine": False, "activation": "tanh"},
+        {"type": "max_pool2d", "kernel_size": [3, 1], "stride": [3, 1], "padding": [1, 0]},
+        {"type": "flatten"}, {"type": "dense", "units": 8, "activation": "log_softmax", "bias": False}], "loss": "nll"})
+    bessel = next(m for m in CATALOGUE if m.name == "batch_norm_bessel_in_backward_only")
+    params, x, y = build_case(spec, "near_zero", "float64", 6, 2099694712)
+    truth = _as_triple(bp.gradients(spec, params, x, y))
+    moved = _distance(_as_triple(bessel.grads_fn(spec, params, x, y)), truth)
+    apart = _distance(_torch_in(spec, params, x, y, "float64"), truth)
+    assert 0 < moved["layers.2.bias"] < apart["layers.2.bias"]  # the premise
+    assert changes_something(bessel, spec, params, x, y, "float64") is False
+    params, x, y = build_case(spec, "well_conditioned", "float64", 6, 2099694712)
+    assert changes_something(bessel, spec, params, x, y, "float64") is True
+
+
 def test_detection_rates_until_changed_and_in_workers_give_the_same_cells():
     """``until_changed`` stops a cell's draws once that many changed something; two worker processes measure the
     same cells, in the same order, as one."""
