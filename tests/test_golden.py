@@ -211,3 +211,21 @@ def test_out_must_be_new_or_empty_unless_forced(examples, tmp_path, capsys):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["full", "g"]
     err = capsys.readouterr().err
     assert "--out" in err and "--force" in err
+
+
+def test_each_compared_tensor_records_the_scale_of_its_kind(examples):
+    """δ on S_δ (the largest |expected δ| of the case), parameter gradients on S_θ (the largest |expected ∂C/∂θ|),
+    ∂C/∂x on their maximum, computed here from the expected arrays themselves."""
+    for case in ("lenet-float64", "lstm-tagger-float64"):
+        meta = json.loads((examples / case / "case.json").read_text(encoding="utf-8"))
+        expected = caseio.read_tensors(examples / case, "expected", "expected")
+        s_delta = max(float(np.max(np.abs(v))) for k, v in expected.items() if k.startswith("delta."))
+        s_theta = max(float(np.max(np.abs(v))) for k, v in expected.items() if k.startswith("grad."))
+        assert s_delta != s_theta  # the premise: the two kinds differ here
+        for key, entry in meta["compare"].items():
+            if key.startswith("delta."):
+                assert entry["scale"] == pytest.approx(s_delta, rel=1e-12), key
+            elif key.startswith("grad."):
+                assert entry["scale"] == pytest.approx(s_theta, rel=1e-12), key
+            elif key == "input.grad":
+                assert entry["scale"] == pytest.approx(max(s_delta, s_theta), rel=1e-12)

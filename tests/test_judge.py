@@ -1529,3 +1529,15 @@ def test_a_delta_is_judged_on_the_deltas_scale_not_on_weight_gradients_that_larg
     assert result.scale.param > 1e3 * result.scale.delta  # the premise: weight gradients dwarf δ
     assert not result.passed and _failed(result) == ["layers.1.delta"], result.message()
     assert oracle.check(spec, params, x, y, _candidate()).passed
+
+
+def test_the_input_gradient_is_judged_on_the_larger_scale():
+    """∂C/∂x = δ₀θ₀ is neither a δ nor a parameter gradient: it is judged on S = max(S_δ, S_θ), whichever is
+    larger, and δ on S_δ, parameter gradients on S_θ (the golden sets' layout names δ "delta.layers.i")."""
+    from oracle.compare import Scales
+
+    for delta, param in ((2.0, 0.5), (0.5, 2.0)):
+        s = Scales(delta, param)
+        assert s.of("input.grad") == float(s) == 2.0
+        assert s.of("layers.3.delta") == s.of("delta.layers.3") == delta
+        assert s.of("layers.3.weight") == s.of("grad.layers.3.weight") == param
