@@ -195,15 +195,18 @@ class Adopter:
         z = torch.from_numpy(self.ref.z[i])
         out = []
         mask = sp.kink[i]
+        other_d1 = None  # the other one-sided slope on this layer's kink elements, torch's elsewhere
         if mask.any():
             zi = self.ref.z[i]
             points = sp.kink_points[i]
             nearest = np.argmin([np.abs(zi - k) for k, _, _ in points], axis=0)
             d1 = self._d1_of(i)
+            other_d1 = d1.clone()
             for j, (k, left, right) in enumerate(points):
                 near = torch.from_numpy(mask & (nearest == j))
                 torch_took_left = (d1 - left).abs() <= (d1 - right).abs()
                 other = torch.where(torch_took_left, torch.full_like(d1, right), torch.full_like(d1, left))
+                other_d1 = torch.where(near, other, other_d1)
                 out.append(("kink", "other", near, up * other))
         if i == L - 1:
             if sp.loss_kink is not None and sp.loss_kink.any():
@@ -212,9 +215,14 @@ class Adopter:
                 a = torch.from_numpy(self.ref.acts[i])
                 # behind a softmax the choice moves the whole row of δ, so the whole row is the option
                 rows = lk.any(dim=-1, keepdim=True).expand_as(lk) if act.output_only else lk
+                # an output on both kinks at once (relu's output at 0 against an l1 target of 0): both choices
+                # together, the loss's sign times the activation's other slope (either alone gives torch's 0)
+                both = lk & torch.from_numpy(mask) if other_d1 is not None else None
                 for label, c in (("+", 1.0), ("-", -1.0), ("0", 0.0)):
                     alt_up = torch.where(lk, torch.full_like(up, c / N), up)
                     out.append(("loss", label, rows, _vjp(act, z, a, alt_up, self._d1_of(i))))
+                    if both is not None and both.any():
+                        out.append(("kink+loss", label, both, alt_up * other_d1))
             if sp.guard is not None:
                 gm = sp.guard.any(axis=-1, keepdims=True) & np.ones_like(sp.guard) if act.output_only else sp.guard
                 gm = torch.from_numpy(gm)
@@ -238,7 +246,11 @@ class Adopter:
                 self._count(i, cat, label, closer & ((alt - g).abs() > 0))
         else:
             for cat, label, mask, alt in opts:
-                if self.choice.get(cat, "torch") == label:
+                if cat == "kink+loss":  # applies where both choices are made (after each alone: it overrides)
+                    chosen = self.choice.get("kink", "torch") == "other" and self.choice.get("loss", "torch") == label
+                else:
+                    chosen = self.choice.get(cat, "torch") == label
+                if chosen:
                     new = torch.where(mask, alt, new)
                     self._count(i, cat, label, mask & ((alt - g).abs() > 0))
         return new
@@ -274,6 +286,11 @@ def notes(spec, taken: dict) -> list[str]:
         elif cat == "loss":
             out.append(f"Kink convention: at {n} output element(s) on the kink of {spec.loss.name} (a zero residual), "
                        f"the candidate uses sign(0) = {label}1 where torch uses 0; both are valid subgradients.")
+        elif cat == "kink+loss":
+            act = nodes(spec)[i].activation.name
+            out.append(f"Kink convention: at {n} output element(s) on both a kink of {act} and the kink of "
+                       f"{spec.loss.name} (a zero residual), the candidate takes the other one-sided slope of {act} "
+                       f"than torch and sign(0) = {label}1 where torch uses 0; both are valid subgradients.")
         else:
             what = ("the exact derivative of the loss (torch's guard max(a(1 − a), 1e-12) is not)" if label == "exact"
                     else "torch's guarded value computed in float32")
