@@ -14,11 +14,11 @@ Two kinds of element have more than one valid gradient:
 
 How they are judged: the backward of the torch twin is re-run with a hook at each layer
 (``twin.run_twin(adopt=...)``) that, on these elements only, replaces torch's δ by the alternative the
-candidate chose (the one nearest its δ, when it reports δ; otherwise one consistent choice for all
-such elements, each choice tried in turn). Everything below is then computed from that δ, so the
-layers below a kink or a guard are still judged strictly: a bug there is not excused by the kink
-above it. A candidate whose every tensor matches such a re-run passes as ``kink`` (or ``convention``
-when a guard was involved), with a note naming the elements.
+candidate chose (the one nearest its δ, when it reports δ, a kink's sides compared in units of their
+slopes; otherwise one consistent choice for all such elements, each choice tried in turn). Everything
+below is then computed from that δ, so the layers below a kink or a guard are still judged strictly: a
+bug there is not excused by the kink above it. A candidate whose every tensor matches such a re-run
+passes as ``kink`` (or ``convention`` when a guard was involved), with a note naming the elements.
 """
 
 from __future__ import annotations
@@ -168,6 +168,14 @@ def _vjp(act, z, a, up, d1):
     return up * d1
 
 
+def _per_slope(diff: torch.Tensor, slope: torch.Tensor) -> torch.Tensor:
+    """|diff| / |slope|: a difference in δ as one in the upstream it was formed from (a zero slope: 0 where diff
+    is exactly 0, else ∞, since nothing but 0 comes out of it)."""
+    s = slope.abs()
+    return torch.where(s > 0, diff.abs() / torch.where(s > 0, s, 1.0),
+                       torch.where(diff == 0, 0.0, math.inf).to(diff.dtype))
+
+
 class Adopter:
     """The hook given to ``run_twin(adopt=...)``: on multi-valued elements, take the candidate's choice.
 
@@ -188,7 +196,8 @@ class Adopter:
         return self._d1[i]
 
     def options(self, i, up, g) -> list:
-        """[(category, label, mask, alternative δ)] for layer i given the (re-run) upstream ``up``."""
+        """[(category, label, mask, alternative δ, slope)] for layer i given the (re-run) upstream ``up``; slope: the
+        one-sided slope a kink's alternative takes per element (None for the loss's and the guards')."""
         graph = nodes(self.spec)
         sp, L = self.special, len(graph)
         act = graph[i].activation
@@ -207,7 +216,7 @@ class Adopter:
                 torch_took_left = (d1 - left).abs() <= (d1 - right).abs()
                 other = torch.where(torch_took_left, torch.full_like(d1, right), torch.full_like(d1, left))
                 other_d1 = torch.where(near, other, other_d1)
-                out.append(("kink", "other", near, up * other))
+                out.append(("kink", "other", near, up * other, other))
         if i == L - 1:
             if sp.loss_kink is not None and sp.loss_kink.any():
                 lk = torch.from_numpy(sp.loss_kink)
@@ -220,14 +229,14 @@ class Adopter:
                 both = lk & torch.from_numpy(mask) if other_d1 is not None else None
                 for label, c in (("+", 1.0), ("-", -1.0), ("0", 0.0)):
                     alt_up = torch.where(lk, torch.full_like(up, c / N), up)
-                    out.append(("loss", label, rows, _vjp(act, z, a, alt_up, self._d1_of(i))))
-                    if both is not None and both.any():
-                        out.append(("kink+loss", label, both, alt_up * other_d1))
+                    out.append(("loss", label, rows, _vjp(act, z, a, alt_up, self._d1_of(i)), None))
+                    if both is not None and both.any():  # its upstream is replaced too: read by plain distance
+                        out.append(("kink+loss", label, both, alt_up * other_d1, None))
             if sp.guard is not None:
                 gm = sp.guard.any(axis=-1, keepdims=True) & np.ones_like(sp.guard) if act.output_only else sp.guard
                 gm = torch.from_numpy(gm)
                 for label, alt in sp.guard_deltas.items():
-                    out.append(("guard", label, gm, torch.from_numpy(alt)))
+                    out.append(("guard", label, gm, torch.from_numpy(alt), None))
         return out
 
     def __call__(self, i, up, g):
@@ -238,14 +247,29 @@ class Adopter:
         new = g.clone()
         if key in self.deltas:  # per element, the option nearest the candidate's own δ
             cand = torch.from_numpy(np.asarray(self.deltas[key], dtype=np.float64).reshape(g.shape))
-            best = (cand - g).abs()
-            for cat, label, mask, alt in opts:
+            # a kink's sides first, each at its distance in units of its slope: the candidate's δ there is its own
+            # upstream times the slope it took, and that upstream's rounding reaches δ scaled by the slope (none
+            # at all through relu's 0). Where the upstream is within its rounding of 0, the plain distance would
+            # read a δ of the larger slope as the smaller one's, whose allowance is far tighter (or nil)
+            kinks = [o for o in opts if o[4] is not None]
+            if kinks:
+                best = _per_slope(cand - g, self._d1_of(i))
+                for cat, label, mask, alt, slope in kinks:
+                    far = _per_slope(cand - alt, slope)
+                    closer = mask & (far < best)
+                    best = torch.where(closer, far, best)
+                    new = torch.where(closer, alt, new)
+                    self._count(i, cat, label, closer & ((alt - g).abs() > 0))
+            best = (cand - new).abs()
+            for cat, label, mask, alt, slope in opts:
+                if slope is not None:
+                    continue
                 closer = mask & ((cand - alt).abs() < best)
                 best = torch.where(closer, (cand - alt).abs(), best)
                 new = torch.where(closer, alt, new)
                 self._count(i, cat, label, closer & ((alt - g).abs() > 0))
         else:
-            for cat, label, mask, alt in opts:
+            for cat, label, mask, alt, _ in opts:
                 if cat == "kink+loss":  # applies where both choices are made (after each alone: it overrides)
                     chosen = self.choice.get("kink", "torch") == "other" and self.choice.get("loss", "torch") == label
                 else:
