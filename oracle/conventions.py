@@ -10,7 +10,10 @@ Two kinds of element have more than one valid gradient:
   its forward clamps each log at −100. Neither is the derivative of the loss: where the guard is active
   (an output within 1e-12 of 0 or 1) the exact δ of sigmoid + bce is (σ(z) − y)/N, and torch's is
   not. Both are accepted: the exact value, torch's float64 value, and (for a float32 candidate) the
-  value torch computes in float32, where the guard switches on earlier.
+  value torch computes in float32, where the guard switches on earlier. Where an output lies within
+  float32 rounding of 1, whether it rounds to exactly 1 (and so switches the guard on) depends on the
+  order of a sum (a softmax's normalizer): torch's guarded formula with those outputs taken as 1 is
+  accepted too.
 
 How they are judged: the backward of the torch twin is re-run with a hook at each layer
 (``twin.run_twin(adopt=...)``) that, on these elements only, replaces torch's δ by the alternative the
@@ -32,7 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from .graph import nodes
-from .rounding import derivatives, one_sided_slopes
+from .rounding import ULPS, UNIT_ROUNDOFF, derivatives, one_sided_slopes
 from .twin import pool_windows, route_weights, run_twin
 
 #: torch's guard in the BCE backward: max(a(1 − a), EPS), EPS = 1e-12 stored as a float32 constant
@@ -66,16 +69,23 @@ class Guards:
 
 
 def find_guards(spec, ref, params, x, y, y64, dtype) -> Guards:
-    """bce: where a(1 − a) < 1e-12 (in float64, or in the candidate's float32) or a log would pass −100."""
+    """bce: where a(1 − a) < 1e-12 (in float64, or in the candidate's float32) or a log would pass −100, and (float32)
+    where a softmax output is within rounding of 1."""
     if spec.loss.name != "bce":
         return Guards()
     a = ref.output
     mask = (a * (1 - a) < BCE_GUARD) | (a < 1e-43) | (1 - a < 1e-43)
-    run32 = None
+    run32, at1 = None, None
     if np.dtype(dtype) == np.float32:
         run32 = run_twin(spec, params, x, y, np.float32)
         a32 = run32.output
         mask = mask | (a32 * (np.float32(1) - a32) < np.float32(BCE_GUARD))
+        if nodes(spec)[-1].activation.name == "softmax":
+            # 1 − p within float32 rounding (ULPS ulps, as rounding.allowance's E_a): whether p is exactly 1 in
+            # float32 (and the guard on) depends on the order the normalizer is summed in, 1 + Σ tiny terms
+            near = 1 - a <= ULPS * (UNIT_ROUNDOFF[np.dtype(np.float32)] + UNIT_ROUNDOFF[np.dtype(np.float64)])
+            mask = mask | near
+            at1 = near & (a32 != 1)
     if not mask.any():
         return Guards()
     guards = Guards(mask)
@@ -83,7 +93,22 @@ def find_guards(spec, ref, params, x, y, y64, dtype) -> Guards:
     if run32 is not None:
         guards.deltas["float32"] = run32.deltas[nodes(spec)[-1].name].astype(np.float64)
         guards.losses["float32"] = float(run32.loss)
+        if at1 is not None and at1.any():
+            label = "float32, outputs near 1 taken as 1"
+            guards.deltas[label], guards.losses[label] = _guarded_float32(spec, np.where(at1, np.float32(1), a32), y)
     return guards
+
+
+def _guarded_float32(spec, a32: np.ndarray, y) -> tuple[np.ndarray, float]:
+    """(δ_L, C) of torch's bce (its guard and log clamp) and its softmax backward, computed in float32 from the
+    softmax outputs ``a32``."""
+    at = torch.from_numpy(np.asarray(a32, dtype=np.float32)).requires_grad_(True)
+    with torch.enable_grad():
+        loss = F.binary_cross_entropy(at, torch.from_numpy(np.asarray(y, dtype=np.float32)))
+        (up,) = torch.autograd.grad(loss, at)
+    at = at.detach()
+    delta = at * (up - (up * at).sum(dim=-1, keepdim=True))   # torch's softmax backward, from its output
+    return delta.numpy().astype(np.float64), float(loss.detach())
 
 
 def find(spec, ref, allow, y64, guards: Guards) -> Special:
@@ -317,7 +342,9 @@ def notes(spec, taken: dict) -> list[str]:
                        f"than torch and sign(0) = {label}1 where torch uses 0; both are valid subgradients.")
         else:
             what = ("the exact derivative of the loss (torch's guard max(a(1 − a), 1e-12) is not)" if label == "exact"
-                    else "torch's guarded value computed in float32")
+                    else "torch's guarded value computed in float32" if label == "float32"
+                    else "torch's guarded value computed in float32 with the outputs within rounding of 1 taken as "
+                         "exactly 1 (as a float32 softmax may round them)")
             out.append(f"Numerical-guard convention: at {n} output element(s) where torch's bce guard "
                        f"max(a(1 − a), 1e-12) or its log clamp at −100 is active, the candidate follows {what}; "
                        f"both are accepted.")

@@ -1,6 +1,6 @@
-"""Regression: four false alarms of ``oracle.rates.false_alarms`` (5000–10000 cases per dtype), in float32: two of
-second_correct judged ``bug``, one of manual_bp judged ``forward``. Each case is rebuilt from its recorded seed by ``oracle.rates.replay``; next to each, a
-real bug on the same case must still fail.
+"""Regression: false alarms of ``oracle.rates.false_alarms`` and of a detection run's controls (5000–20000 cases per
+dtype), all in float32: correct implementations judged ``bug`` or ``forward``. Each case is rebuilt from its recorded
+seed by ``oracle.rates.replay``; next to each, a real bug on the same case must still fail.
 
 1. seed 31, norm share: ``15 -> 4 softplus -> layer_norm selu -> batch_norm selu -> batch_norm selu -> 2 sigmoid,
    half_mse``, near_zero, batch 7. Both batch norms see a nearly constant batch (σ² ≈ 1e-7 ≪ eps), so z₂ and z₃ carry
@@ -31,6 +31,14 @@ real bug on the same case must still fail.
    relu(z)/N, a valid one). The Adopter offered each choice alone, relu's other slope times torch's ∂C/∂a = 0, or
    ±1/N times torch's relu′ = 0, both 0; δ₃, δ₂ (40% off, allowance 2e-3) and every θ below followed. Fixed in
    ``conventions.Adopter.options``: on output elements within rounding of both kinks, the two choices together.
+5. data seed 4121707716, saturated bce: ``16 -> 9 softmax, bce``, batch 5; manual_bp judged ``bug`` (δ[3, 3] −787.1
+   where torch has −0.0168). Row 3's p₅ = 1 − 9.68e-8, 1.6 float32 ulps below 1: float64 has p₅(1 − p₅) ≈ 1e-7, no
+   guard at p₅. manual_bp's normalizer 1 + Σ tiny terms sums to exactly 1.0 in float32 (each term under half an ulp),
+   so p₅ = 1, torch's guard switches on, G₅ = (1 − y₅)/1e-12/N ≈ 1.38e10 and δ_k = p_k(G_k − Σ G p) ≈ −p_k G₅ (−787 at
+   k = 3), δ₅ = 0 after the cancellation. torch's float32 softmax sums in another order, gets p₅ = 1 − 1.19e-7 and no
+   guard (its value −0.0153), so the "float32" alternative did not hold it (on row 1 torch too rounds p₅ to 1, and
+   manual_bp matched it there). Both roundings are correct float32; fixed in ``conventions.find_guards``: a float32
+   softmax output within rounding of 1 joins the guard mask, with torch's guarded float32 formula taking it as 1.
 """
 
 import importlib.util
@@ -73,6 +81,10 @@ CASES = {
             {"type": "layer_norm", "eps": 1e-05, "normalized_shape": [3], "elementwise_affine": True, "activation": "identity"},
             {"type": "temporal_dense", "units": 6, "activation": "relu", "bias": False}], "loss": "l1"},
         "regime": "exact_kinks", "dtype": "float32", "batch": 1, "data_seed": 727232},
+    "softmax_bce_output_rounds_to_1_float32": {
+        "spec": {"format_version": 1, "name": "", "description": "", "input_size": 16, "layers": [
+            {"type": "dense", "units": 9, "activation": "softmax", "bias": True}], "loss": "bce"},
+        "regime": "saturated", "dtype": "float32", "batch": 5, "data_seed": 4121707716},
 }
 
 
@@ -127,6 +139,18 @@ def _loss_off(eps):
     return grads
 
 
+def _output_delta_scaled(eps):
+    """manual_bp with its output δ, and every gradient below from it, off by a factor 1 + eps (one dense layer)."""
+    import manual_bp as bp
+
+    def grads(spec, params, x, y):
+        r = bp.gradients(spec, params, x, y)
+        scale = np.float32(1 + eps)
+        return r.loss, {k: v * scale for k, v in r.grads.items()}, {k: v * scale for k, v in r.deltas.items()}
+
+    return grads
+
+
 def _mutant(name):
     return next(m for m in CATALOGUE if m.name == name).grads_fn
 
@@ -156,6 +180,8 @@ def test_manual_bp_float32_is_not_a_bug(name):
     ("relu_l1_double_kink_float32", lambda: _act_vjp_call_off(3, 0.01)),  # calls run layers 4, 3, 2: δ₂ 1% off
     ("relu_l1_double_kink_float32", lambda: _mutant("layer_norm_backward_over_batch_axis")),
     ("relu_l1_double_kink_float32", lambda: _mutant("sign_flip")),
+    ("softmax_bce_output_rounds_to_1_float32", lambda: _mutant("softmax_jvp_dropped")),
+    ("softmax_bce_output_rounds_to_1_float32", lambda: _output_delta_scaled(0.01)),
 ])
 def test_a_real_bug_on_the_same_case_still_fails(name, bug):
     spec, params, x, y = rates.replay(CASES[name])
@@ -223,3 +249,26 @@ def test_the_exact_bce_moves_with_z_within_its_drift():
     assert np.abs(got - at64).max() > 1e-5 * np.abs(at64).max()      # ... not the formula's rounding
     drift = conventions.exact_bce_drift(spec, z64, y64, np.abs(z32 - z64))
     assert np.all(np.abs(at32 - at64) <= 1.01 * drift + 1e-15)
+
+
+def test_a_float32_softmax_output_within_rounding_of_1_may_switch_the_guard_on():
+    """Case 4's mechanism: p₅ of row 3 is 1 in manual_bp's float32 softmax, not in torch's; the guarded formula with
+    p₅ = 1 is an accepted alternative on that row, and it is manual_bp's answer."""
+    import manual_bp as bp
+    from manual_bp.activations import softmax
+    from oracle.twin import run_twin
+
+    spec, params, x, y = rates.replay(CASES["softmax_bce_output_rounds_to_1_float32"])
+    p64 = {k: v.astype(np.float64) for k, v in params.items()}
+    y64 = y.astype(np.float64)
+    ref = run_twin(spec, p64, x.astype(np.float64), y64, np.float64)
+    assert 0 < 1 - ref.output[3, 5] < 2 * 2.0 ** -24                          # within 2 float32 ulps of 1
+    assert ref.output[3, 5] * (1 - ref.output[3, 5]) > conventions.BCE_GUARD  # no guard in float64
+    assert softmax(x @ params["layers.0.weight"].T + params["layers.0.bias"])[3, 5] == 1  # manual_bp's p₅
+    assert run_twin(spec, params, x, y, np.float32).output[3, 5] < 1                   # torch's float32 p₅
+    guards = conventions.find_guards(spec, ref, params, x, y, y64, np.float32)
+    assert guards.mask[3, 5]
+    alt = guards.deltas["float32, outputs near 1 taken as 1"][3]
+    got = bp.gradients(spec, params, x, y).deltas["layers.0"][3].astype(np.float64)
+    assert got[3] == pytest.approx(-787.11, rel=1e-4)
+    assert np.abs(got - alt).max() <= 1e-5 * np.abs(alt).max()
