@@ -1541,3 +1541,29 @@ def test_the_input_gradient_is_judged_on_the_larger_scale():
         assert s.of("input.grad") == float(s) == 2.0
         assert s.of("layers.3.delta") == s.of("delta.layers.3") == delta
         assert s.of("layers.3.weight") == s.of("grad.layers.3.weight") == param
+
+
+@pytest.mark.parametrize("name", ["half_sse", "sse", "half_mse", "mse", "huber", "smooth_l1"])
+def test_the_loss_gradients_terms_are_its_own_size_where_nothing_cancels(name):
+    """The noise runs round ∇ₐC by u times the size of the terms it is formed from (a and y, scaled as the loss
+    scales them). Where a and y have opposite signs, |a − y| = |a| + |y|: those sizes must equal |∇ₐC| itself, as
+    torch.autograd computes it (huber and smooth_l1 inside their quadratic zone); where they share a sign, the terms
+    exceed it by (|a| + |y|)/|a − y|."""
+    import torch
+
+    from oracle.noise import _loss_gradient_terms
+    from oracle.twin import loss_fn
+
+    spec = _spec(3, [(4, "identity", True)], {"name": name, "beta": 2.0} if name == "smooth_l1" else
+                 ({"name": name, "delta": 2.0} if name == "huber" else name))
+    rng = np.random.default_rng(5)
+    a = 0.4 * np.abs(rng.standard_normal((3, 4)))
+    y = -0.4 * np.abs(rng.standard_normal((3, 4)))  # opposite signs, |a − y| < 2 (inside huber's and smooth_l1's zone)
+    at = torch.tensor(a, requires_grad=True)
+    (grad,) = torch.autograd.grad(loss_fn(spec.loss)(at, torch.tensor(y)), at)
+    terms = _loss_gradient_terms(spec.loss, torch.tensor(a), torch.tensor(y), grad.numpy()).numpy()
+    np.testing.assert_allclose(terms, np.abs(grad.numpy()), rtol=1e-12)
+    same = np.abs(y)  # same signs: the terms are the result's size times (|a| + |y|)/|a − y| > 1, not the result's
+    (grad2,) = torch.autograd.grad(loss_fn(spec.loss)(at, torch.tensor(same)), at)
+    terms2 = _loss_gradient_terms(spec.loss, torch.tensor(a), torch.tensor(same), grad2.numpy()).numpy()
+    np.testing.assert_allclose(terms2 * np.abs(a - same), np.abs(grad2.numpy()) * (a + same), rtol=1e-12)
