@@ -278,13 +278,18 @@ class Adopter:
             # read a δ of the larger slope as the smaller one's, whose allowance is far tighter (or nil)
             kinks = [o for o in opts if o[4] is not None]
             if kinks:
-                best = _per_slope(cand - g, self._d1_of(i))
+                d1 = self._d1_of(i)
+                best = _per_slope(cand - g, d1)
                 for cat, label, mask, alt, slope in kinks:
                     far = _per_slope(cand - alt, slope)
                     closer = mask & (far < best)
                     best = torch.where(closer, far, best)
                     new = torch.where(closer, alt, new)
-                    self._count(i, cat, label, closer & ((alt - g).abs() > 0))
+                    # a nonzero δ where torch's slope is 0 took the other side even where that side's δ at torch's
+                    # z is 0 too (∂C/∂a = 0 at torch's a, e.g. σ(0) − ½ behind a relu): its value moves with the
+                    # rounded forward, which only the noise measured on that side covers (torch's side gives none)
+                    shown = closer & (d1 == 0) & (cand != 0)
+                    self._count(i, cat, label, closer & (((alt - g).abs() > 0) | shown))
             best = (cand - new).abs()
             for cat, label, mask, alt, slope in opts:
                 if slope is not None:

@@ -166,7 +166,12 @@ class Magnitudes:
         the input's size ``A`` and error ``Ea``, and ``gamma(k)`` = γ_k (``oracle.rounding``)."""
         kw, out = self.k_w, {}
         if "weight" in self.w:
-            out["weight"] = (self.back_weight(edelta, self.weight_input(A)) + self.back_weight(ad, self.weight_error(Ea))
+            # (δ + e)ᵀ(a + f) − δᵀa = eᵀa + δᵀf + eᵀf: the last, a product of two errors, is u² small where the
+            # network is well conditioned, but not where the forward's error is as large as the values themselves
+            # (a batch norm over tied values, 1/√ε times the mean's rounding, several norms deep): there torch's
+            # δ and a can both be ≈ 0 while a correct implementation's are both of the size of their errors
+            Ew = self.weight_error(Ea)
+            out["weight"] = (self.back_weight(edelta, self.weight_input(A) + Ew) + self.back_weight(ad, Ew)
                              + gamma(kw) * self.weight_terms(ad, A) + kw * eta)
         if "bias" in self.w:
             out["bias"] = self.back_bias(edelta) + gamma(kw) * self.back_bias(ad) + kw * eta

@@ -19,7 +19,7 @@ Backward, from ∇_a C at the output (loss-specific: its Hessian times E_{a_L} p
 .. math::
 
     E_{δ_i} = E_{up}\,|g'| + |up|\,(|g''|\,E_{z_i} + c\,u\,M_{g'}(z_i)) + c\,u\,|δ_i|
-    E_{∂θ_i} = E_{δ_i}^T|a_i| + |δ_i|^T E_{a_i} + γ_{m+1}|δ_i|^T|a_i|,\quad
+    E_{∂θ_i} = E_{δ_i}^T(|a_i| + E_{a_i}) + |δ_i|^T E_{a_i} + γ_{m+1}|δ_i|^T|a_i|,\quad
     E_{∂b_i} = \textstyle\sum E_{δ_i} + γ_{m+1}\sum|δ_i|
     E_{up_{i-1}} = E_{δ_i}|θ_i| + γ_{n+1}|δ_i||θ_i|
 
@@ -41,7 +41,8 @@ an absolute error of order u·a, not u·σ′; 1 − tanh² cancels where |tanh|
 ½(1 + erf) cancels for z ≪ 0; and so on (``_scales``). c = 8 ulps per formula. γ_k is the worst case of
 a k-term dot product. Every term is linear in u, so the candidate's rounding (u of its dtype) and the
 reference's (float64) add up to one bound with u = u_dtype + u_float64. The first-order terms miss only
-products of two rounding errors.
+products of two rounding errors (but for ∂θ's E_δᵀE_a, kept: where a norm amplifies a tie's rounding to
+the size of the values, torch's δ and a can both be ≈ 0 while a correct implementation's are as large as their errors).
 
 What the bound does **not** cover, on purpose: which side of a kink an element takes, and whether a
 numerical guard is active. Those are held fixed here (slopes use the larger side within reach of a

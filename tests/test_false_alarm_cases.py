@@ -1,5 +1,5 @@
 """Regression: false alarms of ``oracle.rates.false_alarms`` and of a detection run's controls (5000–20000 cases per
-dtype), all in float32: correct implementations judged ``bug`` or ``forward``. Each case is rebuilt from its recorded
+dtype): correct implementations judged ``bug`` or ``forward``, in float32 unless said. Each case is rebuilt from its recorded
 seed by ``oracle.rates.replay``; next to each, a real bug on the same case must still fail.
 
 1. seed 31, norm share: ``15 -> 4 softplus -> layer_norm selu -> batch_norm selu -> batch_norm selu -> 2 sigmoid,
@@ -39,6 +39,22 @@ seed by ``oracle.rates.replay``; next to each, a real bug on the same case must 
    guard (its value −0.0153), so the "float32" alternative did not hold it (on row 1 torch too rounds p₅ to 1, and
    manual_bp matched it there). Both roundings are correct float32; fixed in ``conventions.find_guards``: a float32
    softmax output within rounding of 1 joins the guard mask, with torch's guarded float32 formula taking it as 1.
+6. exact_kinks, in float64 and float32: ``1x9 -> conv1d 4 silu -> batch_norm selu -> avg_pool1d -> batch_norm
+   leaky_relu -> batch_norm mish -> conv1d 4 silu -> flatten -> 3 relu (no bias), bce_with_logits``, batch 1, manual_bp
+   judged ``bug``. x is constant (−1.5), so the first batch norm normalizes 9 tied values per channel: exactly, x − μ = 0
+   and every z after it is 0 (all three relu outputs on their kink, y = (1, ½, ½)). The mean's last-bit rounding
+   (torch 1.8e-14 after 1/√ε, manual_bp 8.8e-15, in float64) is amplified by 1/√ε ≈ 316 at each later norm (σ² ≪ ε):
+   torch's z₇ = (−2.2e-11, −3.1e-10, −2.5e-10), manual_bp's (−2.7e-11, +1.2e-11, −7.7e-12). torch's relu has slope 0
+   on all three, so its every gradient is 0; manual_bp's z₇[1] > 0 gives δ₇[1] = (σ(1.2e-11) − ½)/3 = 9.7e-13, valid
+   (z₇ is within E_z ≈ 2e-6 of the kink). Two gaps: (a) the candidate's side was never adopted, because both sides'
+   δ at torch's values are 0 (∂C/∂a = σ(relu(z)) − ½ = 0 at torch's a = 0), so nothing counted as taken and the
+   noise stayed on torch's zero-slope side, where δ is 0 in every run (B = 0). ``conventions.Adopter`` now reads a
+   nonzero δ where torch's slope is 0 as the other side (a zero slope makes δ exactly 0 in any arithmetic). (b) in
+   float32 the residue reaches O(0.1) (manual_bp's z₄ = 0.27, E_z₄ ≈ 228): ∂C/∂θ₇ row 2 = δ₇[2]·a₆ is 1.7e-4 where
+   torch's δ₇[2] and a₆ are both ≈ 0, and the worst case that caps the noise had only the first-order eᵀa + δᵀf
+   (8e-9), not the product of the two errors eᵀf (``Magnitudes.param_bounds`` now adds it; it is u² small elsewhere).
+   On this case the gradient is rounding through and through (its exact value is 0 in float64), so a 1% scaling of
+   it is not detectable; a wrong backward of a norm still is.
 """
 
 import importlib.util
@@ -85,6 +101,20 @@ CASES = {
         "spec": {"format_version": 1, "name": "", "description": "", "input_size": 16, "layers": [
             {"type": "dense", "units": 9, "activation": "softmax", "bias": True}], "loss": "bce"},
         "regime": "saturated", "dtype": "float32", "batch": 5, "data_seed": 4121707716},
+    **{f"tied_norm_relu_output_{dt}": {
+        "spec": {"format_version": 2, "name": "", "description": "", "input": {"shape": [1, 9]}, "layers": [
+            {"type": "conv1d", "out_channels": 4, "kernel_size": 1, "stride": 1, "padding": "same", "dilation": 1,
+             "groups": 1, "activation": "silu", "bias": True},
+            {"type": "batch_norm", "eps": 1e-05, "momentum": 0.1, "affine": False, "training": True, "activation": "selu"},
+            {"type": "avg_pool1d", "kernel_size": 2, "stride": 2, "padding": 1, "count_include_pad": True},
+            {"type": "batch_norm", "eps": 1e-05, "momentum": 0.1, "affine": False, "training": True,
+             "activation": {"name": "leaky_relu", "negative_slope": 0.1}},
+            {"type": "batch_norm", "eps": 1e-05, "momentum": 0.1, "affine": False, "training": True, "activation": "mish"},
+            {"type": "conv1d", "out_channels": 4, "kernel_size": 1, "stride": 1, "padding": "same", "dilation": 1,
+             "groups": 1, "activation": "silu", "bias": True},
+            {"type": "flatten"},
+            {"type": "dense", "units": 3, "activation": "relu", "bias": False}], "loss": "bce_with_logits"},
+        "regime": "exact_kinks", "dtype": dt, "batch": 1, "data_seed": 2232319846} for dt in ("float64", "float32")},
 }
 
 
@@ -182,6 +212,8 @@ def test_manual_bp_float32_is_not_a_bug(name):
     ("relu_l1_double_kink_float32", lambda: _mutant("sign_flip")),
     ("softmax_bce_output_rounds_to_1_float32", lambda: _mutant("softmax_jvp_dropped")),
     ("softmax_bce_output_rounds_to_1_float32", lambda: _output_delta_scaled(0.01)),
+    ("tied_norm_relu_output_float64", lambda: _mutant("batch_norm_mean_path_dropped")),
+    ("tied_norm_relu_output_float32", lambda: _mutant("batch_norm_mean_path_dropped")),
 ])
 def test_a_real_bug_on_the_same_case_still_fails(name, bug):
     spec, params, x, y = rates.replay(CASES[name])
@@ -272,3 +304,22 @@ def test_a_float32_softmax_output_within_rounding_of_1_may_switch_the_guard_on()
     got = bp.gradients(spec, params, x, y).deltas["layers.0"][3].astype(np.float64)
     assert got[3] == pytest.approx(-787.11, rel=1e-4)
     assert np.abs(got - alt).max() <= 1e-5 * np.abs(alt).max()
+def test_a_nonzero_delta_where_torch_has_slope_zero_takes_the_other_side():
+    """Case 4's mechanism (float64): torch's relu slope is 0 on all three outputs, so its δ₇ is exactly 0, and the
+    other side's δ at torch's values is 0 too at element 1 (σ(relu(z)) − ½ = 0 at torch's a = 0); manual_bp's δ₇[1]
+    is not 0, which only the other side can give: the Adopter takes it there (and nowhere δ is 0)."""
+    from oracle.checker import prepare, run_candidate
+    from oracle.rounding import allowance
+    from oracle.twin import run_twin
+
+    spec, params, x, y, dt, _ = prepare(*rates.replay(CASES["tied_norm_relu_output_float64"]))
+    ref = run_twin(spec, params, x, y, np.float64)
+    assert not ref.deltas["layers.7"].any()
+    guard = conventions.find_guards(spec, ref, params, x, y, y, dt)
+    special = conventions.find(spec, ref, allowance(spec, params, x, y, ref, dt, guard=guard.mask), y, guard)
+    assert special.kink[7].all()
+    cand = run_candidate(oracle.mutants.CORRECT.grads_fn, spec, dict(params), x, y, dt)
+    assert list(np.flatnonzero(cand.deltas["layers.7"])) == [1]
+    adopter = conventions.Adopter(spec, ref, special, cand.deltas, {})
+    run_twin(spec, params, x, y, np.float64, adopt=adopter)
+    assert adopter.taken.get((7, "kink", "other")) == 1
