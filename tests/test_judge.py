@@ -1543,7 +1543,7 @@ def test_the_input_gradient_is_judged_on_the_larger_scale():
         assert s.of("layers.3.weight") == s.of("grad.layers.3.weight") == param
 
 
-@pytest.mark.parametrize("name", ["half_sse", "sse", "half_mse", "mse", "huber", "smooth_l1"])
+@pytest.mark.parametrize("name", ["half_sse", "sse", "half_mse", "mse", "huber", "smooth_l1", "bce_with_logits"])
 def test_the_loss_gradients_terms_are_its_own_size_where_nothing_cancels(name):
     """The noise runs round ∇ₐC by u times the size of the terms it is formed from (a and y, scaled as the loss
     scales them). Where a and y have opposite signs, |a − y| = |a| + |y|: those sizes must equal |∇ₐC| itself, as
@@ -1559,6 +1559,14 @@ def test_the_loss_gradients_terms_are_its_own_size_where_nothing_cancels(name):
     rng = np.random.default_rng(5)
     a = 0.4 * np.abs(rng.standard_normal((3, 4)))
     y = -0.4 * np.abs(rng.standard_normal((3, 4)))  # opposite signs, |a − y| < 2 (inside huber's and smooth_l1's zone)
+    if name == "bce_with_logits":  # ∇ₐC = (σ(a) − y)/N from the terms σ(a) and y ∈ [0, 1]: y = 0 cancels nothing
+        at = torch.tensor(a, requires_grad=True)
+        for y_ in (np.zeros_like(a), np.full_like(a, 0.3)):
+            (grad,) = torch.autograd.grad(loss_fn(spec.loss)(at, torch.tensor(y_)), at)
+            terms = _loss_gradient_terms(spec.loss, torch.tensor(a), torch.tensor(y_), grad.numpy()).numpy()
+            s = 1 / (1 + np.exp(-a))
+            np.testing.assert_allclose(terms * np.abs(s - y_), np.abs(grad.numpy()) * (s + y_), rtol=1e-12)
+        return
     at = torch.tensor(a, requires_grad=True)
     (grad,) = torch.autograd.grad(loss_fn(spec.loss)(at, torch.tensor(y)), at)
     terms = _loss_gradient_terms(spec.loss, torch.tensor(a), torch.tensor(y), grad.numpy()).numpy()
