@@ -31,7 +31,7 @@ from manual_bp.data import check_params, check_x, check_y, dtype_of, ensure_real
 from manual_bp.named import show
 
 from . import conventions
-from .compare import (TOLERANCES, Scales, TensorComparison, Tolerance, compare_loss, compare_tensor, gradient_scale,
+from .compare import (TOLERANCES, Scales, TensorComparison, Tolerance, as_scales, compare_loss, compare_tensor,
                       mismatch_mask, scale_of)
 from .noise import measured_allowance
 from .rounding import allowance
@@ -129,9 +129,8 @@ class CheckResult:
         for t in bad:
             lines.append(t.message())
             lines.extend(f"  Hint: {h}" for h in self.hints.get(t.name, []))
-        scales = (f"S_δ = {self.scale.delta:.3g}, S_θ = {self.scale.param:.3g}" if isinstance(self.scale, Scales)
-                  else f"S = {self.scale:.3g}")
-        lines.append(f"Criterion: {self.tolerance.describe()}, {scales}")
+        s = as_scales(self.scale)
+        lines.append(f"Criterion: {self.tolerance.describe()}, S_δ = {s.delta:.3g}, S_θ = {s.param:.3g}")
         return "\n".join(lines)
 
 
@@ -254,10 +253,7 @@ def _scale(ref, dt, tol) -> Scales:
     rounding does not grow with it: an S taken from ∂C/∂x would let atol·S·√n swamp every δ and parameter
     gradient, a dropped Bessel factor included. ∂C/∂x itself is still judged, by rtol·‖ĝ‖, atol·S and its
     own rounding allowance B. (``rates.changes_something`` takes S the same way.)"""
-    def of(tensors):
-        return gradient_scale(max((_largest(t) for t in tensors), default=0.0), ref.loss, dt, tol)
-
-    return Scales(of(ref.deltas.values()), of(ref.grads.values()))
+    return Scales.of_reference(ref.grads.values(), ref.deltas.values(), ref.loss, dt, tol)
 
 
 def _compare_all(spec, cand: Candidate, ref, bounds: dict, tol: Tolerance, scale: float, arrays: dict) -> list:

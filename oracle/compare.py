@@ -115,6 +115,14 @@ class Scales(float):
     def __reduce__(self):
         return (Scales, (self.delta, self.param))
 
+    @classmethod
+    def of_reference(cls, grads, deltas, loss: float, dtype, tol: Tolerance) -> "Scales":
+        """S_δ from the reference's δ tensors, S_θ from its parameter gradients (each through ``gradient_scale``)."""
+        def largest(tensors):
+            return max((max(float(t.max()), -float(t.min())) for t in map(np.asarray, tensors) if t.size), default=0.0)
+
+        return cls(gradient_scale(largest(deltas), loss, dtype, tol), gradient_scale(largest(grads), loss, dtype, tol))
+
     def of(self, name: str) -> float:
         """The scale the tensor ``name`` is judged on: S_δ for a δ, S for ∂C/∂x, S_θ for a parameter's gradient."""
         if name.endswith(".delta") or name.startswith("delta."):  # layers.1.delta, or a golden set's delta.layers.1
@@ -122,9 +130,14 @@ class Scales(float):
         return float(self) if name == "input.grad" else self.param
 
 
+def as_scales(scale) -> Scales:
+    """``scale`` as ``Scales``: a plain float S (a report or golden set from before S_δ and S_θ) is both."""
+    return scale if isinstance(scale, Scales) else Scales(float(scale), float(scale))
+
+
 def scale_of(scale, name: str) -> float:
-    """``scale.of(name)`` for ``Scales``; a plain float S is every tensor's scale."""
-    return scale.of(name) if isinstance(scale, Scales) else float(scale)
+    """The scale the tensor ``name`` is judged on (``Scales.of``); a plain float S is every tensor's."""
+    return as_scales(scale).of(name)
 
 
 @dataclass(frozen=True)

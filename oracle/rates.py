@@ -60,7 +60,7 @@ import manual_bp as bp
 from manual_bp import Spec, SpecError
 
 from .checker import CandidateError, check
-from .compare import TOLERANCES, gradient_scale
+from .compare import TOLERANCES, Scales
 from .mutants import CATALOGUE, CORRECT, Mutant
 from .strategies import (cases, cnn_specs, draw_data, draw_params, embedding_specs, fit_batch, per_step_specs,
                          sequence_model_specs, specs, with_norms, with_residuals)
@@ -261,12 +261,8 @@ def _differ(got, ref, tol, floor: float = 0.0, dtype="float64", slack: dict | No
     ``slack`` (a distance per tensor: torch's own float32 error) where one is given."""
     (loss, grads, deltas), (ref_loss, ref_grads, ref_deltas) = got, ref
     ref_loss = float(ref_loss)
-
-    def scale_of(tensors):  # S_δ and S_θ, as the oracle takes them (checker._scale)
-        largest = max((float(np.max(np.abs(t))) for t in tensors if np.size(t)), default=0.0)
-        return gradient_scale(largest, ref_loss, dtype, tol)
-
-    s_theta, s_delta = scale_of(ref_grads.values()), scale_of(ref_deltas.values())
+    scales = Scales.of_reference(ref_grads.values(), ref_deltas.values(), ref_loss, dtype, tol)  # as the oracle's
+    s_theta, s_delta = scales.param, scales.delta
     slack = slack or {}
 
     def beyond(name, g, r, scale_):

@@ -47,7 +47,7 @@ from pathlib import Path
 import numpy as np
 
 from manual_bp import SpecError
-from .compare import scale_of
+from .compare import as_scales, scale_of
 
 SCHEMA = "bp-oracle/check"
 SCHEMA_VERSION = 1
@@ -102,7 +102,7 @@ def result_dict(result, *, seed, impl: str, replay: str, source: str, case_sha25
         "tolerance": {"rtol": result.tolerance.rtol, "atol": result.tolerance.atol,
                       "rounding_factor": result.tolerance.rounding_factor,
                       "criterion": result.tolerance.describe(), "scale_S": float(result.scale),
-                      "scale_S_delta": scale_of(result.scale, ".delta"), "scale_S_param": scale_of(result.scale, "")},
+                      "scale_S_delta": as_scales(result.scale).delta, "scale_S_param": as_scales(result.scale).param},
         "loss": result.loss.to_dict() if result.loss is not None else None,
         "tensors": [{**t.to_dict(), "hints": result.hints.get(t.name, [])} for t in result.tensors],
         "spec": result.spec.to_dict(),
