@@ -591,17 +591,12 @@ def _judge(spec: Spec, params, x, y, grads_fn, dt: np.dtype, tol: Tolerance, qui
                 if routes is None and not adopter.taken:
                     continue
                 # the re-run's own magnitudes bound its rounding (a guarded δ may be far larger than torch's), and
-                # the noise is measured around it, following the same choices (kinks, ties): never the looser
-                # worst case alone. Known gap: where a guard alternative was taken the worst case still stands
-                # (the jittered runs do not yet model the rounding of the alternative's own formula).
+                # the noise is measured around it, following the same choices (kinks, ties, a guard's alternative
+                # evaluated at each run's own logits): never the looser worst case alone
                 allow2 = allowance(spec, params64, x64, y64, again, dt, guard=guard.mask, alternatives=guard.deltas,
                                    routes=routes)
-                taken = adopter.taken if adopter is not None else {}
-                if any(cat == "guard" for _, cat, _ in taken):
-                    bounds2 = allow2.bounds
-                else:
-                    follow = conventions.Adopter(spec, ref, special, cand.deltas, choice or {}) if special.any else None
-                    bounds2 = measured_allowance(spec, params64, x64, y64, again, allow2, dt, adopt=follow, routes=routes)
+                follow = conventions.Adopter(spec, ref, special, cand.deltas, choice or {}) if special.any else None
+                bounds2 = measured_allowance(spec, params64, x64, y64, again, allow2, dt, adopt=follow, routes=routes)
                 arrays2: dict = {}
                 t2 = _compare_all(spec, cand, again, bounds2, tol, scale, arrays2)
                 failing = sum(not t.passed for t in t2)

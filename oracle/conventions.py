@@ -52,6 +52,7 @@ class Special:
     guard: np.ndarray | None        # output elements where a BCE guard or log clamp is active
     guard_deltas: dict = field(default_factory=dict)   # label -> δ_L alternative on guard elements
     guard_losses: dict = field(default_factory=dict)   # label -> loss value under that convention
+    guard_formulas: dict = field(default_factory=dict)  # label -> δ_L as a function of the logits (``Guards``)
 
     @property
     def any(self) -> bool:
@@ -66,6 +67,11 @@ class Guards:
     mask: np.ndarray | None = None
     deltas: dict = field(default_factory=dict)   # label -> δ_L under that convention
     losses: dict = field(default_factory=dict)   # label -> loss value under that convention
+    # label -> the formula behind ``deltas[label]`` as a function of the output's logits (a float64 torch tensor), its
+    # branches (guard on or off, an output rounded to exactly 0 or 1) held as they are at the reference: the noise
+    # ensemble evaluates it at each run's jittered logits, so that the rounding of the candidate's own z reaches
+    # the alternative it follows (a guarded δ_k ∝ p_k moves by p_k's relative error, z's absolute one)
+    formulas: dict = field(default_factory=dict)
 
 
 def find_guards(spec, ref, params, x, y, y64, dtype) -> Guards:
@@ -90,13 +96,33 @@ def find_guards(spec, ref, params, x, y, y64, dtype) -> Guards:
         return Guards()
     guards = Guards(mask)
     guards.deltas["exact"], guards.losses["exact"] = exact_bce(spec, ref.z[-1], y64)
+    guards.formulas["exact"] = lambda z: _exact_bce_delta(spec, z, y64)
     if run32 is not None:
         guards.deltas["float32"] = run32.deltas[nodes(spec)[-1].name].astype(np.float64)
         guards.losses["float32"] = float(run32.loss)
+        on32 = a32 * (np.float32(1) - a32) < np.float32(BCE_GUARD)
+        held = (a32 == 0) | (a32 == 1)
+        guards.formulas["float32"] = lambda z: guarded_bce_delta(spec, z, y64, on32, held, a32)
         if at1 is not None and at1.any():
             label = "float32, outputs near 1 taken as 1"
             guards.deltas[label], guards.losses[label] = _guarded_float32(spec, np.where(at1, np.float32(1), a32), y)
+            guards.formulas[label] = lambda z: guarded_bce_delta(spec, z, y64, on32 | at1, held | at1,
+                                                                 np.where(at1, np.float32(1), a32))
     return guards
+
+
+def guarded_bce_delta(spec, z: torch.Tensor, y, on: np.ndarray, held: np.ndarray, values: np.ndarray) -> torch.Tensor:
+    r"""torch's guarded δ_L of bce at the logits ``z`` (float64), its branches held: ∇_a C = (a − y)/(N·max(a(1 − a),
+    1e-12)) with the max taken as 1e-12 where ``on`` and as a(1 − a) elsewhere, a = σ(z) or softmax(z) but
+    ``values`` where ``held`` (an output rounded to exactly 0 or 1), then torch's backward through the activation
+    from its output: a(1 − a)·∇_a C, or a ⊙ (∇_a C − Σ ∇_a C·a)."""
+    act = nodes(spec)[-1].activation.name
+    a = torch.sigmoid(z) if act == "sigmoid" else torch.softmax(z, dim=-1)
+    a = torch.where(torch.from_numpy(np.asarray(held)), torch.from_numpy(np.asarray(values, dtype=np.float64)), a)
+    q = a * (1 - a)
+    den = torch.where(torch.from_numpy(np.asarray(on)), torch.full_like(q, BCE_GUARD), torch.clamp(q, min=BCE_GUARD))
+    up = (a - torch.from_numpy(np.asarray(y, dtype=np.float64))) / (den * a.numel())
+    return q * up if act == "sigmoid" else a * (up - (up * a).sum(dim=-1, keepdim=True))
 
 
 def _guarded_float32(spec, a32: np.ndarray, y) -> tuple[np.ndarray, float]:
@@ -120,7 +146,7 @@ def find(spec, ref, allow, y64, guards: Guards) -> Special:
     loss_kink = None
     if spec.loss.name == "l1":
         loss_kink = np.abs(ref.output - y64) <= allow.output_error
-    return Special(allow.kink_masks, kink_points, loss_kink, guards.mask, guards.deltas, guards.losses)
+    return Special(allow.kink_masks, kink_points, loss_kink, guards.mask, guards.deltas, guards.losses, guards.formulas)
 
 
 def exact_bce(spec, z: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, float]:
@@ -132,15 +158,22 @@ def exact_bce(spec, z: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, float]:
     finite and accurate even where p rounds to exactly 1 or 0.
     """
     zt, yt = torch.from_numpy(np.asarray(z, dtype=np.float64)), torch.from_numpy(np.asarray(y, dtype=np.float64))
-    N = zt.numel()
+    delta = _exact_bce_delta(spec, zt, y).numpy()
     if nodes(spec)[-1].activation.name == "sigmoid":
-        delta = (torch.sigmoid(zt) - yt) / N
-        loss = F.binary_cross_entropy_with_logits(zt, yt)
-        return delta.numpy(), float(loss)
+        return delta, float(F.binary_cross_entropy_with_logits(zt, yt))
     if zt.shape[-1] == 1:  # one unit: p ≡ 1, the loss is infinite unless y = 1; torch's clamp is the only finite answer
-        return ((torch.ones_like(zt) - yt) * 0).numpy(), float("nan")
-    delta, loss = _softmax_bce_exact(zt, yt)
-    return delta.numpy(), float(loss)
+        return delta, float("nan")
+    return delta, float(_softmax_bce_exact(zt, yt)[1])
+
+
+def _exact_bce_delta(spec, z: torch.Tensor, y) -> torch.Tensor:
+    """``exact_bce``'s δ_L at the logits ``z`` (a float64 torch tensor): (σ(z) − y)/N, or the softmax form."""
+    yt = torch.from_numpy(np.asarray(y, dtype=np.float64))
+    if nodes(spec)[-1].activation.name == "sigmoid":
+        return (torch.sigmoid(z) - yt) / z.numel()
+    if z.shape[-1] == 1:
+        return torch.zeros_like(z)
+    return _softmax_bce_exact(z, yt)[0]
 
 
 def _softmax_bce_exact(zt: torch.Tensor, yt: torch.Tensor):
@@ -220,9 +253,10 @@ class Adopter:
             self._d1[i] = None if act.output_only else torch.from_numpy(derivatives(act, self.ref.z[i])[0])
         return self._d1[i]
 
-    def options(self, i, up, g) -> list:
+    def options(self, i, up, g, z_run=None) -> list:
         """[(category, label, mask, alternative δ, slope)] for layer i given the (re-run) upstream ``up``; slope: the
-        one-sided slope a kink's alternative takes per element (None for the loss's and the guards')."""
+        one-sided slope a kink's alternative takes per element (None for the loss's and the guards'). ``z_run``: the
+        run's own z_i where it is not the reference's (a jittered run), which a guard's alternative moves with."""
         graph = nodes(self.spec)
         sp, L = self.special, len(graph)
         act = graph[i].activation
@@ -261,11 +295,15 @@ class Adopter:
                 gm = sp.guard.any(axis=-1, keepdims=True) & np.ones_like(sp.guard) if act.output_only else sp.guard
                 gm = torch.from_numpy(gm)
                 for label, alt in sp.guard_deltas.items():
-                    out.append(("guard", label, gm, torch.from_numpy(alt), None))
+                    alt = torch.from_numpy(alt)
+                    if z_run is not None and label in sp.guard_formulas:  # its value at the reference, moved as the
+                        formula = sp.guard_formulas[label]            # formula moves from there to this run's z
+                        alt = alt + (formula(z_run) - formula(z))
+                    out.append(("guard", label, gm, alt, None))
         return out
 
-    def __call__(self, i, up, g):
-        opts = self.options(i, up, g)
+    def __call__(self, i, up, g, z_run=None):
+        opts = self.options(i, up, g, z_run)
         if not opts:
             return g
         key = nodes(self.spec)[i].name

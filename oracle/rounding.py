@@ -304,7 +304,10 @@ def _softmax_bce_bound(p, y, Ea, G, cu, cu64, u_c):
     δ_k = t_k − p_k Σ_j t_j with t_j = p_j G_j = (p_j − y_j)/(1 − p_j) (guarded where p_j(1 − p_j) < 1e-12).
     Formed as p ⊙ (G − Σ G p) from the same p, the two huge terms of δ_k cancel exactly in p_k and leave a
     rounding error u·p_k(|G_k| + Σ|G_j|p_j); through p_j (j ≠ k) it moves by p_k |∂t_j/∂p_j| E_{p_j},
-    |∂t_j/∂p_j| ≤ 2/(1 − p_j)² (2/1e-12 where the guard holds). Bounding G and the Jacobian apart would count, at p ≈ 1,
+    |∂t_j/∂p_j| ≤ 2/(1 − p_j)² (2/1e-12 where the guard holds). Through its own p_k, δ_k = t_k(1 − p_k) − p_k Σ_{j≠k} t_j
+    moves by E_{p_k} where t_k(1 − p_k) = p_k − y_k, but where the guard holds t_k = p_k(p_k − y_k)/1e-12, so by
+    (1 − p_k)|2p_k − y_k| E_{p_k}/1e-12: a guarded δ_k is proportional to p_k, and p_k's relative error is z's
+    absolute error (large behind a norm over two examples). Bounding G and the Jacobian apart would count, at p ≈ 1,
     a 1/(1 − p) error twice that no implementation makes. The rounding of the G-terms is bounded apart for
     the float64 reference (torch's guarded G, up to 1e12/N) and for the candidate (its G in its own dtype,
     where 1 − p is at least u_c or exactly 0).
@@ -314,10 +317,11 @@ def _softmax_bce_bound(p, y, Ea, G, cu, cu64, u_c):
     slope = np.where(q >= BCE_GUARD, 2.0 / np.maximum((1 - p) ** 2, 1e-300), 2.0 / BCE_GUARD)
     sens = slope * Ea                                         # |∂t_j/∂p_j| E_{p_j}
     through_others = p * (sens.sum(axis=-1, keepdims=True) - sens)
+    own = np.where(q >= BCE_GUARD, 1.0, (1 - p) * np.abs(2 * p - y) / BCE_GUARD) * Ea   # |∂δ_k/∂p_k| E_{p_k}
     aG = np.abs(G)
     # the candidate's own G, in its dtype, cannot exceed (p − y)/max(p(1 − p), u_c, 1e-12)/N
     aGc = np.abs(p - y) / np.maximum(p * (1 - p), max(u_c, BCE_GUARD)) / N
-    return ((Ea + through_others) / N + cu64 * p * (aG + (aG * p).sum(axis=-1, keepdims=True))
+    return ((own + through_others) / N + cu64 * p * (aG + (aG * p).sum(axis=-1, keepdims=True))
             + ULPS * u_c * p * (aGc + (aGc * p).sum(axis=-1, keepdims=True)) + cu * np.abs(p - y) / N)
 
 

@@ -167,6 +167,46 @@ def test_exact_bce_at_a_saturated_output_passes_as_convention(z_out, with_deltas
     assert oracle.check(spec, params, x, y, wrong).classification == "bug"
 
 
+@pytest.mark.parametrize("act", ["softmax", "sigmoid"])
+def test_the_guarded_formula_the_noise_ensemble_moves_is_torchs_guarded_bce(act):
+    """``conventions.guarded_bce_delta``, the formula the ensemble evaluates at each run's jittered logits when a
+    candidate follows a guard alternative, is torch's own guarded bce backward (autograd through
+    ``F.binary_cross_entropy``) wherever its held branch is the one torch takes; and moving z moves it as autograd
+    at the moved z does (the 'float32' convention held at a = 1 keeps that output at exactly 1)."""
+    import torch
+    import torch.nn.functional as F
+    from oracle import conventions
+
+    spec = _spec(3, [(5, act, True)], "bce")
+    rng = np.random.default_rng(3)
+    z = np.array([[-31.0, 2.0, 0.5, -1.0, 3.0], [1.0, -0.5, 40.0, 2.0, -35.0]]) + rng.normal(0, 1e-3, (2, 5))
+    y = rng.uniform(0, 1, z.shape)
+
+    def autograd(zz):
+        zt = torch.tensor(zz, requires_grad=True)
+        a = torch.softmax(zt, -1) if act == "softmax" else torch.sigmoid(zt)
+        (g,) = torch.autograd.grad(F.binary_cross_entropy(a, torch.from_numpy(y)), zt)
+        return g.numpy(), a.detach().numpy()
+
+    want, a = autograd(z)
+    on = a * (1 - a) < conventions.BCE_GUARD
+    assert on.any() and not on.all()
+    none = np.zeros(z.shape, dtype=bool)
+    for zz in (z, z + rng.normal(0, 1e-2, z.shape)):
+        got = conventions.guarded_bce_delta(spec, torch.from_numpy(zz), y, on, none, a).numpy()
+        np.testing.assert_allclose(got, autograd(zz)[0], rtol=1e-12, atol=1e-300)
+    # an output held at exactly 1 stays there as z moves: torch's guarded backward at that a, not at softmax(z)
+    held = np.zeros(z.shape, dtype=bool)
+    held[1, 2] = True
+    values = np.where(held, 1.0, a)
+    got = conventions.guarded_bce_delta(spec, torch.from_numpy(z + 0.01), y, on | held, held, values).numpy()
+    at = torch.tensor(np.where(held, 1.0, autograd(z + 0.01)[1]), requires_grad=True)
+    (up,) = torch.autograd.grad(F.binary_cross_entropy(at, torch.from_numpy(y)), at)
+    at = at.detach()
+    expect = at * (1 - at) * up if act == "sigmoid" else at * (up - (up * at).sum(-1, keepdim=True))
+    np.testing.assert_allclose(got, expect.numpy(), rtol=1e-12, atol=1e-300)
+
+
 # -- (8) tiny gradients beside ordinary activations: rounding of the intermediates is allowed -----------
 def _long_double_gradients(spec, params, x, y):
     """A correct implementation that rounds differently: everything in long double, then float64."""
