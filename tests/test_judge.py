@@ -1575,3 +1575,43 @@ def test_the_loss_gradients_terms_are_its_own_size_where_nothing_cancels(name):
     (grad2,) = torch.autograd.grad(loss_fn(spec.loss)(at, torch.tensor(same)), at)
     terms2 = _loss_gradient_terms(spec.loss, torch.tensor(a), torch.tensor(same), grad2.numpy()).numpy()
     np.testing.assert_allclose(terms2 * np.abs(a - same), np.abs(grad2.numpy()) * (a + same), rtol=1e-12)
+
+
+def _uncapped(allow):
+    """``allow`` with every analytic bound infinite: ``measured_allowance`` then returns the ensemble's own figure
+    (FACTOR × the largest deviation of its runs), not that figure capped by the worst case."""
+    import dataclasses
+
+    return dataclasses.replace(allow, bounds={k: np.full(np.shape(v), np.inf) for k, v in allow.bounds.items()})
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_a_log_softmax_layers_measured_rounding_is_each_examples_own(dtype):
+    """The ensemble rounds log_softmax's δ = up − p·Σup by u times its terms |up| + p·Σ|up|, the sum over the
+    example's own row: in a batch, each example's rounding is its own. Giving every *other* example a target 10³×
+    larger (so their ∇ₐC dwarfs the first's) must leave the first example's measured noise unchanged, in every δ and
+    in ∂C/∂x (the ensemble draws the same noise: its seed comes from x and the spec), and within FACTOR × its own
+    analytic worst case, which is computed row by row."""
+    from oracle.noise import FACTOR, measured_allowance
+    from oracle.rounding import allowance
+    from oracle.twin import run_twin
+
+    spec = _spec(5, [(6, "tanh", True), (4, "log_softmax", True)], "half_sse")
+    rng = np.random.default_rng(0)
+    params = bp.init_params(spec, rng)
+    x, y = rng.standard_normal((8, 5)), rng.standard_normal((8, 4))
+    far = y.copy()
+    far[1:] = 1e3 * np.sign(y[1:])
+    per_example = ["layers.1.delta", "layers.0.delta", "input.grad"]
+    measured = []
+    for yy in (y, far):
+        ref = run_twin(spec, params, x, yy, np.float64)
+        allow = allowance(spec, params, x, yy, ref, dtype)
+        own = measured_allowance(spec, params, x, yy, ref, _uncapped(allow), dtype)
+        for k in per_example:
+            assert np.all(own[k][0] > 0), k
+            assert np.all(own[k][0] <= FACTOR * allow.bounds[k][0]), (k, own[k][0] / allow.bounds[k][0])
+        measured.append(own)
+    assert np.abs(far[1:]).min() > 100 * np.abs(y[0]).max()  # the premise: the other rows' targets dwarf the first's
+    for k in per_example:
+        np.testing.assert_allclose(measured[1][k][0], measured[0][k][0], rtol=1e-9, err_msg=k)

@@ -167,3 +167,31 @@ def test_a_tie_whose_routing_shows_only_through_the_other_side_of_a_kink_is_read
     spec, params, x, y = replay(info)
     result = oracle.check(spec, params, x, y, load_second_correct())
     assert result.passed, result.message()
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_the_noise_around_a_routing_rerun_follows_its_routes(dtype):
+    """A candidate that sends each tied window's δ to its last element is judged against torch re-run with that
+    routing (``run_twin(routes=...)``), within the noise measured around that re-run: every run of the ensemble must
+    route the same way. One that kept torch's picks would differ from the re-run below the pool by whole window δs,
+    not by rounding. So the ensemble's own figure (the analytic cap lifted) stays within FACTOR × the re-run's
+    analytic worst case (``oracle.rounding``, computed with the same routes), element by element."""
+    import dataclasses
+
+    from oracle.noise import FACTOR, measured_allowance
+    from oracle.rounding import allowance
+    from oracle.twin import route_weights, run_twin
+
+    spec, params, x, y = _tied_case()
+    ref = run_twin(spec, params, x, y, np.float64)
+    ties = allowance(spec, params, x, y, ref, dtype).ties[1]  # the max pool's windows, their contenders marked
+    routes = {1: route_weights(ties, 2, "last")}
+    again = run_twin(spec, params, x, y, np.float64, routes=routes)
+    assert np.abs(again.deltas["layers.0"] - ref.deltas["layers.0"]).max() > 1  # the premise: the routing matters
+    allow = allowance(spec, params, x, y, again, dtype, routes=routes)
+    uncapped = dataclasses.replace(allow, bounds={k: np.full(np.shape(v), np.inf) for k, v in allow.bounds.items()})
+    measured = measured_allowance(spec, params, x, y, again, uncapped, dtype, routes=routes)
+    for k in ("layers.0.delta", "input.grad"):
+        assert measured[k].max() > 0, k
+        over = measured[k] > FACTOR * allow.bounds[k]
+        assert not over.any(), (k, f"{int(over.sum())} elements, up to {measured[k][over].max():.3g}")

@@ -220,6 +220,55 @@ def test_the_rounding_allowance_covers_per_step_outputs(loss, dtype):
     assert result.passed and result.classification in ("match", "rounding"), result.message()
 
 
+@pytest.mark.parametrize("loss", ["half_sse", "sse", "half_mse", "mse", "huber", "smooth_l1", "bce_with_logits"])
+def test_the_noise_rounds_a_per_step_value_losss_gradient_by_its_own_terms(loss):
+    """The ensemble rounds ∇ₐC by u times the terms it is formed from (a and y, scaled as the loss scales them),
+    on the m·T rows of a sequence output (m, T, k), each row with its own k targets. Where a and y have opposite
+    signs those terms are |∇ₐC| itself: torch.autograd's, of the loss written on (m, T, k) directly (``TORCH``).
+    bce_with_logits forms (σ(a) − y)/N from σ(a) and y: its terms times |σ(a) − y| are |∇ₐC| times σ(a) + y."""
+    from oracle.noise import _loss_gradient_terms
+
+    spec = per_step_spec(loss)
+    rng = np.random.default_rng(7)
+    a = 0.2 * rng.random((2, 4, 3))  # |a − y| < 0.4: inside huber's (δ = 0.5) and smooth_l1's quadratic zone
+    y = -0.2 * rng.random((2, 4, 3)) if loss != "bce_with_logits" else rng.random((2, 4, 3))
+    at = torch.tensor(a, requires_grad=True)
+    (grad,) = torch.autograd.grad(TORCH[loss](at, torch.tensor(y)), at)
+    grad = grad.numpy()
+    terms = _loss_gradient_terms(spec.loss, torch.tensor(a), torch.tensor(y), grad).numpy()
+    assert terms.shape == (2, 4, 3)
+    if loss == "bce_with_logits":
+        s = 1 / (1 + np.exp(-a))
+        np.testing.assert_allclose(terms * np.abs(s - y), np.abs(grad) * (s + y), rtol=1e-12)
+    else:
+        np.testing.assert_allclose(terms, np.abs(grad), rtol=1e-12)
+
+
+@pytest.mark.parametrize("loss", ["mse", "huber"])
+def test_a_per_step_value_loss_that_cancels_is_judged_by_the_measured_noise(loss):
+    """Targets within 10⁻⁵ of the output: ∇ₐC = a − y cancels, and manual_bp in float32 misses torch's δ by more
+    than the strict bound, so the verdict needs the noise ensemble run on the (m, T, k) output and its per-step
+    targets (the rounding of a, u·|a|, is as large as a − y there). The correct answer passes as rounding; a head
+    δ 3/2 of the right one is still a bug."""
+    spec = per_step_spec(loss)
+    params, x, _ = bp.random_case(spec, 3, batch=3)
+    params = {k: v.astype(np.float32) for k, v in params.items()}
+    x = (10 * x).astype(np.float32)
+    out = bp.forward(spec, {k: v.astype(np.float64) for k, v in params.items()}, x.astype(np.float64)).output
+    y = (out * (1 + 1e-5 * np.random.default_rng(0).standard_normal(out.shape))).astype(np.float32)
+    result = oracle.check(spec, params, x, y)
+    assert result.passed and result.classification == "rounding", result.message()
+    assert any(t.verdict == "rounding" for t in result.tensors if t.name == "layers.1.delta")
+
+    def too_large(spec, params, x, y):
+        g = bp.gradients(spec, params, x, y)
+        return g.loss, g.grads, {**g.deltas, "layers.1": g.deltas["layers.1"] * np.float32(1.5)}
+
+    result = oracle.check(spec, params, x, y, too_large)
+    assert not result.passed and result.classification == "bug", result.message()
+    assert [t.name for t in result.tensors if not t.passed] == ["layers.1.delta"]
+
+
 @pytest.mark.parametrize("loss", ["cross_entropy", "nll"])
 def test_the_allowance_of_a_masked_step_is_nothing_and_follows_the_output_shape(loss):
     from manual_bp.data import check_y
