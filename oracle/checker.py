@@ -14,7 +14,9 @@ Order of work:
 5. compare the loss, every gradient, δ and ∂C/∂x: ``match`` under the strict bound, ``rounding``
    within the rounding allowance; failing that, re-run torch's backward following the candidate's
    valid choices at kinks and guards (``kink`` / ``convention``); failing that, ``forward`` (the loss
-   differs) or ``bug``, localized to the first divergent layer walking back from the loss.
+   differs) or ``bug``, localized to the first divergent layer walking back from the loss;
+6. a pass short of ``match`` by a candidate that reports δ: judge each hidden δ once more against the one its
+   own δ above implies, with that step's rounding only (``steps``); a step that fails is a ``bug`` there.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from manual_bp import Spec, SpecError
 from manual_bp.data import check_params, check_x, check_y, dtype_of, ensure_real
 from manual_bp.named import show
 
-from . import conventions
+from . import conventions, steps
 from .compare import (TOLERANCES, Scales, TensorComparison, Tolerance, as_scales, compare_loss, compare_tensor,
                       mismatch_mask, scale_of)
 from .noise import measured_allowance
@@ -540,10 +542,27 @@ def _judge(spec: Spec, params, x, y, grads_fn, dt: np.dtype, tol: Tolerance, qui
     bounds: dict = {}
 
     def result(passed, kind, layer=None, where=""):
+        if passed and kind != "match" and cand.deltas:  # judged within rounding: each δ also step by step
+            step = next((s for s in steps.check_steps(spec, params64, x64, y64, ref, allow, special, cand, dt, tol,
+                                                      scale) if not s[1].passed), None)
+            if step is not None:
+                return _failed_step(step)
         if passed and kind != "match":
             notes.extend(_weak_notes(tensors, arrays, dt, spec, bounds, tol))
         return CheckResult(spec, dt.name, passed, kind, tol, scale, loss_cmp, tensors, layer, where, notes, arrays,
                            bounds=bounds)
+
+    def _failed_step(step):
+        i, t, pair, bound = step
+        name = t.name
+        tensors[:] = [t if c.name == name else c for c in tensors]
+        arrays[name], bounds[name] = pair, bound
+        where = ("judged step by step from the candidate's own δ (the δ above it taken as given): "
+                 + _step_back(nodes(spec), consumers(spec), i))
+        failed = CheckResult(spec, dt.name, False, "bug", tol, scale, loss_cmp, tensors, i, where, notes, arrays,
+                             bounds=bounds)
+        failed.hints = _hints(spec, failed, ref, special, x64, y64)
+        return failed
 
     if loss_cmp.passed and all(t.passed for t in tensors):
         return result(True, "match")

@@ -39,6 +39,11 @@ worst case (``oracle.rounding``), which adds every error with one sign. Both sca
 intermediates, not with S, so when every gradient is tiny but the activations are not, a correct
 implementation still passes. f = ``rounding_factor`` (2) is the safety margin.
 
+B of a δ deep in a float32 net carries every layer above it: an output δ uncertain by 1e-3 of itself leaves every
+δ below uncertain by as much, room enough for one layer's wrong g′. Where the candidate reports δ, a pass within
+B is therefore also judged **step by step** (``oracle.steps``): each hidden δᵢ against the δᵢ torch forms from the
+candidate's own δ of the layers reading aᵢ, by the same bounds, with a B measured for that step alone.
+
 **The loss** C, a scalar, is judged on its own size instead of S, and by the larger of the two bounds, not
 their sum (``compare_loss``):
 

@@ -227,6 +227,9 @@ def jittered_run(spec, params: dict, x: np.ndarray, y, ref, allow, u: float, rng
         if adopt is not None:  # the candidate's choice first, then the rounding of computing it
             z.register_hook(lambda g, i=i, z=z: adopt(i, stash.get(("up", i), g), g, z_run=z.detach()))
         z.register_hook(on_z)
+        if hasattr(adopt, "rounded"):  # and what that rounding made of it (``steps.FromCandidate``)
+            z.register_hook(lambda g, i=i: adopt.rounded(i, g))
+
     def rounded(g, size, k):  # a result that adds up k rounded terms of the given size
         return g + math.sqrt(k) * u * torch.from_numpy(size) * _gauss(rng, g.shape)
 
