@@ -279,6 +279,26 @@ def jittered_run(spec, params: dict, x: np.ndarray, y, ref, allow, u: float, rng
     return out
 
 
+def value_jumps(spec, allow, ref) -> bool:
+    """Whether some z lies within rounding of a point at which g's *value* jumps (softplus's threshold): a correct
+    implementation may take either value there, element by element, a discrete choice, not random noise, whose
+    every combination the analytic worst case covers (and an ensemble does not)."""
+    return any(mask.any() and np.any(other_branch_offset(node.activation, z)[mask])
+               for node, mask, z in zip(nodes(spec), allow.kink_masks, ref.z))
+
+
+def roundoff(dtype) -> tuple[float, float]:
+    """(u, η) of the ensemble for a candidate in ``dtype``: its unit roundoff plus float64's, and its smallest
+    subnormal (IEEE gradual underflow; flush-to-zero hardware is not modelled)."""
+    u = UNIT_ROUNDOFF[np.dtype(dtype)] + UNIT_ROUNDOFF[np.dtype(np.float64)]
+    return u, float(np.finfo(dtype).smallest_subnormal)
+
+
+def case_rng(spec, x, salt: bytes = b"") -> np.random.Generator:
+    """The ensemble's generator, seeded from the case itself: the same case always gets the same allowance."""
+    return np.random.default_rng(zlib.crc32(np.ascontiguousarray(x).tobytes() + spec.describe().encode() + salt))
+
+
 def measured_allowance(spec, params: dict, x: np.ndarray, y, ref, allow, dtype, runs: int = RUNS,
                        adopt=None, routes=None, enough=None) -> dict:
     """FACTOR × the largest deviation of ``runs`` jittered runs from ``ref``, capped by the analytic bound.
@@ -288,16 +308,10 @@ def measured_allowance(spec, params: dict, x: np.ndarray, y, ref, allow, dtype, 
     only grows with more runs, so whatever passes within it passes within the full one (a campaign's correct
     candidate rarely needs more than one run; a failing one always gets all of them).
     """
-    # where some z lies within rounding of a point at which g's *value* jumps (softplus's threshold), a correct
-    # implementation may take either value there, element by element: a discrete choice, not random noise, whose
-    # every combination the analytic worst case covers (and an ensemble does not)
-    if any(mask.any() and np.any(other_branch_offset(node.activation, z)[mask])
-           for node, mask, z in zip(nodes(spec), allow.kink_masks, ref.z)):
+    if value_jumps(spec, allow, ref):
         return dict(allow.bounds)
-    u = UNIT_ROUNDOFF[np.dtype(dtype)] + UNIT_ROUNDOFF[np.dtype(np.float64)]
-    eta = float(np.finfo(dtype).smallest_subnormal)  # IEEE gradual underflow (flush-to-zero hardware is not modelled)
-    seed = zlib.crc32(np.ascontiguousarray(x).tobytes() + spec.describe().encode())
-    rng = np.random.default_rng(seed)
+    u, eta = roundoff(dtype)
+    rng = case_rng(spec, x)
     reference = {"loss": np.array(ref.loss), **ref.grads, **{f"{k}.delta": v for k, v in ref.deltas.items()}}
     if ref.grad_input is not None:
         reference["input.grad"] = ref.grad_input

@@ -199,8 +199,8 @@ def _scales(act, z, a, d1, us) -> tuple[np.ndarray | float, np.ndarray | float]:
         sp = np.logaddexp(0.0, z)
         s = _sigmoid(z)
         return aa + _cancel(az, aa, us), ad + 1.0 + _cancel(az * s, az * s * _sech2(sp), us)
-    if name == "softsign":
-        return aa, ad
+    if name == "softsign":       # autograd of z/(1 + |z|): 1/(1 + |z|) − |z|/(1 + |z|)², two terms that cancel
+        return aa, ad + _cancel(1 / (1 + az), ad, us)
     return aa + az, ad + 1.0     # an activation added later without its own entry: a generous default
 
 

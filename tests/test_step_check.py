@@ -85,3 +85,51 @@ def test_one_hidden_step_a_little_off_is_a_bug_at_that_layer(layer, factor):
 
     result = oracle.check(spec, params, x, y, candidate)
     assert not result.passed and result.first_divergent_layer == layer, result.message()
+
+
+# False alarms an adversarial run found (correct candidates reporting δ judged ``bug``), each a regression case.
+RNN_GELU = {"format_version": 2, "input": {"shape": [6, 3]}, "layers": [
+    {"type": "temporal_dense", "units": 3, "activation": "tanh", "bias": True},
+    {"type": "rnn", "hidden_size": 1, "bias": True, "return_sequences": False, "initial_state": "learned",
+     "activation": "identity", "nonlinearity": "tanh"},
+    {"type": "dense", "units": 1, "activation": "gelu", "bias": False},
+    {"type": "dense", "units": 1, "activation": "identity", "bias": False}], "loss": "half_sse"}
+ATTENTION_GRU_GELU = {"format_version": 2, "input": {"shape": [5, 3]}, "layers": [
+    {"type": "residual", "body": [
+        {"type": "layer_norm", "eps": 1e-05, "normalized_shape": None, "elementwise_affine": True, "activation": "identity"},
+        {"type": "attention", "num_heads": 1, "causal": True, "bias": False, "activation": "identity"}],
+     "projection": None, "activation": "identity"},
+    {"type": "gru", "hidden_size": 1, "bias": True, "return_sequences": False, "initial_state": "learned",
+     "activation": "identity"},
+    {"type": "dense", "units": 1, "activation": "gelu", "bias": False},
+    {"type": "dense", "units": 1, "activation": "identity", "bias": False}], "loss": "half_sse"}
+ELU_SOFTSIGN = {"format_version": 1, "input_size": 14, "layers": [
+    {"type": "dense", "units": 14, "activation": {"name": "elu", "alpha": 0.5}, "bias": True},
+    {"type": "dense", "units": 3, "activation": {"name": "elu", "alpha": 0.5}, "bias": True},
+    {"type": "dense", "units": 14, "activation": {"name": "elu", "alpha": 0.5}, "bias": True},
+    {"type": "dense", "units": 3, "activation": "softsign", "bias": True}], "loss": "sse"}
+
+
+def _torch_in_dtype(spec, params, x, y):
+    r = run_twin(spec, params, x, y, np.asarray(x).dtype)
+    return r.loss, r.grads, r.deltas
+
+
+@pytest.mark.parametrize("spec, dtype, batch, seed, who", [
+    # torch's own float32 gelu′ is exactly 0 at z = −7.9 (1 + erf cancels), where it is −1.2e-13: the layer's own
+    # scale (3e-13) left no atol; it is floored at rtol·S_δ
+    (RNN_GELU, "float32", 3, 3342097848, "torch"),
+    # behind saturated gates, torch rounds σ(1 − σ) and 1 − tanh² to exactly 0, second_correct's closed forms give
+    # products like 1e-123: the rnn/gru tape's sampled rounding is first order, so steps through it are on S_δ
+    (ATTENTION_GRU_GELU, "float64", 4, 1476550152, "second_correct"),
+    (RNN_GELU, "float64", 1, 176476434, "second_correct"),
+    # torch's autograd of z/(1 + |z|) cancels two terms of 1/(1 + |z|) to 1/(1 + |z|)²: at |z| ≈ 4500 its δ errs by
+    # 1.7e-4 of itself in float32 (rounding._scales gives softsign′ that cancellation; the check proper failed)
+    (ELU_SOFTSIGN, "float32", 6, 317107263, "torch"),
+])
+def test_a_correct_candidate_that_reports_delta_is_not_a_bug(spec, dtype, batch, seed, who):
+    spec, params, x, y = rates.replay({"spec": spec, "regime": "saturated", "dtype": dtype, "batch": batch,
+                                       "data_seed": seed})
+    fn = _torch_in_dtype if who == "torch" else rates.load_second_correct()
+    result = oracle.check(spec, params, x, y, fn)
+    assert result.passed, result.message()
