@@ -591,8 +591,10 @@ def _judge(spec: Spec, params, x, y, grads_fn, dt: np.dtype, tol: Tolerance, qui
     run_in_dtype = run_twin(spec, params64, x64, y64, dt) if tied and dt != np.float64 else None
     routings = conventions.routings(spec, allow, dt, run_in_dtype)
     if routings and cand.deltas:  # the candidate's δ shows its routing window by window: try that first, read
-        # starting from torch's first picks and from its picks in the candidate's dtype (where windows overlap)
-        starts = [None] + [r for label, r in routings if label.startswith("maximum that torch picks")]
+        # starting from the first contender, from torch's own picks and from its picks in the candidate's dtype
+        # (where windows overlap, the descent can stop at a routing that is not the candidate's)
+        starts = [None, conventions.torch_picks(spec, allow, ref)] + [
+            r for label, r in routings if label.startswith("maximum that torch picks")]
         for start in reversed(starts):
             read = conventions.routes_from_deltas(spec, ref, allow, cand.deltas, start)
             if read:

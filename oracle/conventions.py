@@ -484,23 +484,31 @@ def routings(spec, allow, dtype, run_in_dtype=None) -> list[tuple[str, dict]]:
     rounded = {i: m for i in tied if (m := allow.magnitudes[i].contenders(dtype=dtype)) is not None}
     out = []
     if run_in_dtype is not None:
-        picks = {}
-        for i, mask in tied.items():
-            layer, nd = nodes(spec)[i].layer, len(nodes(spec)[i].layer.kernel_size)
-            b = nodes(spec)[i].src
-            a = torch.from_numpy(np.asarray(run_in_dtype.acts[b] if b >= 0 else allow.magnitudes[i].a, dtype=np.float64))
-            win = pool_windows(layer, a, -math.inf).flatten(-nd)
-            first = win == win.max(-1, keepdim=True).values
-            pick = route_weights(first.view(mask.shape), nd, "first")
-            valid = ((pick > 0) & mask).flatten(-nd).any(-1)[(..., *(None,) * nd)]  # else torch's own pick
-            picks[i] = torch.where(valid, pick, route_weights(mask, nd, "first"))
-        out.append((f"maximum that torch picks computing in {np.dtype(dtype).name}", picks))
+        out.append((f"maximum that torch picks computing in {np.dtype(dtype).name}", torch_picks(spec, allow, run_in_dtype)))
     for label, masks in (("tied in the candidate's dtype", rounded), ("tied within rounding", tied)):
         for mode in ROUTING_MODES:
             if masks:
                 out.append((f"{mode} of the elements {label}",
                             {i: route_weights(m, len(nodes(spec)[i].layer.kernel_size), mode) for i, m in masks.items()}))
     return out
+
+
+def torch_picks(spec, allow, run) -> dict:
+    """{pool layer: weights}: each tied window's δ sent where torch's max picks it (the first maximum) among the
+    pool's inputs in ``run`` (a ``run_twin`` result, in any dtype); the first contender where that pick is none."""
+    picks = {}
+    for i, mask in enumerate(allow.ties or []):
+        if mask is None:
+            continue
+        layer, nd = nodes(spec)[i].layer, len(nodes(spec)[i].layer.kernel_size)
+        b = nodes(spec)[i].src
+        a = torch.from_numpy(np.asarray(run.acts[b] if b >= 0 else allow.magnitudes[i].a, dtype=np.float64))
+        win = pool_windows(layer, a, -math.inf).flatten(-nd)
+        first = win == win.max(-1, keepdim=True).values
+        pick = route_weights(first.view(mask.shape), nd, "first")
+        valid = ((pick > 0) & mask).flatten(-nd).any(-1)[(..., *(None,) * nd)]
+        picks[i] = torch.where(valid, pick, route_weights(mask, nd, "first"))
+    return picks
 
 
 def routing_note(spec, label: str, routes: dict) -> str:

@@ -65,6 +65,12 @@ seed by ``oracle.rates.replay``; next to each, a real bug on the same case must 
    that looser worst case was the whole allowance (the four batch-norm mutants then passed as ``convention``). The
    noise ensemble now follows the alternative too, each convention's formula evaluated at the run's own jittered
    logits (``conventions.Guards.formulas``), so it measures how far the alternative moves with rounding.
+8. adversarial run, float64, saturated: ``2x10 -> conv1d 2 tanh -> batch_norm (eval) gelu -> max_pool1d(3, stride 1) ->
+   flatten -> 1 mish -> 4 identity, half_sse``, batch 6. Saturated tanh makes pool inputs that tie exactly, or within an
+   ulp where manual_bp's last bit differs from torch's; manual_bp sends each window's δ to its own argmax. Reading that
+   routing from its δ, window by window, started from the first contender: where overlapping windows route δ of
+   opposite signs, the descent stopped at a routing that was not the candidate's (row 1, channel 0: 4.0e-7 sent to
+   position 4, where both send all to 5). It now also starts from torch's own picks (``conventions.torch_picks``).
 """
 
 import importlib.util
@@ -133,6 +139,15 @@ CASES = {
             {"type": "batch_norm", "eps": 1e-05, "momentum": 0.1, "affine": True, "training": True, "activation": "selu"},
             {"type": "dense", "units": 6, "activation": "softmax", "bias": True}], "loss": "bce"},
         "regime": "saturated", "dtype": "float32", "batch": 2, "data_seed": 2250653542},
+    "overlapping_pool_ties_saturated_float64": {
+        "spec": {"format_version": 2, "name": "", "description": "", "input": {"shape": [2, 10]}, "layers": [
+            {"type": "conv1d", "out_channels": 2, "kernel_size": 1, "stride": 1, "padding": 1, "dilation": 2, "groups": 1, "activation": "tanh", "bias": False},
+            {"type": "batch_norm", "eps": 1e-05, "momentum": 0.1, "affine": True, "training": False, "activation": "gelu"},
+            {"type": "max_pool1d", "kernel_size": 3, "stride": 1, "padding": 0},
+            {"type": "flatten"},
+            {"type": "dense", "units": 1, "activation": "mish", "bias": False},
+            {"type": "dense", "units": 4, "activation": "identity", "bias": False}], "loss": "half_sse"},
+        "regime": "saturated", "dtype": "float64", "batch": 6, "data_seed": 3533843446},
 }
 
 
@@ -235,6 +250,8 @@ def test_manual_bp_float32_is_not_a_bug(name):
     *[("guarded_softmax_behind_two_example_norm_float32", lambda name=name: _mutant(name)) for name in (
         "batch_norm_mean_path_dropped", "batch_norm_variance_path_dropped", "batch_norm_bessel_in_backward_only",
         "batch_norm_running_stats_in_training", "softmax_jvp_dropped")],
+    ("overlapping_pool_ties_saturated_float64", lambda: _mutant("max_pool_grad_to_every_tie")),
+    ("overlapping_pool_ties_saturated_float64", lambda: _mutant("max_pool_grad_to_window_start")),
 ])
 def test_a_real_bug_on_the_same_case_still_fails(name, bug):
     spec, params, x, y = rates.replay(CASES[name])
