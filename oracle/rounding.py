@@ -184,7 +184,11 @@ def _scales(act, z, a, d1, us) -> tuple[np.ndarray | float, np.ndarray | float]:
         zt = torch.from_numpy(np.asarray(z, dtype=np.float64))
         cdf = (0.5 * torch.special.erfc(-zt / math.sqrt(2))).numpy()
         pdf = np.exp(-0.5 * z * z) / math.sqrt(2 * math.pi)
-        return aa + _cancel(az, az * cdf, us), ad + _cancel(1.0, cdf, us) + az * pdf
+        # g′ = ½(1 + erf(z/√2)) + zφ(z): what survives 1 + erf's cancellation is Φ + |z|φ, not Φ alone (for z ≪ 0,
+        # |g′| ≈ |z|φ ≈ z²Φ). An implementation that adds zφ before the 1 cancels (torch's vectorized float32 kernel
+        # returns exactly 0 for z < −6.2, |g′| up to 1e-8) loses all of it where saturated, u·1 short of that
+        left = cdf + az * pdf
+        return aa + _cancel(az, az * cdf, us), ad + _cancel(1.0, left, us) + az * pdf
     if name == "gelu_tanh":      # ½(1 + tanh) and 1 − tanh² cancel
         k = math.sqrt(2 / math.pi)
         x = k * (z + 0.044715 * z ** 3)

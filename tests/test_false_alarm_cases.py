@@ -71,6 +71,9 @@ seed by ``oracle.rates.replay``; next to each, a real bug on the same case must 
    routing from its δ, window by window, started from the first contender: where overlapping windows route δ of
    opposite signs, the descent stopped at a routing that was not the candidate's (row 1, channel 0: 4.0e-7 sent to
    position 4, where both send all to 5). It now also starts from torch's own picks (``conventions.torch_picks``).
+   The same in float32, near_zero (``overlapping_pool_ties_behind_layer_norm_float32``): a layer norm over 4 values
+   that tie to 1e-7 makes x̂ rounding noise, so the pool above it ties almost everywhere (188 windows), and its
+   backward's 1/s (316) shows a routing difference in δ₁ that δ₂ hides under atol·S_δ.
 """
 
 import importlib.util
@@ -148,6 +151,19 @@ CASES = {
             {"type": "dense", "units": 1, "activation": "mish", "bias": False},
             {"type": "dense", "units": 4, "activation": "identity", "bias": False}], "loss": "half_sse"},
         "regime": "saturated", "dtype": "float64", "batch": 6, "data_seed": 3533843446},
+    "overlapping_pool_ties_behind_layer_norm_float32": {
+        "spec": {"format_version": 2, "name": "", "description": "", "input": {"shape": [1, 7, 1]}, "layers": [
+            {"type": "conv2d", "out_channels": 4, "kernel_size": 2, "stride": [2, 1], "padding": 2, "dilation": [2, 1], "groups": 1, "activation": {"name": "hardtanh", "min_val": -2.0, "max_val": 0.5}, "bias": True},
+            {"type": "batch_norm", "eps": 1e-05, "momentum": 0.1, "affine": False, "training": False, "activation": {"name": "leaky_relu", "negative_slope": 0.2}},
+            {"type": "layer_norm", "eps": 1e-05, "normalized_shape": [4], "elementwise_affine": False, "activation": "softsign"},
+            {"type": "max_pool2d", "kernel_size": [1, 3], "stride": [2, 1], "padding": [0, 1]},
+            {"type": "conv2d", "out_channels": 2, "kernel_size": [3, 4], "stride": 2, "padding": [0, 1], "dilation": 1, "groups": 2, "activation": "identity", "bias": False},
+            {"type": "max_pool2d", "kernel_size": [2, 3], "stride": [2, 3], "padding": 1},
+            {"type": "flatten"},
+            {"type": "layer_norm", "eps": 1e-05, "normalized_shape": [2], "elementwise_affine": False, "activation": "silu"},
+            {"type": "dense", "units": 5, "activation": {"name": "elu", "alpha": 1.0}, "bias": True},
+            {"type": "dense", "units": 6, "activation": "gelu", "bias": True}], "loss": {"name": "smooth_l1", "beta": 0.5}},
+        "regime": "near_zero", "dtype": "float32", "batch": 4, "data_seed": 2654856166},
 }
 
 
@@ -252,6 +268,8 @@ def test_manual_bp_float32_is_not_a_bug(name):
         "batch_norm_running_stats_in_training", "softmax_jvp_dropped")],
     ("overlapping_pool_ties_saturated_float64", lambda: _mutant("max_pool_grad_to_every_tie")),
     ("overlapping_pool_ties_saturated_float64", lambda: _mutant("max_pool_grad_to_window_start")),
+    ("overlapping_pool_ties_behind_layer_norm_float32", lambda: _mutant("sign_flip")),
+    ("overlapping_pool_ties_behind_layer_norm_float32", lambda: _act_vjp_call_off(1, 0.5)),
 ])
 def test_a_real_bug_on_the_same_case_still_fails(name, bug):
     spec, params, x, y = rates.replay(CASES[name])

@@ -103,6 +103,13 @@ ATTENTION_GRU_GELU = {"format_version": 2, "input": {"shape": [5, 3]}, "layers":
      "activation": "identity"},
     {"type": "dense", "units": 1, "activation": "gelu", "bias": False},
     {"type": "dense", "units": 1, "activation": "identity", "bias": False}], "loss": "half_sse"}
+GRU_GELU = {"format_version": 2, "input": {"shape": [2, 4]}, "layers": [
+    {"type": "temporal_dense", "units": 4, "activation": "gelu", "bias": True},
+    {"type": "gru", "hidden_size": 2, "bias": True, "return_sequences": True, "initial_state": "learned",
+     "activation": "identity"},
+    {"type": "flatten"},
+    {"type": "dense", "units": 1, "activation": "gelu", "bias": False},
+    {"type": "dense", "units": 2, "activation": "identity", "bias": False}], "loss": "half_sse"}
 ELU_SOFTSIGN = {"format_version": 1, "input_size": 14, "layers": [
     {"type": "dense", "units": 14, "activation": {"name": "elu", "alpha": 0.5}, "bias": True},
     {"type": "dense", "units": 3, "activation": {"name": "elu", "alpha": 0.5}, "bias": True},
@@ -126,6 +133,10 @@ def _torch_in_dtype(spec, params, x, y):
     # torch's autograd of z/(1 + |z|) cancels two terms of 1/(1 + |z|) to 1/(1 + |z|)²: at |z| ≈ 4500 its δ errs by
     # 1.7e-4 of itself in float32 (rounding._scales gives softsign′ that cancellation; the check proper failed)
     (ELU_SOFTSIGN, "float32", 6, 317107263, "torch"),
+    # torch's vectorized float32 gelu′ is exactly 0 below z = −6.2, where Φ + zφ survives 1 + erf's cancellation and
+    # |zφ| ≈ z²Φ is 64× Φ at z = −8 (rounding._scales allowed Φ alone): δ₃ = 0, and the weight gradient 0 against
+    # −4e-13, beyond B (the check proper failed)
+    (GRU_GELU, "float32", 4, 530805251, "torch"),
 ])
 def test_a_correct_candidate_that_reports_delta_is_not_a_bug(spec, dtype, batch, seed, who):
     spec, params, x, y = rates.replay({"spec": spec, "regime": "saturated", "dtype": dtype, "batch": batch,
