@@ -573,6 +573,9 @@ def _judge(spec: Spec, params, x, y, grads_fn, dt: np.dtype, tol: Tolerance, qui
     allow = allowance(spec, params64, x64, y64, ref, dt, guard=guard.mask)
     special = conventions.find(spec, ref, allow, y64, guard)
     losses = {"torch": ref.loss, **{k: v for k, v in special.guard_losses.items() if np.isfinite(v)}}
+    mixed = conventions.mixed_loss(special, ref.loss, float(cand.loss)) if np.isfinite(cand.loss) else None
+    if mixed is not None:  # each guard element's term following its own convention
+        losses["mixed conventions"] = mixed
 
     def passes(b) -> bool:  # the verdict below, for an ensemble cut short (``early``)
         return (any(compare_loss(cand.loss, v, tol, b["loss"]).passed for v in losses.values())

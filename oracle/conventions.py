@@ -53,6 +53,7 @@ class Special:
     guard_deltas: dict = field(default_factory=dict)   # label -> δ_L alternative on guard elements
     guard_losses: dict = field(default_factory=dict)   # label -> loss value under that convention
     guard_formulas: dict = field(default_factory=dict)  # label -> δ_L as a function of the logits (``Guards``)
+    guard_terms: dict = field(default_factory=dict)     # label -> each element's share of the loss (``Guards``)
 
     @property
     def any(self) -> bool:
@@ -72,6 +73,8 @@ class Guards:
     # ensemble evaluates it at each run's jittered logits, so that the rounding of the candidate's own z reaches
     # the alternative it follows (a guarded δ_k ∝ p_k moves by p_k's relative error, z's absolute one)
     formulas: dict = field(default_factory=dict)
+    # label (and "torch") -> each output element's share of the loss under that convention (they sum to ``losses``)
+    terms: dict = field(default_factory=dict)
 
 
 def find_guards(spec, ref, params, x, y, y64, dtype) -> Guards:
@@ -96,6 +99,7 @@ def find_guards(spec, ref, params, x, y, y64, dtype) -> Guards:
         return Guards()
     guards = Guards(mask)
     guards.deltas["exact"], guards.losses["exact"] = exact_bce(spec, ref.z[-1], y64)
+    guards.terms["torch"], guards.terms["exact"] = clamped_bce_terms(a, y64), exact_bce_terms(spec, ref.z[-1], y64)
     guards.formulas["exact"] = lambda z: _exact_bce_delta(spec, z, y64)
     if run32 is not None:
         guards.deltas["float32"] = run32.deltas[nodes(spec)[-1].name].astype(np.float64)
@@ -103,12 +107,41 @@ def find_guards(spec, ref, params, x, y, y64, dtype) -> Guards:
         on32 = a32 * (np.float32(1) - a32) < np.float32(BCE_GUARD)
         held = (a32 == 0) | (a32 == 1)
         guards.formulas["float32"] = lambda z: guarded_bce_delta(spec, z, y64, on32, held, a32)
+        guards.terms["float32"] = clamped_bce_terms(a32, y64)
         if at1 is not None and at1.any():
             label = "float32, outputs near 1 taken as 1"
             guards.deltas[label], guards.losses[label] = _guarded_float32(spec, np.where(at1, np.float32(1), a32), y)
             guards.formulas[label] = lambda z: guarded_bce_delta(spec, z, y64, on32 | at1, held | at1,
                                                                  np.where(at1, np.float32(1), a32))
+            guards.terms[label] = clamped_bce_terms(np.where(at1, np.float32(1), a32), y64)
     return guards
+
+
+def clamped_bce_terms(a: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Each element's share of torch's bce from the outputs ``a`` (in whatever dtype they were computed): its logs
+    clamped at −100, −(y·max(log a, −100) + (1 − y)·max(log(1 − a), −100))/N."""
+    a = np.asarray(a, dtype=np.float64)
+    with np.errstate(divide="ignore"):
+        la, l1a = np.maximum(np.log(a), -100.0), np.maximum(np.log1p(-a), -100.0)
+    return -(y * la + (1 - y) * l1a) / a.size
+
+
+def mixed_loss(special, torch_loss: float, cand_loss: float) -> float | None:
+    """The loss value nearest ``cand_loss`` that some per-element mix of torch's clamped conventions gives: each guard
+    element may take its log clamp from any of them (a float32 candidate may clamp one saturated output's log as
+    torch's float32 does and keep another, a float32 subnormal, unclamped as torch's float64 does), so C may lie
+    anywhere between torch's C plus the most negative and the most positive sum of per-element differences. The
+    exact convention, unclamped, is accepted only whole (its terms are the loss's own, up to 10³× the clamped
+    ones). None where there are no guard elements."""
+    terms = special.guard_terms
+    if special.guard is None or not special.guard.any() or "torch" not in terms:
+        return None
+    base = terms["torch"]
+    diffs = np.stack([np.where(np.isfinite(t), t - base, 0.0) for label, t in terms.items()
+                      if label not in ("torch", "exact")] or [np.zeros_like(base)])
+    diffs = np.where(special.guard, diffs, 0.0)
+    lo, hi = diffs.clip(max=0).min(axis=0).sum(), diffs.clip(min=0).max(axis=0).sum()
+    return float(np.clip(cand_loss, torch_loss + lo, torch_loss + hi))
 
 
 def guarded_bce_delta(spec, z: torch.Tensor, y, on: np.ndarray, held: np.ndarray, values: np.ndarray) -> torch.Tensor:
@@ -146,7 +179,8 @@ def find(spec, ref, allow, y64, guards: Guards) -> Special:
     loss_kink = None
     if spec.loss.name == "l1":
         loss_kink = np.abs(ref.output - y64) <= allow.output_error
-    return Special(allow.kink_masks, kink_points, loss_kink, guards.mask, guards.deltas, guards.losses, guards.formulas)
+    return Special(allow.kink_masks, kink_points, loss_kink, guards.mask, guards.deltas, guards.losses, guards.formulas,
+                   guards.terms)
 
 
 def exact_bce(spec, z: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, float]:
@@ -157,13 +191,20 @@ def exact_bce(spec, z: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, float]:
     terms that cancel (see the code) and with log(1 − p_j) as a log-sum-exp of the other logits, so it is
     finite and accurate even where p rounds to exactly 1 or 0.
     """
+    delta = _exact_bce_delta(spec, torch.from_numpy(np.asarray(z, dtype=np.float64)), y).numpy()
+    return delta, float(exact_bce_terms(spec, z, y).sum())
+
+
+def exact_bce_terms(spec, z: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Each element's share of ``exact_bce``'s C (they sum to it): (softplus(z) − z y)/N behind a sigmoid,
+    −(y log p + (1 − y) log(1 − p))/N from the logits behind a softmax (NaN for a one-unit softmax: the loss is
+    infinite unless y = 1)."""
     zt, yt = torch.from_numpy(np.asarray(z, dtype=np.float64)), torch.from_numpy(np.asarray(y, dtype=np.float64))
-    delta = _exact_bce_delta(spec, zt, y).numpy()
     if nodes(spec)[-1].activation.name == "sigmoid":
-        return delta, float(F.binary_cross_entropy_with_logits(zt, yt))
-    if zt.shape[-1] == 1:  # one unit: p ≡ 1, the loss is infinite unless y = 1; torch's clamp is the only finite answer
-        return delta, float("nan")
-    return delta, float(_softmax_bce_exact(zt, yt)[1])
+        return (F.binary_cross_entropy_with_logits(zt, yt, reduction="none") / zt.numel()).numpy()
+    if zt.shape[-1] == 1:
+        return np.full(zt.shape, np.nan)
+    return _softmax_bce_exact(zt, yt)[1].numpy()
 
 
 def _exact_bce_delta(spec, z: torch.Tensor, y) -> torch.Tensor:
@@ -177,7 +218,8 @@ def _exact_bce_delta(spec, z: torch.Tensor, y) -> torch.Tensor:
 
 
 def _softmax_bce_exact(zt: torch.Tensor, yt: torch.Tensor):
-    """(δ_L, C) of bce on a softmax output from the logits, as torch tensors (differentiable in zt): see exact_bce."""
+    """(δ_L, each element's share of C) of bce on a softmax output from the logits, as torch tensors (differentiable
+    in zt): see exact_bce."""
     N, n = zt.numel(), zt.shape[-1]
     logp = F.log_softmax(zt, dim=-1)
     p = logp.exp()
@@ -190,8 +232,7 @@ def _softmax_bce_exact(zt: torch.Tensor, yt: torch.Tensor):
     log_ratio = logp.unsqueeze(-1) - log1mp.unsqueeze(-2)                  # [.., k, j] = log(p_k/(1 − p_j))
     ratio = torch.exp(log_ratio.masked_fill(torch.eye(n, dtype=torch.bool), -torch.inf))  # j ≠ k only
     delta = ((p - yt) - (ratio * (p - yt).unsqueeze(-2)).sum(dim=-1)) / N
-    loss = -(yt * logp + (1 - yt) * log1mp).mean()
-    return delta, loss
+    return delta, -(yt * logp + (1 - yt) * log1mp) / N
 
 
 def exact_bce_drift(spec, z: np.ndarray, y: np.ndarray, ez: np.ndarray) -> np.ndarray:

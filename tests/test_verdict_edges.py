@@ -300,3 +300,36 @@ def test_an_overflowing_forward_pass_is_refused_naming_the_layer(dtype, scale, c
     err = capsys.readouterr().err
     assert code == 2 and "overflows" in err and err.count("\n") == 1
     assert not (tmp_path / "r").exists() or not any((tmp_path / "r").iterdir())
+
+
+@pytest.mark.parametrize("act", ["softmax", "sigmoid"])
+def test_the_per_element_loss_terms_of_each_bce_convention_add_up_to_its_loss(act):
+    """``conventions.clamped_bce_terms`` sums to torch's own bce (logs clamped at −100), in float64 and on float32
+    outputs, and ``exact_bce_terms`` to the unclamped loss from the logits (bce_with_logits behind a sigmoid; for a
+    softmax, −Σ(y log p + (1 − y) log(1 − p))/N summed in long double from the logits): the terms
+    ``mixed_loss`` mixes element by element."""
+    import torch
+    import torch.nn.functional as F
+    from oracle import conventions
+
+    spec = _spec(3, [(4, act, True)], "bce")
+    rng = np.random.default_rng(5)
+    z = np.array([[-120.0, 2.0, 0.5, 30.0], [1.0, -0.5, 40.0, -200.0]]) + rng.normal(0, 1e-3, (2, 4))
+    y = rng.uniform(0, 1, z.shape)
+    zt = torch.from_numpy(z)
+    a = (torch.softmax(zt, -1) if act == "softmax" else torch.sigmoid(zt))
+    for dt in (torch.float64, torch.float32):
+        ad = a.to(dt)
+        want = float(F.binary_cross_entropy(ad.double(), torch.from_numpy(y)))
+        assert conventions.clamped_bce_terms(ad.numpy(), y).sum() == pytest.approx(want, rel=1e-12)
+    if act == "sigmoid":
+        want = float(F.binary_cross_entropy_with_logits(zt, torch.from_numpy(y)))
+    else:
+        zl = z.astype(np.longdouble)
+        m = zl.max(-1, keepdims=True)
+        lse = m + np.log(np.exp(zl - m).sum(-1, keepdims=True))
+        logp = zl - lse
+        log1mp = np.log(np.array([[np.exp(zl[r, np.arange(4) != j] - lse[r, 0]).sum() for j in range(4)]
+                                  for r in range(2)]))
+        want = float(-(y * logp + (1 - y) * log1mp).sum() / y.size)
+    assert conventions.exact_bce_terms(spec, z, y).sum() == pytest.approx(want, rel=1e-12)
