@@ -552,15 +552,12 @@ def _judge(spec: Spec, params, x, y, grads_fn, dt: np.dtype, tol: Tolerance, qui
         return CheckResult(spec, dt.name, passed, kind, tol, scale, loss_cmp, tensors, layer, where, notes, arrays,
                            bounds=bounds)
 
-    def _failed_step(step):
+    def _failed_step(step):  # δ_i against what the candidate's own δ above implies (``steps``)
         i, t, pair, bound = step
-        name = t.name
-        tensors[:] = [t if c.name == name else c for c in tensors]
-        arrays[name], bounds[name] = pair, bound
-        where = ("judged step by step from the candidate's own δ (the δ above it taken as given): "
-                 + _step_back(nodes(spec), consumers(spec), i))
-        failed = CheckResult(spec, dt.name, False, "bug", tol, scale, loss_cmp, tensors, i, where, notes, arrays,
-                             bounds=bounds)
+        tensors[:] = [t if c.name == t.name else c for c in tensors]
+        arrays[t.name], bounds[t.name] = pair, bound
+        failed = result(False, "bug", i, "judged step by step from the candidate's own δ (the δ above it taken as "
+                                         "given): " + _step_back(nodes(spec), consumers(spec), i))
         failed.hints = _hints(spec, failed, ref, special, x64, y64)
         return failed
 

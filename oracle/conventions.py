@@ -287,6 +287,7 @@ class Adopter:
         self.spec, self.ref, self.special, self.deltas, self.choice = spec, ref, special, deltas or {}, choice
         self.taken: dict = {}
         self._d1 = {}
+        self._at_ref: dict = {}  # guard label -> its formula at the reference logits
 
     def _d1_of(self, i):
         if i not in self._d1:
@@ -339,7 +340,9 @@ class Adopter:
                     alt = torch.from_numpy(alt)
                     if z_run is not None and label in sp.guard_formulas:  # its value at the reference, moved as the
                         formula = sp.guard_formulas[label]            # formula moves from there to this run's z
-                        alt = alt + (formula(z_run) - formula(z))
+                        if label not in self._at_ref:
+                            self._at_ref[label] = formula(z)
+                        alt = alt + (formula(z_run) - self._at_ref[label])
                     out.append(("guard", label, gm, alt, None))
         return out
 

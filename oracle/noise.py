@@ -279,6 +279,12 @@ def jittered_run(spec, params: dict, x: np.ndarray, y, ref, allow, u: float, rng
     return out
 
 
+def widened(worst: np.ndarray, run: np.ndarray, ref: np.ndarray) -> np.ndarray:
+    """The largest deviation from ``ref`` so far, element by element, after one more run (∞ where it is not finite)."""
+    dev = np.abs(run - ref)
+    return np.maximum(worst, np.where(np.isfinite(dev), dev, np.inf))
+
+
 def value_jumps(spec, allow, ref) -> bool:
     """Whether some z lies within rounding of a point at which g's *value* jumps (softplus's threshold): a correct
     implementation may take either value there, element by element, a discrete choice, not random noise, whose
@@ -324,8 +330,7 @@ def measured_allowance(spec, params: dict, x: np.ndarray, y, ref, allow, dtype, 
         for n in range(1, runs + 1):
             run = jittered_run(spec, params, x, y, ref, allow, u, rng, adopt, routes, eta=eta)
             for k, v in run.items():
-                dev = np.abs(v - reference[k])
-                worst[k] = np.maximum(worst[k], np.where(np.isfinite(dev), dev, np.inf))
+                worst[k] = widened(worst[k], v, reference[k])
             if enough is not None and n < runs:
                 bounds = so_far()
                 if enough(bounds):

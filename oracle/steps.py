@@ -29,7 +29,7 @@ import torch
 
 from .compare import compare_tensor, scale_of
 from .graph import consumers, nodes
-from .noise import FACTOR, RUNS, case_rng, jittered_run, roundoff, value_jumps
+from .noise import FACTOR, RUNS, case_rng, jittered_run, roundoff, value_jumps, widened
 from .twin import run_twin
 
 
@@ -91,15 +91,14 @@ def check_steps(spec, params64, x64, y64, ref, allow, special, cand, dt, tol, sc
             run = FromCandidate(spec, cand.deltas)
             jittered_run(spec, params64, x64, y64, ref, allow, u, rng, adopt=run, eta=eta)
             for i in layers:
-                dev = np.abs(run.implied[i].numpy() - implied[i])
-                worst[i] = np.maximum(worst[i], np.where(np.isfinite(dev), dev, np.inf))
+                worst[i] = widened(worst[i], run.implied[i].numpy(), implied[i])
     out = []
     readers = consumers(spec)
     for i in reversed(layers):
         name = graph[i].name
         got = np.asarray(cand.deltas[name], dtype=np.float64).reshape(implied[i].shape)
-        kink = special.kink[i] if special is not None else None
-        if kink is not None and kink.any():  # either side's slope is valid there: the check proper judges them
+        kink = special.kink[i]
+        if kink.any():  # either side's slope is valid there: the check proper judges them
             got = np.where(kink, implied[i], got)
         bound = FACTOR * worst[i]
         t = compare_tensor(f"{name}.delta", got, implied[i], tol, _step_scale(allow, readers[i], implied[i], tol,

@@ -22,6 +22,8 @@ import manual_bp as bp
 import oracle
 from oracle.compare import TOLERANCES, Tolerance, compare_tensor
 
+from .helpers import uncapped
+
 U64 = 2.0 ** -53
 
 
@@ -1577,14 +1579,6 @@ def test_the_loss_gradients_terms_are_its_own_size_where_nothing_cancels(name):
     np.testing.assert_allclose(terms2 * np.abs(a - same), np.abs(grad2.numpy()) * (a + same), rtol=1e-12)
 
 
-def _uncapped(allow):
-    """``allow`` with every analytic bound infinite: ``measured_allowance`` then returns the ensemble's own figure
-    (FACTOR × the largest deviation of its runs), not that figure capped by the worst case."""
-    import dataclasses
-
-    return dataclasses.replace(allow, bounds={k: np.full(np.shape(v), np.inf) for k, v in allow.bounds.items()})
-
-
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_a_log_softmax_layers_measured_rounding_is_each_examples_own(dtype):
     """The ensemble rounds log_softmax's δ = up − p·Σup by u times its terms |up| + p·Σ|up|, the sum over the
@@ -1607,7 +1601,7 @@ def test_a_log_softmax_layers_measured_rounding_is_each_examples_own(dtype):
     for yy in (y, far):
         ref = run_twin(spec, params, x, yy, np.float64)
         allow = allowance(spec, params, x, yy, ref, dtype)
-        own = measured_allowance(spec, params, x, yy, ref, _uncapped(allow), dtype)
+        own = measured_allowance(spec, params, x, yy, ref, uncapped(allow), dtype)
         for k in per_example:
             assert np.all(own[k][0] > 0), k
             assert np.all(own[k][0] <= FACTOR * allow.bounds[k][0]), (k, own[k][0] / allow.bounds[k][0])

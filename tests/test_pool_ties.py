@@ -11,6 +11,8 @@ import pytest
 import manual_bp as bp
 import oracle
 
+from .helpers import uncapped
+
 
 def _pool_backward(layer, a, delta, mode):
     """∂C/∂a of a 2-D max pool, window by window, sending δ to the first / last tied element, splitting it
@@ -176,8 +178,6 @@ def test_the_noise_around_a_routing_rerun_follows_its_routes(dtype):
     route the same way. One that kept torch's picks would differ from the re-run below the pool by whole window δs,
     not by rounding. So the ensemble's own figure (the analytic cap lifted) stays within FACTOR × the re-run's
     analytic worst case (``oracle.rounding``, computed with the same routes), element by element."""
-    import dataclasses
-
     from oracle.noise import FACTOR, measured_allowance
     from oracle.rounding import allowance
     from oracle.twin import route_weights, run_twin
@@ -189,8 +189,7 @@ def test_the_noise_around_a_routing_rerun_follows_its_routes(dtype):
     again = run_twin(spec, params, x, y, np.float64, routes=routes)
     assert np.abs(again.deltas["layers.0"] - ref.deltas["layers.0"]).max() > 1  # the premise: the routing matters
     allow = allowance(spec, params, x, y, again, dtype, routes=routes)
-    uncapped = dataclasses.replace(allow, bounds={k: np.full(np.shape(v), np.inf) for k, v in allow.bounds.items()})
-    measured = measured_allowance(spec, params, x, y, again, uncapped, dtype, routes=routes)
+    measured = measured_allowance(spec, params, x, y, again, uncapped(allow), dtype, routes=routes)
     for k in ("layers.0.delta", "input.grad"):
         assert measured[k].max() > 0, k
         over = measured[k] > FACTOR * allow.bounds[k]
